@@ -1,0 +1,34 @@
+"""prefect-ws: stream every Prefect flow run live to WebSocket clients.
+
+Publishing side: :func:`flow` and :func:`task` (drop-in Prefect decorators), :func:`stream`,
+:func:`flow_hooks`, :func:`task_hooks`. Serving side: :func:`create_app`.
+"""
+
+from prefect_ws.app import create_app
+from prefect_ws.decorators import flow, stream, task
+from prefect_ws.events import EVENT_TYPES, Draft, Frame, encode
+from prefect_ws.hooks import flow_hooks, task_hooks
+from prefect_ws.log_handler import PrefectWsHandler, install_log_handler
+from prefect_ws.publisher import Publisher, get_publisher
+from prefect_ws.settings import Settings, get_settings
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "EVENT_TYPES",
+    "Draft",
+    "Frame",
+    "PrefectWsHandler",
+    "Publisher",
+    "Settings",
+    "create_app",
+    "encode",
+    "flow",
+    "flow_hooks",
+    "get_publisher",
+    "get_settings",
+    "install_log_handler",
+    "stream",
+    "task",
+    "task_hooks",
+]

@@ -1,0 +1,102 @@
+"""The event protocol, version 1.
+
+Every event is one JSON object::
+
+    {"v":1,"type":"step_log","runId":"<flow run id>","seq":7,"ts":"...","payload":{...}}
+
+``seq`` is assigned where the event is stored (the backend), not where it is made, so that any
+number of publishing processes agree on one order. A publisher therefore encodes an event as a
+:class:`Draft`: the JSON text before the ``seq`` value and the JSON text after it. The backend joins
+them around the number it assigns, once, and every client of every replica receives those same
+bytes, live or replayed.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any, Final, Literal
+
+PROTOCOL_VERSION: Final = 1
+
+EventType = Literal["run_start", "step_start", "step_log", "step_complete", "run_complete"]
+EVENT_TYPES: Final[tuple[str, ...]] = (
+    "run_start",
+    "step_start",
+    "step_log",
+    "step_complete",
+    "run_complete",
+)
+STEP_STATUSES: Final[tuple[str, ...]] = ("completed", "failed", "skipped", "cancelled")
+RUN_STATUSES: Final[tuple[str, ...]] = ("completed", "failed", "cancelled", "crashed")
+
+
+def _dumps(value: Any) -> str:
+    # Parameters and log messages are user data: anything not JSON-native is shown as text
+    # rather than breaking the stream.
+    return json.dumps(value, separators=(",", ":"), ensure_ascii=False, default=str)
+
+
+def utc_timestamp(epoch: float | None = None) -> str:
+    """An ISO 8601 UTC timestamp with microseconds, e.g. ``2026-11-29T00:31:02.123456Z``."""
+    moment = datetime.fromtimestamp(time.time() if epoch is None else epoch, tz=UTC)
+    return moment.strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+
+
+@dataclass(frozen=True, slots=True)
+class Draft:
+    """An encoded event waiting for its ``seq``: ``head + str(seq) + tail`` is the final JSON."""
+
+    run_id: str
+    type: str
+    head: str
+    tail: str
+
+    def complete(self, seq: int) -> str:
+        return f"{self.head}{seq}{self.tail}"
+
+
+def encode(run_id: str, type: str, payload: dict[str, Any], ts: float | None = None) -> Draft:
+    """Encode an event once; the backend only inserts the sequence number."""
+    head = f'{{"v":{PROTOCOL_VERSION},"type":"{type}","runId":{_dumps(run_id)},"seq":'
+    tail = f',"ts":"{utc_timestamp(ts)}","payload":{_dumps(payload)}}}'
+    return Draft(run_id=run_id, type=type, head=head, tail=tail)
+
+
+_SEQ_MARK: Final = ',"seq":'
+_FINAL_MARK: Final = f'{{"v":{PROTOCOL_VERSION},"type":"run_complete"'
+
+
+@dataclass(frozen=True, slots=True)
+class Frame:
+    """One stored event as it travels to clients: its text and its ``seq``."""
+
+    seq: int
+    data: str
+
+    @property
+    def is_final(self) -> bool:
+        """True for ``run_complete``, always the last event of a run."""
+        return self.data.startswith(_FINAL_MARK)
+
+    def event(self) -> dict[str, Any]:
+        parsed: dict[str, Any] = json.loads(self.data)
+        return parsed
+
+
+def frame_from_text(data: str) -> Frame:
+    """Read ``seq`` without parsing the JSON: every event is written by :func:`encode`."""
+    start = data.index(_SEQ_MARK) + len(_SEQ_MARK)
+    end = data.index(",", start)
+    return Frame(seq=int(data[start:end]), data=data)
+
+
+def frames_from_message(message: str) -> list[Frame]:
+    """A backend message carries one or more events, one per line (JSON text has no raw newline)."""
+    return [frame_from_text(line) for line in message.split("\n") if line]
+
+
+def join_frames(texts: list[str]) -> str:
+    return "\n".join(texts)

@@ -1,0 +1,238 @@
+"""The hub: run id -> the clients watching it, fed by one backend subscription per run.
+
+Each process subscribes once per active run (not per client) and fans every message out to the
+clients' bounded queues. Live delivery is the fast path; the run's stored history is the truth.
+A client catches up from history when it joins, when the backend resubscribed after an outage,
+when it sees a gap in ``seq`` and when its queue overflowed, so it receives every event exactly
+once and in order, and a slow client costs bounded memory and never holds the others back.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections import deque
+from collections.abc import AsyncIterator
+from typing import Final
+
+from prefect_ws import closecodes
+from prefect_ws.events import Frame, frame_from_text, frames_from_message
+from prefect_ws.transport import RESYNC, Transport
+
+logger = logging.getLogger("prefect_ws.hub")
+
+
+class _Resync:
+    """Queue marker: read history from the last delivered ``seq`` before going on."""
+
+
+RESYNC_MARK: Final = _Resync()
+
+
+class StreamClosed(Exception):
+    """The stream must end with this WebSocket close code and reason."""
+
+    def __init__(self, code: int, reason: str) -> None:
+        super().__init__(reason)
+        self.code = code
+        self.reason = reason
+
+
+class ClientLagging(StreamClosed):
+    """The client stayed behind too long or fell out of the retained history."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(closecodes.TRY_AGAIN_LATER, f"{reason}; reconnect with since=<last seq>")
+
+
+class Subscription:
+    """One client's position in one run, and the live frames waiting for it."""
+
+    def __init__(self, run_id: str, *, since: int, queue_size: int) -> None:
+        self.run_id = run_id
+        self.last_seq = since
+        self.sent = 0
+        self.finished = False
+        self.behind_since: float | None = None
+        self._queue_size = queue_size
+        self._queue: deque[Frame | _Resync | StreamClosed] = deque()
+        self._ready = asyncio.Event()
+
+    def offer(self, frames: list[Frame]) -> None:
+        """Called by the run's pump for every live message; never blocks."""
+        queue = self._queue
+        if len(queue) + len(frames) > self._queue_size:
+            # Overflow: drop the backlog and fetch it from history when the client can take it.
+            queue.clear()
+            queue.append(RESYNC_MARK)
+            if self.behind_since is None:
+                self.behind_since = time.monotonic()
+        else:
+            queue.extend(frames)
+        self._ready.set()
+
+    def abort(self, code: int, reason: str) -> None:
+        """End the stream at once (server shutting down)."""
+        self._queue.clear()
+        self._queue.append(StreamClosed(code, reason))
+        self._ready.set()
+
+    def resync(self) -> None:
+        if not self._queue or self._queue[-1] is not RESYNC_MARK:
+            self._queue.append(RESYNC_MARK)
+        self._ready.set()
+
+    def advance(self, frame: Frame) -> None:
+        self.last_seq = frame.seq
+        self.sent += 1
+        if frame.is_final:
+            self.finished = True
+
+    def caught_up(self) -> None:
+        if RESYNC_MARK not in self._queue:
+            self.behind_since = None
+
+    def check_lag(self, max_lag_seconds: float) -> None:
+        if self.behind_since is not None and time.monotonic() - self.behind_since > max_lag_seconds:
+            raise ClientLagging(f"client stayed behind for over {max_lag_seconds:g} s")
+
+    async def next(self) -> Frame | _Resync:
+        while not self._queue:
+            self._ready.clear()
+            await self._ready.wait()
+        item = self._queue.popleft()
+        if isinstance(item, StreamClosed):
+            raise item
+        return item
+
+
+class RunChannel:
+    """The single backend subscription of one run in this process."""
+
+    def __init__(self, hub: Hub, run_id: str) -> None:
+        self.hub = hub
+        self.run_id = run_id
+        self.subscriptions: set[Subscription] = set()
+        self.live = False
+        self.closing = False
+        self.done = asyncio.Event()
+        self.task = asyncio.create_task(self._pump(), name=f"prefect-ws run {run_id}")
+
+    def add(self, subscription: Subscription) -> None:
+        self.subscriptions.add(subscription)
+        if self.live:
+            subscription.resync()  # otherwise the backend's RESYNC on subscribe does it
+
+    def close(self) -> None:
+        self.closing = True
+        self.task.cancel()
+
+    async def _pump(self) -> None:
+        try:
+            async with self.hub.transport.broadcast.subscribe(self.run_id) as subscriber:
+                async for event in subscriber:
+                    if event.message == RESYNC:
+                        self.live = True
+                        for subscription in self.subscriptions:
+                            subscription.resync()
+                        continue
+                    try:
+                        frames = frames_from_message(event.message)
+                    except ValueError:
+                        logger.warning("Ignoring a malformed message on run %s", self.run_id)
+                        continue
+                    for subscription in self.subscriptions:
+                        subscription.offer(frames)
+        except asyncio.CancelledError:
+            pass
+        finally:
+            self.live = False
+            if self.hub.runs.get(self.run_id) is self:
+                del self.hub.runs[self.run_id]
+            self.done.set()
+
+
+class Hub:
+    """Registry of run channels for one server process."""
+
+    def __init__(self, transport: Transport, *, replay_page_size: int = 500, max_lag_seconds: float = 30.0) -> None:
+        self.transport = transport
+        self.runs: dict[str, RunChannel] = {}
+        self.replay_page_size = replay_page_size
+        self.max_lag_seconds = max_lag_seconds
+
+    @contextlib.asynccontextmanager
+    async def attach(self, subscription: Subscription) -> AsyncIterator[RunChannel]:
+        """Register a client on its run, subscribing the process to the run if it is the first."""
+        run_id = subscription.run_id
+        while True:
+            channel = self.runs.get(run_id)
+            if channel is None:
+                channel = self.runs[run_id] = RunChannel(self, run_id)
+                break
+            if not channel.closing:
+                break
+            await channel.done.wait()  # let the old subscription unwind before re-subscribing
+        channel.add(subscription)
+        try:
+            yield channel
+        finally:
+            channel.subscriptions.discard(subscription)
+            if not channel.subscriptions and not channel.closing:
+                channel.close()
+
+    async def close(self) -> None:
+        channels = list(self.runs.values())
+        for channel in channels:
+            for subscription in channel.subscriptions:
+                subscription.abort(closecodes.GOING_AWAY, "server shutting down")
+            channel.close()
+        await asyncio.gather(*(c.task for c in channels), return_exceptions=True)
+
+    async def catch_up(self, subscription: Subscription, *, initial: bool = False) -> AsyncIterator[Frame]:
+        """Frames after ``subscription.last_seq`` from history, page by page."""
+        backend = self.transport.backend
+        while True:
+            texts = await backend.history(
+                subscription.run_id, subscription.last_seq, self.replay_page_size
+            )
+            for text in texts:
+                frame = frame_from_text(text)
+                if frame.seq <= subscription.last_seq:
+                    continue
+                if frame.seq != subscription.last_seq + 1 and not initial:
+                    raise ClientLagging(
+                        f"events after seq {subscription.last_seq} are no longer retained"
+                    )
+                initial = False
+                yield frame
+            if len(texts) < self.replay_page_size:
+                return
+
+    async def frames(self, subscription: Subscription) -> AsyncIterator[Frame]:
+        """Every frame of the run after ``since``, exactly once and in order, until ``run_complete``.
+
+        Raises :class:`ClientLagging` when the client cannot be brought level.
+        """
+        initial = True
+        while not subscription.finished:
+            subscription.check_lag(self.max_lag_seconds)
+            item = await subscription.next()
+            if isinstance(item, Frame):
+                if item.seq <= subscription.last_seq:
+                    continue  # already delivered from history
+                if item.seq == subscription.last_seq + 1:
+                    subscription.advance(item)
+                    yield item
+                    continue
+            # A resync marker, or a gap in live seq: history has everything up to the newest.
+            async for frame in self.catch_up(subscription, initial=initial):
+                subscription.advance(frame)
+                yield frame
+                if subscription.finished:
+                    return
+                subscription.check_lag(self.max_lag_seconds)
+            initial = False
+            subscription.caught_up()

@@ -1,0 +1,96 @@
+"""Configuration: every knob is a ``PREFECT_WS_*`` environment variable (or a ``.env`` entry)."""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from typing import Literal
+
+from pydantic import Field, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class Settings(BaseSettings):
+    """prefect-ws settings. Defaults work on a laptop with nothing else installed."""
+
+    model_config = SettingsConfigDict(env_prefix="PREFECT_WS_", extra="ignore")
+
+    broadcast_url: str = Field(
+        default="memory://",
+        description="Transport: memory:// (one process) or redis://host:port/db (distributed).",
+    )
+    redis_prefix: str = Field(
+        default="prefect-ws",
+        min_length=1,
+        max_length=64,
+        pattern=r"^[A-Za-z0-9_.:-]+$",
+        description="Prefix of every Redis key and channel prefect-ws uses.",
+    )
+
+    # Serving side
+    host: str = Field(default="127.0.0.1", description="Address `prefect-ws serve` binds to.")
+    port: int = Field(default=8000, ge=0, le=65535)
+    public_url: str | None = Field(
+        default=None,
+        description="Base URL clients use to reach the server (printed in stream URLs).",
+    )
+    client_queue_size: int = Field(
+        default=256, ge=1, le=1_000_000, description="Events buffered per client before catch-up."
+    )
+    max_lag_seconds: float = Field(
+        default=30.0,
+        gt=0,
+        description="A client still behind (or stuck in one send) after this long is closed (1013).",
+    )
+    max_inbound_bytes: int = Field(
+        default=4096, ge=125, le=1 << 20, description="Largest frame a client may send."
+    )
+    ping_interval: float = Field(default=54.0, gt=0, description="Seconds between server pings.")
+    ping_timeout: float = Field(default=30.0, gt=0, description="Seconds to wait for a pong.")
+    replay_page_size: int = Field(default=500, ge=1, le=10_000)
+
+    # Storage
+    history_maxlen: int = Field(
+        default=110_000, ge=10, description="Events kept per run (Redis stream MAXLEN ~)."
+    )
+    history_ttl_seconds: int = Field(
+        default=86_400, ge=1, description="How long a run's history lives after its last event."
+    )
+    memory_max_runs: int = Field(
+        default=1000, ge=1, description="Runs whose history the memory:// backend keeps."
+    )
+
+    # Publishing side
+    include_engine_logs: bool = Field(
+        default=False,
+        description="Also stream Prefect's engine lines ('Finished in state ...').",
+    )
+    publisher_buffer_size: int = Field(
+        default=100_000, ge=10, description="Log events buffered while the backend is down."
+    )
+    publisher_batch_size: int = Field(default=500, ge=1, le=10_000)
+    flush_timeout_seconds: float = Field(
+        default=5.0, ge=0, description="How long a finishing flow waits for its events to be sent."
+    )
+
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+
+    @field_validator("broadcast_url")
+    @classmethod
+    def _known_scheme(cls, value: str) -> str:
+        scheme = value.split("://", 1)[0].lower() if "://" in value else ""
+        if scheme not in {"memory", "redis", "rediss", "unix"}:
+            raise ValueError(
+                f"unsupported broadcast URL {value!r}: use memory:// or redis://host:port/db"
+            )
+        return value
+
+    @field_validator("log_level", mode="before")
+    @classmethod
+    def _upper(cls, value: object) -> object:
+        return value.upper() if isinstance(value, str) else value
+
+
+@lru_cache(maxsize=1)
+def get_settings() -> Settings:
+    """The process-wide settings, read once from the environment."""
+    return Settings()

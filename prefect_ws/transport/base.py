@@ -1,0 +1,32 @@
+"""What prefect-ws needs from a transport, beyond broadcaster's publish/subscribe.
+
+A backend is a :class:`broadcaster.BroadcastBackend` whose channels are run ids. ``publish`` takes
+a list of :class:`~prefect_ws.events.Draft` (one run's events, in order), assigns each its ``seq``
+atomically, stores it in the run's capped history and publishes the finished events as one
+message, one event per line. Subscribers receive those lines, plus an empty message
+(:data:`RESYNC`) each time the backend (re)subscribes to a channel: events may have been missed
+before that point, so the hub reconciles its clients from history.
+"""
+
+from __future__ import annotations
+
+from abc import abstractmethod
+from typing import Final
+
+from broadcaster import BroadcastBackend
+
+RESYNC: Final = ""
+
+
+class StreamBackend(BroadcastBackend):
+    """A broadcaster backend with ordered, per-run history."""
+
+    name: str = "backend"
+
+    @abstractmethod
+    async def history(self, run_id: str, after: int, limit: int) -> list[str]:
+        """Up to ``limit`` stored events of the run with ``seq > after``, in ``seq`` order."""
+
+    @abstractmethod
+    async def ping(self) -> None:
+        """Return if the backend answers; raise otherwise."""

@@ -1,0 +1,199 @@
+"""``redis://``: many flow processes, many server replicas.
+
+broadcaster 0.3.1 ships a Redis backend that delivers nothing with redis-py 8 (it wakes its
+listener before SUBSCRIBE is registered), never reconnects and dies silently on a bad payload.
+This one:
+
+- publishes with one Lua script per batch: ``INCRBY`` the run's sequence, ``XADD`` each event to
+  the run's capped stream under the id ``<seq>-0`` (so history is a ``seq`` range), ``PUBLISH`` the
+  batch, and refresh both keys' TTL. Any number of publishers agree on one order;
+- listens on one pub/sub connection per process and, after any connection loss, reconnects with
+  backoff, resubscribes every channel and emits :data:`RESYNC` for each, so the hub replays what
+  was missed from the stream;
+- never raises out of ``next_published``, so broadcaster's listener task never dies.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import Any, Final
+
+import redis.asyncio as aioredis
+from broadcaster import Event
+from redis.exceptions import RedisError
+
+from prefect_ws.events import Draft
+from prefect_ws.transport.base import RESYNC, StreamBackend
+
+logger = logging.getLogger("prefect_ws.transport")
+
+# KEYS[1] sequence counter, KEYS[2] history stream.
+# ARGV[1] pub/sub channel, ARGV[2] MAXLEN, ARGV[3] TTL seconds, then (head, tail) pairs.
+PUBLISH_SCRIPT: Final = """
+local n = (#ARGV - 3) / 2
+local last = redis.call('INCRBY', KEYS[1], n)
+local seq = last - n
+local out = {}
+for i = 0, n - 1 do
+  seq = seq + 1
+  local text = ARGV[4 + 2 * i] .. seq .. ARGV[5 + 2 * i]
+  redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[2], seq .. '-0', 'd', text)
+  out[i + 1] = text
+end
+redis.call('PUBLISH', ARGV[1], table.concat(out, '\\n'))
+redis.call('EXPIRE', KEYS[1], ARGV[3])
+redis.call('EXPIRE', KEYS[2], ARGV[3])
+return last
+"""
+
+_NETWORK_ERRORS = (RedisError, OSError, asyncio.TimeoutError)
+
+
+class RedisBackend(StreamBackend):
+    name = "redis"
+
+    def __init__(
+        self,
+        url: str,
+        *,
+        prefix: str = "prefect-ws",
+        history_maxlen: int = 110_000,
+        history_ttl_seconds: int = 86_400,
+        reconnect_max_delay: float = 2.0,
+    ) -> None:
+        self._url = url
+        self._prefix = prefix
+        self._maxlen = history_maxlen
+        self._ttl = history_ttl_seconds
+        self._reconnect_max_delay = reconnect_max_delay
+        self._redis = aioredis.Redis.from_url(
+            url, socket_connect_timeout=2.0, socket_timeout=5.0, health_check_interval=10
+        )
+        self._script = self._redis.register_script(PUBLISH_SCRIPT)
+        self._channels: set[str] = set()
+        self._pubsub: Any = None
+        self._queue: asyncio.Queue[Event] = asyncio.Queue()
+        self._has_channels = asyncio.Event()
+        self._listener: asyncio.Task[None] | None = None
+        self.reconnects = 0
+
+    # Key layout: the run id is a hash tag, so a run's keys share a Redis Cluster slot.
+    def channel_name(self, run_id: str) -> str:
+        return f"{self._prefix}:{{{run_id}}}"
+
+    def _keys(self, run_id: str) -> tuple[str, str]:
+        return f"{self._prefix}:{{{run_id}}}:seq", f"{self._prefix}:{{{run_id}}}:events"
+
+    async def connect(self) -> None:
+        self._queue = asyncio.Queue()
+        self._has_channels = asyncio.Event()
+        if self._channels:
+            self._has_channels.set()
+        self._listener = asyncio.create_task(self._listen(), name="prefect-ws redis listener")
+
+    async def disconnect(self) -> None:
+        if self._listener is not None:
+            self._listener.cancel()
+            await asyncio.gather(self._listener, return_exceptions=True)
+            self._listener = None
+        await self._close_pubsub()
+        await self._redis.aclose()
+
+    async def subscribe(self, channel: str) -> None:
+        self._channels.add(channel)
+        self._has_channels.set()
+        pubsub = self._pubsub
+        if pubsub is not None:
+            try:
+                await pubsub.subscribe(self.channel_name(channel))
+            except _NETWORK_ERRORS:
+                pass  # the listener reconnects and resubscribes every channel
+
+    async def unsubscribe(self, channel: str) -> None:
+        self._channels.discard(channel)
+        if not self._channels:
+            self._has_channels.clear()
+        pubsub = self._pubsub
+        if pubsub is not None:
+            try:
+                await pubsub.unsubscribe(self.channel_name(channel))
+            except _NETWORK_ERRORS:
+                pass
+
+    async def publish(self, channel: str, message: Any) -> None:
+        drafts: list[Draft] = message
+        if not drafts:
+            return
+        args: list[Any] = [self.channel_name(channel), self._maxlen, self._ttl]
+        for draft in drafts:
+            args.append(draft.head)
+            args.append(draft.tail)
+        await self._script(keys=list(self._keys(channel)), args=args)
+
+    async def next_published(self) -> Event:
+        return await self._queue.get()
+
+    async def history(self, run_id: str, after: int, limit: int) -> list[str]:
+        _, stream = self._keys(run_id)
+        entries = await self._redis.xrange(stream, min=f"{after + 1}-0", max="+", count=limit)
+        return [fields[b"d"].decode("utf-8", "replace") for _, fields in entries]
+
+    async def ping(self) -> None:
+        await asyncio.wait_for(self._redis.ping(), timeout=2.0)
+
+    async def _close_pubsub(self) -> None:
+        pubsub, self._pubsub = self._pubsub, None
+        if pubsub is not None:
+            try:
+                await pubsub.aclose()
+            except _NETWORK_ERRORS:
+                pass
+
+    def _run_id_of(self, channel: bytes) -> str:
+        name = channel.decode("utf-8", "replace")
+        return name[len(self._prefix) + 2 : -1]
+
+    async def _listen(self) -> None:
+        delay = 0.05
+        outage = False
+        while True:
+            try:
+                await self._has_channels.wait()
+                if not self._channels:
+                    self._has_channels.clear()
+                    continue
+                self._pubsub = self._redis.pubsub()
+                await self._pubsub.subscribe(*(self.channel_name(c) for c in self._channels))
+                while True:
+                    if not self._channels:
+                        break
+                    message = await self._pubsub.get_message(timeout=1.0)
+                    if message is None:
+                        continue
+                    if outage:
+                        logger.warning("Redis pub/sub at %s is back; replaying missed events", self._url)
+                        outage, delay = False, 0.05
+                    kind = message["type"]
+                    if kind == "message":
+                        text = message["data"].decode("utf-8", "replace")
+                        self._queue.put_nowait(Event(self._run_id_of(message["channel"]), text))
+                    elif kind == "subscribe":
+                        self._queue.put_nowait(Event(self._run_id_of(message["channel"]), RESYNC))
+                await self._close_pubsub()
+            except asyncio.CancelledError:
+                raise
+            except _NETWORK_ERRORS as exc:
+                await self._close_pubsub()
+                if not outage:
+                    logger.warning(
+                        "Redis pub/sub at %s unreachable (%s); reconnecting", self._url, exc
+                    )
+                    outage = True
+                self.reconnects += 1
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, self._reconnect_max_delay)
+            except Exception:  # never let the process-wide listener die
+                logger.exception("Unexpected error in the Redis listener; restarting it")
+                await self._close_pubsub()
+                await asyncio.sleep(delay)
