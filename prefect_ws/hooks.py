@@ -20,6 +20,7 @@ from prefect_ws.publisher import get_publisher
 _lock = threading.Lock()
 _started: dict[str, float] = {}  # flow or task run id -> monotonic start
 _step_counts: dict[str, Counter[str]] = {}  # flow run id -> step status counts
+_failed_steps: dict[str, list[str]] = {}  # flow run id -> ids of failed steps, in order
 
 
 def _begin(key: str) -> None:
@@ -58,6 +59,7 @@ def _on_flow_running(flow: Any, flow_run: Any, state: Any) -> None:
     _begin(run_id)
     with _lock:
         _step_counts[run_id] = Counter()
+        _failed_steps[run_id] = []
     layers_of = getattr(flow, "prefect_ws_layers", None)
     get_publisher().emit(
         run_id,
@@ -77,6 +79,7 @@ def _flow_finisher(status: str) -> Any:
         run_id = str(flow_run.id)
         with _lock:
             counts = _step_counts.pop(run_id, Counter())
+            failed_steps = _failed_steps.pop(run_id, [])
         publisher = get_publisher()
         publisher.emit(
             run_id,
@@ -85,6 +88,7 @@ def _flow_finisher(status: str) -> Any:
                 "status": status,
                 "duration": _duration(run_id, getattr(flow_run, "start_time", None)),
                 "steps": {s: counts.get(s, 0) for s in ("completed", "failed", "skipped", "cancelled")},
+                "failedSteps": failed_steps,
                 "error": _error_of(state) if status in {"failed", "crashed"} else None,
             },
         )
@@ -123,6 +127,8 @@ def _task_finisher(status: str) -> Any:
             counts = _step_counts.get(run_id)
             if counts is not None:
                 counts[status] += 1
+            if status == "failed" and run_id in _failed_steps:
+                _failed_steps[run_id].append(task_run.name)
         get_publisher().emit(
             run_id,
             "step_complete",

@@ -1,0 +1,180 @@
+"""Test fixtures: one Prefect server for the session, real Redis, real uvicorn, real clients.
+
+Prefect is configured here, before anything imports it, for speed (shared/research/prefect.md §7):
+one session-wide API server with its background services off, analytics off, API log shipping
+off and the flow-run heartbeat off.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+_PREFECT_HOME = tempfile.mkdtemp(prefix="prefect-ws-tests-")
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+_API_PORT = _free_port()
+PREFECT_ENV = {
+    "PREFECT_HOME": _PREFECT_HOME,
+    "PREFECT_API_URL": f"http://127.0.0.1:{_API_PORT}/api",
+    "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+    "PREFECT_API_SERVICES_EVENT_PERSISTER_ENABLED": "false",
+    "PREFECT_API_SERVICES_TASK_RUN_RECORDER_ENABLED": "false",
+    "PREFECT_API_SERVICES_TRIGGERS_ENABLED": "false",
+    "PREFECT_API_SERVICES_SCHEDULER_ENABLED": "false",
+    "PREFECT_API_SERVICES_LATE_RUNS_ENABLED": "false",
+    "PREFECT_API_SERVICES_FOREMAN_ENABLED": "false",
+    "PREFECT_API_SERVICES_CANCELLATION_CLEANUP_ENABLED": "false",
+    "PREFECT_API_SERVICES_PAUSE_EXPIRATIONS_ENABLED": "false",
+    "PREFECT_API_SERVICES_REPOSSESSOR_ENABLED": "false",
+    "PREFECT_LOGGING_TO_API_ENABLED": "false",
+    "PREFECT_SERVER_UI_ENABLED": "false",
+    "PREFECT_UI_ENABLED": "false",
+}
+os.environ.update(PREFECT_ENV)
+for _name in [n for n in os.environ if n.startswith("PREFECT_WS_")]:
+    del os.environ[_name]
+
+REDIS_HOST = "127.0.0.1"
+REDIS_PORT = 6379
+REDIS_URL = f"redis://{REDIS_HOST}:{REDIS_PORT}/0"
+
+
+def _wait_http(url: str, timeout: float, proc: subprocess.Popen[bytes] | None = None) -> None:
+    import httpx
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc is not None and proc.poll() is not None:
+            raise RuntimeError(f"process exited with {proc.returncode} before {url} answered")
+        try:
+            if httpx.get(url, timeout=1.0).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.2)
+    raise RuntimeError(f"{url} did not answer within {timeout} s")
+
+
+@pytest.fixture(scope="session")
+def prefect_api() -> Iterator[str]:
+    """A real Prefect API server for the whole session (flows in any process report to it)."""
+    log = open(Path(_PREFECT_HOME) / "server.log", "wb")  # noqa: SIM115
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "prefect", "server", "start", "--host", "127.0.0.1",
+         "--port", str(_API_PORT), "--no-services"],
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        env=os.environ.copy(),
+    )
+    try:
+        _wait_http(f"{PREFECT_ENV['PREFECT_API_URL']}/health", timeout=120, proc=proc)
+        from prefect.settings import PREFECT_FLOWS_HEARTBEAT_FREQUENCY, temporary_settings
+
+        with temporary_settings(updates={PREFECT_FLOWS_HEARTBEAT_FREQUENCY: None}):
+            yield PREFECT_ENV["PREFECT_API_URL"]
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+        log.close()
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _cleanup_prefect_home() -> Iterator[None]:
+    yield
+    shutil.rmtree(_PREFECT_HOME, ignore_errors=True)
+
+
+def _redis_answers(host: str, port: int) -> bool:
+    try:
+        with socket.create_connection((host, port), timeout=1.0) as sock:
+            sock.sendall(b"PING\r\n")
+            return sock.recv(16).startswith(b"+PONG")
+    except OSError:
+        return False
+
+
+@pytest.fixture(scope="session")
+def redis_url() -> str:
+    if not _redis_answers(REDIS_HOST, REDIS_PORT):
+        pytest.fail(f"Redis is not answering on {REDIS_HOST}:{REDIS_PORT} (.ci/run starts one)")
+    return REDIS_URL
+
+
+@pytest.fixture
+def redis_prefix() -> str:
+    """A key prefix of the test's own, so tests never see each other's runs."""
+    return f"prefect-ws-test-{uuid.uuid4().hex[:12]}"
+
+
+@pytest.fixture(autouse=True)
+def _fresh_publisher() -> Iterator[None]:
+    """Each test gets a publisher built from the settings it sets."""
+    from prefect_ws.publisher import reset_publisher
+
+    reset_publisher()
+    yield
+    reset_publisher()
+
+
+class RedisServer:
+    """A throwaway redis-server on its own port, for outage and restart tests."""
+
+    def __init__(self, port: int) -> None:
+        self.port = port
+        self.url = f"redis://127.0.0.1:{port}/0"
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> None:
+        binary = shutil.which("redis-server")
+        if binary is None:
+            pytest.fail("redis-server is not installed (.ci/run installs it)")
+        self.proc = subprocess.Popen(
+            [binary, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
+             "--appendonly", "no"],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        deadline = time.monotonic() + 10
+        while not _redis_answers("127.0.0.1", self.port):
+            if time.monotonic() > deadline:
+                raise RuntimeError("throwaway redis-server did not start")
+            time.sleep(0.05)
+
+    def kill(self) -> None:
+        if self.proc is not None:
+            self.proc.kill()
+            self.proc.wait(timeout=10)
+            self.proc = None
+
+
+@pytest.fixture
+def redis_server() -> Iterator[RedisServer]:
+    server = RedisServer(_free_port())
+    server.start()
+    yield server
+    server.kill()
+
+
+def free_port() -> int:
+    return _free_port()

@@ -1,0 +1,103 @@
+"""Shared test helpers: create runs, run flows in a subprocess, collect and check streams."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+from websockets.asyncio.client import connect
+
+TESTS = Path(__file__).resolve().parent
+
+
+def create_flow_run(flow: Any, parameters: dict[str, Any] | None = None) -> str:
+    from prefect.client.orchestration import get_client
+
+    with get_client(sync_client=True) as client:
+        return str(client.create_flow_run(flow, parameters=parameters or {}).id)
+
+
+async def run_flow_in_subprocess(
+    spec: str, run_id: str, parameters: dict[str, Any] | None = None, env: dict[str, str] | None = None,
+    timeout: float = 90,
+) -> dict[str, Any]:
+    """Run ``module:flow`` for ``run_id`` in a new Python process; return its JSON report."""
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, str(TESTS / "run_flow.py"), spec, run_id, json.dumps(parameters or {}),
+        env={**os.environ, "PYTHONPATH": str(TESTS), **(env or {})},
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    stdout, stderr = await asyncio.wait_for(proc.communicate(), timeout)
+    if proc.returncode != 0:
+        raise AssertionError(f"flow process failed ({proc.returncode}):\n{stderr.decode()[-4000:]}")
+    lines = [line for line in stdout.decode().splitlines() if line.startswith("{")]
+    report: dict[str, Any] = json.loads(lines[-1])
+    report["stderr"] = stderr.decode()
+    return report
+
+
+class StreamRecorder:
+    """A real WebSocket client that records every frame and the close code."""
+
+    def __init__(self, url: str) -> None:
+        self.url = url
+        self.frames: list[str] = []
+        self.close_code: int | None = None
+        self.close_reason: str | None = None
+        self.connected = asyncio.Event()
+
+    @property
+    def events(self) -> list[dict[str, Any]]:
+        return [json.loads(f) for f in self.frames]
+
+    async def run(self, timeout: float = 60) -> None:
+        async with asyncio.timeout(timeout):
+            async with connect(self.url, compression=None, max_size=2**24) as websocket:
+                self.connected.set()
+                async for message in websocket:
+                    assert isinstance(message, str)
+                    self.frames.append(message)
+                self.close_code = websocket.close_code
+                self.close_reason = websocket.close_reason
+
+
+def stream_path(run_id: str, since: int | None = None) -> str:
+    path = f"/api/v2/workflows/runs/{run_id}/stream"
+    return path if since is None else f"{path}?since={since}"
+
+
+def assert_run_sequence(events: list[dict[str, Any]], expected_logs: dict[str | None, list[str]]) -> None:
+    """The protocol's promises for one complete run, checked on content, order and counts."""
+    assert events, "no events received"
+    assert [e["seq"] for e in events] == list(range(1, len(events) + 1)), "seq must be 1..N without gaps"
+    for event in events:
+        assert set(event) == {"v", "type", "runId", "seq", "ts", "payload"}
+        assert event["v"] == 1
+        assert event["runId"] == events[0]["runId"]
+    assert events[0]["type"] == "run_start"
+    assert events[-1]["type"] == "run_complete"
+    assert [e["type"] for e in events].count("run_complete") == 1
+
+    position: dict[tuple[str, str], int] = {}
+    for index, event in enumerate(events):
+        step = event["payload"].get("stepId")
+        if event["type"] in ("step_start", "step_complete"):
+            key = (event["type"], step)
+            assert key not in position, f"duplicate {key}"
+            position[key] = index
+    logs: dict[str | None, list[str]] = {}
+    for index, event in enumerate(events):
+        if event["type"] != "step_log":
+            continue
+        step = event["payload"]["stepId"]
+        logs.setdefault(step, []).append(event["payload"]["message"])
+        if step is not None:
+            assert position[("step_start", step)] < index, f"log of {step} before its step_start"
+            if ("step_complete", step) in position:
+                assert index < position[("step_complete", step)], f"log of {step} after step_complete"
+    assert logs == expected_logs

@@ -1,0 +1,104 @@
+"""The spine end to end: a flow in another process -> Redis -> uvicorn hub -> WebSocket clients."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+from helpers import (
+    StreamRecorder,
+    assert_run_sequence,
+    create_flow_run,
+    run_flow_in_subprocess,
+    stream_path,
+)
+from sample_flows import FOUR_STEPS_LOGS, four_steps
+
+from prefect_ws.server import serve_in_thread
+from prefect_ws.settings import Settings
+
+
+@pytest.fixture
+def redis_settings(redis_url: str, redis_prefix: str) -> Settings:
+    return Settings(broadcast_url=redis_url, redis_prefix=redis_prefix)
+
+
+def _publisher_env(settings: Settings) -> dict[str, str]:
+    return {
+        "PREFECT_WS_BROADCAST_URL": settings.broadcast_url,
+        "PREFECT_WS_REDIS_PREFIX": settings.redis_prefix,
+    }
+
+
+async def _watch_run(base_url: str, run_id: str, settings: Settings, fail: bool) -> tuple[list[StreamRecorder], dict]:
+    clients = [StreamRecorder(base_url + stream_path(run_id)) for _ in range(2)]
+    tasks = [asyncio.create_task(c.run()) for c in clients]
+    await asyncio.gather(*(c.connected.wait() for c in clients))
+    report = await run_flow_in_subprocess(
+        "sample_flows:four_steps", run_id, {"fail": fail}, env=_publisher_env(settings)
+    )
+    await asyncio.gather(*tasks)
+    return clients, report
+
+
+def test_two_clients_see_the_same_complete_ordered_run(prefect_api: str, redis_settings: Settings) -> None:
+    run_id = create_flow_run(four_steps, {"fail": False})
+    with serve_in_thread(redis_settings) as base_url:
+        clients, report = asyncio.run(_watch_run(base_url, run_id, redis_settings, fail=False))
+
+    assert report["state"] == "COMPLETED" and report["result"] == 33
+    first, second = clients
+    assert first.frames == second.frames, "both clients must receive identical bytes"
+    events = first.events
+    assert_run_sequence(events, FOUR_STEPS_LOGS)
+    assert first.close_code == 1000 and first.close_reason == "run complete"
+
+    start = events[0]["payload"]
+    assert start["flowName"] == "spine-four-steps" and start["flowRunId"] == run_id
+    assert start["parameters"] == {"fail": False}
+    assert all(e["runId"] == run_id for e in events)
+
+    steps = [e["payload"] for e in events if e["type"] == "step_complete"]
+    assert sorted(s["stepId"] for s in steps) == ["finish", "left", "prepare", "right"]
+    assert all(s["status"] == "completed" and s["error"] is None for s in steps)
+    assert all(isinstance(s["duration"], float) and s["duration"] > 0 for s in steps)
+    starts = {e["payload"]["stepId"]: e for e in events if e["type"] == "step_start"}
+    assert all(s["payload"]["attempt"] == 1 and s["payload"]["taskRunId"] for s in starts.values())
+
+    # left and right ran concurrently: both started before either completed.
+    index = {(e["type"], e["payload"].get("stepId")): i for i, e in enumerate(events)}
+    assert max(index[("step_start", "left")], index[("step_start", "right")]) < min(
+        index[("step_complete", "left")], index[("step_complete", "right")]
+    )
+    levels = {e["payload"]["message"]: e["payload"]["level"] for e in events if e["type"] == "step_log"}
+    assert levels["finish warning: 33"] == "WARNING" and levels["right print 0"] == "INFO"
+
+    done = events[-1]["payload"]
+    assert done["status"] == "completed" and done["error"] is None and done["failedSteps"] == []
+    assert done["steps"] == {"completed": 4, "failed": 0, "skipped": 0, "cancelled": 0}
+    assert done["duration"] > 0.3
+
+
+def test_a_failing_step_fails_the_run(prefect_api: str, redis_settings: Settings) -> None:
+    run_id = create_flow_run(four_steps, {"fail": True})
+    with serve_in_thread(redis_settings) as base_url:
+        clients, report = asyncio.run(_watch_run(base_url, run_id, redis_settings, fail=True))
+
+    assert report["state"] == "FAILED"
+    first, second = clients
+    assert first.frames == second.frames
+    events = first.events
+    assert_run_sequence(
+        events,
+        {k: v for k, v in FOUR_STEPS_LOGS.items() if k != "finish"},
+    )
+    completes = {e["payload"]["stepId"]: e["payload"] for e in events if e["type"] == "step_complete"}
+    assert completes["right"]["status"] == "failed"
+    assert completes["right"]["error"] == "ValueError: right exploded"
+    assert completes["left"]["status"] == "completed"
+    assert "finish" not in completes  # Prefect fires no hook for a step whose upstream failed
+    done = events[-1]["payload"]
+    assert done["status"] == "failed"
+    assert done["failedSteps"] == ["right"]
+    assert done["error"]  # the flow's own exception: finish never ran, so its result is missing
+    assert done["steps"]["failed"] == 1 and done["steps"]["completed"] == 2
