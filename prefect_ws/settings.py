@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 from functools import lru_cache
-from typing import Literal
+from typing import Annotated, Literal
 
-from pydantic import Field, field_validator
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic import Field, SecretStr, field_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 
 class Settings(BaseSettings):
@@ -72,6 +72,34 @@ class Settings(BaseSettings):
         default=5.0, ge=0, description="How long a finishing flow waits for its events to be sent."
     )
 
+    # Production: auth, origins, limits, access log (docs/production.md)
+    api_keys: Annotated[list[str], NoDecode] = Field(
+        default_factory=list,
+        description="Comma-separated static API keys (several, for rotation); each sees every run.",
+    )
+    token_secret: SecretStr | None = Field(
+        default=None,
+        description="HMAC secret that signs run-scoped tokens (`prefect-ws token RUN_ID`).",
+    )
+    allowed_origins: Annotated[list[str], NoDecode] = Field(
+        default_factory=list,
+        description="Comma-separated browser origins allowed (`*`: any). Empty: same origin only.",
+    )
+    max_connections: int = Field(default=10_000, ge=1, description="Streams per process (503).")
+    max_connections_per_ip: int = Field(
+        default=100, ge=1, description="Streams per client address (429)."
+    )
+    handshake_rate: str = Field(
+        default="120/minute",
+        description="Handshakes per client address, a `limits` expression, e.g. `10/second` (429).",
+    )
+    max_runs: int = Field(default=1000, ge=1, description="Runs streamed at once per process (503).")
+    handshake_timeout: float = Field(
+        default=10.0, gt=0, description="Seconds a client has to send its request headers."
+    )
+    access_log: bool = Field(default=True, description="One line per stream connect/disconnect.")
+    log_json: bool = Field(default=False, description="Access log lines as JSON objects.")
+
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
 
     @field_validator("broadcast_url")
@@ -82,6 +110,24 @@ class Settings(BaseSettings):
             raise ValueError(
                 f"unsupported broadcast URL {value!r}: use memory:// or redis://host:port/db"
             )
+        return value
+
+    @field_validator("api_keys", "allowed_origins", mode="before")
+    @classmethod
+    def _comma_list(cls, value: object) -> object:
+        if isinstance(value, str):
+            return [item.strip() for item in value.split(",") if item.strip()]
+        return value
+
+    @field_validator("handshake_rate")
+    @classmethod
+    def _rate(cls, value: str) -> str:
+        from limits import parse_many
+
+        try:
+            parse_many(value)
+        except ValueError:
+            raise ValueError(f"invalid rate {value!r}: use e.g. 10/second or 120/minute") from None
         return value
 
     @field_validator("log_level", mode="before")
