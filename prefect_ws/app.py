@@ -16,6 +16,8 @@ from starlette.routing import Route, WebSocketRoute
 from starlette.websockets import WebSocket, WebSocketDisconnect, WebSocketState
 
 from prefect_ws import closecodes
+from prefect_ws.auth import schedule_expiry
+from prefect_ws.guard import protect
 from prefect_ws.hub import Hub, StreamClosed, Subscription
 from prefect_ws.settings import Settings, get_settings
 from prefect_ws.transport import Transport, create_transport
@@ -85,6 +87,7 @@ async def stream_endpoint(websocket: WebSocket) -> None:
         return
     await websocket.accept()
     subscription = Subscription(run_id, since=since, queue_size=settings.client_queue_size)
+    expiry = schedule_expiry(websocket.scope, subscription)  # closes 4401 when the token expires
     close: tuple[int, str] | None = None
     async with hub.attach(subscription):
         reader = asyncio.create_task(_read_until_disconnect(websocket, settings.max_inbound_bytes))
@@ -106,6 +109,8 @@ async def stream_endpoint(websocket: WebSocket) -> None:
         ):
             logger.error("stream for run %s failed", run_id, exc_info=results[1])
             close = (closecodes.INTERNAL_ERROR, "internal error; reconnect with since=<last seq>")
+    if expiry is not None:
+        expiry.cancel()
     if close is not None and websocket.application_state != WebSocketState.DISCONNECTED:
         with contextlib.suppress(Exception):
             await websocket.close(*close)
@@ -157,4 +162,5 @@ def create_app(settings: Settings | None = None, transport: Transport | None = N
     )
     app.state.settings = settings
     app.state.transport = transport
+    protect(app, settings)  # auth, origins, limits, CORS, /metrics: prefect_ws.guard
     return app

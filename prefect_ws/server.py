@@ -12,6 +12,7 @@ from typing import Any
 import uvicorn
 
 from prefect_ws.app import create_app
+from prefect_ws.guard import handshake_timeout_protocol
 from prefect_ws.settings import Settings
 
 
@@ -34,6 +35,8 @@ def uvicorn_config(settings: Settings, *, host: str, port: int, **overrides: Any
         "log_level": settings.log_level.lower(),
         "access_log": False,
         "timeout_graceful_shutdown": 5,
+        # h11 with a deadline for request headers (slowloris): prefect_ws.guard
+        "http": handshake_timeout_protocol(settings.handshake_timeout),
     }
     options.update(overrides)
     return uvicorn.Config(create_app(settings), **options)
