@@ -39,14 +39,54 @@ def serve(
     broadcast_url: str = typer.Option(
         None, help="memory:// or redis://host:port/db [default: PREFECT_WS_BROADCAST_URL]."
     ),
+    ssl_certfile: str = typer.Option(None, help="TLS certificate (PEM): serve wss:// and https://."),
+    ssl_keyfile: str = typer.Option(None, help="TLS private key (PEM) for --ssl-certfile."),
+    insecure: bool = typer.Option(
+        False, "--insecure", help="Allow a non-loopback address without authentication."
+    ),
 ) -> None:
     """Serve the WebSocket hub (uvicorn)."""
     import uvicorn
 
+    from prefect_ws.auth import Authenticator, UnsafeBind, check_bind
     from prefect_ws.server import uvicorn_config
 
     settings = _settings(host=host, port=port, broadcast_url=broadcast_url)
-    uvicorn.Server(uvicorn_config(settings, host=settings.host, port=settings.port)).run()
+    try:
+        check_bind(
+            settings.host,
+            auth_enabled=Authenticator.from_settings(settings).enabled,
+            insecure=insecure,
+        )
+    except UnsafeBind as exc:
+        typer.secho(f"prefect-ws: {exc}", err=True, fg="red")
+        raise typer.Exit(2) from None
+    if bool(ssl_certfile) != bool(ssl_keyfile):
+        typer.secho("prefect-ws: --ssl-certfile and --ssl-keyfile go together", err=True, fg="red")
+        raise typer.Exit(2)
+    tls = {"ssl_certfile": ssl_certfile, "ssl_keyfile": ssl_keyfile} if ssl_certfile else {}
+    uvicorn.Server(uvicorn_config(settings, host=settings.host, port=settings.port, **tls)).run()
+
+
+@app.command()
+def token(
+    run_id: str = typer.Argument(..., help="Flow run id (UUID) the token is for; '*': all runs."),
+    ttl: str = typer.Option("1h", help="Lifetime: 90s, 30m, 1h, 2d."),
+) -> None:
+    """Print a run-scoped access token signed with PREFECT_WS_TOKEN_SECRET."""
+    from prefect_ws.auth import mint_token, parse_ttl
+
+    settings = _settings()
+    if settings.token_secret is None:
+        typer.secho("prefect-ws: set PREFECT_WS_TOKEN_SECRET to mint tokens", err=True, fg="red")
+        raise typer.Exit(2)
+    try:
+        typer.echo(
+            mint_token(run_id, secret=settings.token_secret.get_secret_value(), ttl=parse_ttl(ttl))
+        )
+    except ValueError as exc:
+        typer.secho(f"prefect-ws token: {exc}", err=True, fg="red")
+        raise typer.Exit(2) from None
 
 
 @app.command()
