@@ -1,7 +1,8 @@
 """prefect-ws: stream every Prefect flow run live to WebSocket clients.
 
 Publishing side: :func:`flow` and :func:`task` (drop-in Prefect decorators), :func:`stream`,
-:func:`flow_hooks`, :func:`task_hooks`. Serving side: :func:`create_app`.
+:func:`flow_hooks`, :func:`task_hooks`. Serving side: :func:`create_app`. Workflows (DAGs of
+Python and shell steps run as Prefect flows): :func:`run_workflow`, :class:`Workflow`.
 """
 
 from prefect_ws.app import create_app
@@ -11,6 +12,7 @@ from prefect_ws.hooks import flow_hooks, task_hooks
 from prefect_ws.log_handler import PrefectWsHandler, install_log_handler
 from prefect_ws.publisher import Publisher, get_publisher
 from prefect_ws.settings import Settings, get_settings
+from prefect_ws.workflow import Workflow, WorkflowError, WorkflowRun, load_workflow, run_workflow
 
 __version__ = "0.1.0"
 
@@ -21,6 +23,9 @@ __all__ = [
     "PrefectWsHandler",
     "Publisher",
     "Settings",
+    "Workflow",
+    "WorkflowError",
+    "WorkflowRun",
     "create_app",
     "encode",
     "flow",
@@ -28,6 +33,8 @@ __all__ = [
     "get_publisher",
     "get_settings",
     "install_log_handler",
+    "load_workflow",
+    "run_workflow",
     "stream",
     "task",
     "task_hooks",

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import sys
+from pathlib import Path
 
 import typer
 from pydantic import ValidationError
@@ -97,6 +98,26 @@ def demo(
     from prefect_ws.demo import run_demo
 
     raise typer.Exit(run_demo(keep_serving=keep_serving))
+
+
+@app.command()
+def run(
+    workflow_file: Path = typer.Argument(..., help="A workflow definition (.yaml, .yml or .json)."),  # noqa: B008
+    param: list[str] = typer.Option(  # noqa: B008
+        [], "--param", "-p", help="Override a workflow parameter: key=value (repeatable)."
+    ),
+    url: str = typer.Option(
+        None,
+        envvar="PREFECT_WS_URL",
+        help="Base URL of the prefect-ws server clients use (printed in the stream URL). "
+        "Default: PREFECT_WS_PUBLIC_URL, or with memory:// a server in this process.",
+    ),
+    watch: bool = typer.Option(False, "--watch", help="Print the run's stream here as it happens."),
+) -> None:
+    """Validate and run a workflow; exit 0 if it completed, 1 if it failed, 2 if it is invalid."""
+    from prefect_ws.workflow.command import run_command
+
+    raise typer.Exit(run_command(workflow_file, param, url, watch, _settings()))
 
 
 def main() -> None:

@@ -37,6 +37,7 @@ MAX_FILE_BYTES: Final = 1 << 20  # 1 MiB: a 2000-step workflow is ~200 KB
 UPSTREAM_ARG: Final = "upstream"
 PARAMETERS_ARG: Final = "parameters"
 
+
 # The C loader composes nodes in C (compose_node is never called), so aliases are caught on the
 # pure-Python SafeLoader; files are at most 1 MiB, which it parses in well under a second.
 class _SafeNoAliasLoader(yaml.SafeLoader):
@@ -73,7 +74,9 @@ def read_definition(path: str | Path) -> Any:
     except OSError as exc:
         raise WorkflowError(source, [Problem(None, f"cannot read: {exc.strerror}")]) from None
     if len(raw) > MAX_FILE_BYTES:  # grew while we looked, or a device file
-        raise WorkflowError(source, [Problem(None, f"file too large (limit {MAX_FILE_BYTES} bytes)")])
+        raise WorkflowError(
+            source, [Problem(None, f"file too large (limit {MAX_FILE_BYTES} bytes)")]
+        )
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as exc:
@@ -88,7 +91,7 @@ def parse_definition(text: str, source: str = "<workflow>", json_only: bool = Fa
     try:
         if json_only:
             return json.loads(text)
-        return yaml.load(text, Loader=_SafeNoAliasLoader)  # noqa: S506 - a SafeLoader subclass
+        return yaml.load(text, Loader=_SafeNoAliasLoader)
     except json.JSONDecodeError as exc:
         problem = f"malformed JSON: line {exc.lineno}, column {exc.colno}: {exc.msg}"
     except yaml.MarkedYAMLError as exc:
@@ -109,7 +112,7 @@ def load_workflow(
     source: str | None = None,
     check_targets: bool = True,
 ) -> Workflow:
-    """A validated :class:`Workflow` from a file path, a dict or a model; else :class:`WorkflowError`.
+    """A validated :class:`Workflow` from a file path, a dict or a model, or :class:`WorkflowError`.
 
     For a file, ``base_dir`` defaults to the file's folder (where its ``run:`` modules live).
     """
@@ -142,7 +145,8 @@ def _model(data: Any, source: str) -> Workflow:
     if not isinstance(data, Mapping):
         kind = "empty" if data is None else type(data).__name__
         raise WorkflowError(
-            source, [Problem(None, f"expected a mapping with 'id' and 'steps' at the top, got {kind}")]
+            source,
+            [Problem(None, f"expected a mapping with 'id' and 'steps' at the top, got {kind}")],
         )
     try:
         return Workflow.model_validate(dict(data))
@@ -160,7 +164,9 @@ def _problem(error: Any, data: Mapping[str, Any]) -> Problem:
         raw_steps = data.get("steps")
         raw = raw_steps[loc[1]] if isinstance(raw_steps, list) and loc[1] < len(raw_steps) else None
         raw_id = raw.get("id") if isinstance(raw, Mapping) else None
-        ok_id = isinstance(raw_id, str) and bool(raw_id) and len(raw_id) <= 64 and raw_id.isprintable()
+        ok_id = (
+            isinstance(raw_id, str) and bool(raw_id) and len(raw_id) <= 64 and raw_id.isprintable()
+        )
         step = f"step {raw_id!r}" if ok_id else f"steps[{loc[1]}]"
         loc = loc[2:]
     field = ".".join(str(part) for part in loc)
@@ -173,7 +179,11 @@ def _problem(error: Any, data: Mapping[str, Any]) -> Problem:
         message = str(error.get("ctx", {}).get("error", error["msg"]))
         return Problem(step, message if not field else f"{field}: {message}")
     value = error.get("input")
-    shown = repr(value) if isinstance(value, str | int | float | bool) or value is None else type(value).__name__
+    shown = (
+        repr(value)
+        if isinstance(value, str | int | float | bool) or value is None
+        else type(value).__name__
+    )
     if len(shown) > 60:
         shown = shown[:57] + "..."
     label = f"key {field!r}" if field else "value"
@@ -233,10 +243,13 @@ def resolve_target(target: str, base_dir: str | Path | None = None) -> Callable[
         try:
             obj = getattr(obj, part)
         except AttributeError:
-            raise AttributeError(f"cannot import {target!r}: {module_name!r} has no {part!r}") from None
+            raise AttributeError(
+                f"cannot import {target!r}: {module_name!r} has no {part!r}"
+            ) from None
     if not callable(obj):
         raise TypeError(f"run target {target!r} is a {type(obj).__name__}, not a callable")
-    return obj  # type: ignore[no-any-return]
+    fn: Callable[..., Any] = obj
+    return fn
 
 
 def call_problem(fn: Callable[..., Any], step: Step, workflow: Workflow) -> str | None:
@@ -324,15 +337,28 @@ def _typed_value(raw: str, default: Any) -> Any:
     except (json.JSONDecodeError, RecursionError):
         if default is None:
             return raw
-        raise ValueError(f"{raw[:80]!r} is not valid JSON for a {type(default).__name__}") from None
+        raise ValueError(
+            f"{raw[:80]!r} is not {_kind(default)} (the default is {default!r})"
+        ) from None
     if default is None:
         return value
     expected: tuple[type, ...] = (int, float) if isinstance(default, float) else (type(default),)
     if isinstance(value, bool) and not isinstance(default, bool):
         expected = ()
     if not isinstance(value, expected):
-        raise ValueError(f"expected a {type(default).__name__} like the default, got {raw[:80]!r}")
-    return float(value) if isinstance(default, float) else value
+        raise ValueError(f"{raw[:80]!r} is not {_kind(default)} (the default is {default!r})")
+    return float(value) if isinstance(default, float) and isinstance(value, int) else value
+
+
+def _kind(default: Any) -> str:
+    names = {
+        bool: "a boolean (true/false)",
+        int: "an integer",
+        float: "a number",
+        list: "a JSON list",
+        dict: "a JSON object",
+    }
+    return names.get(type(default), f"a {type(default).__name__}")
 
 
 def merge_parameters(workflow: Workflow, overrides: Mapping[str, Any] | None) -> dict[str, Any]:
@@ -342,6 +368,7 @@ def merge_parameters(workflow: Workflow, overrides: Mapping[str, Any] | None) ->
     if unknown:
         known = ", ".join(workflow.parameters) or "none"
         raise ValueError(
-            f"unknown parameter(s) {', '.join(map(repr, unknown))} (this workflow's parameters: {known})"
+            f"unknown parameter(s) {', '.join(map(repr, unknown))} "
+            f"(this workflow's parameters: {known})"
         )
     return {**workflow.parameters, **overrides}

@@ -14,14 +14,16 @@ from typing import Any, Final
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 ID_PATTERN: Final = re.compile(r"^[A-Za-z_][A-Za-z0-9_-]{0,63}$")
-ID_RULE: Final = "use letters, digits, '_' and '-', start with a letter or '_', at most 64 characters"
+ID_RULE: Final = (
+    "use letters, digits, '_' and '-', start with a letter or '_', at most 64 characters"
+)
 TARGET_PATTERN: Final = re.compile(r"^[A-Za-z_]\w*(\.[A-Za-z_]\w*)*:[A-Za-z_]\w*(\.[A-Za-z_]\w*)*$")
 PARAMETER_PATTERN: Final = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,63}$")
 MAX_STEPS: Final = 2000
 
 
 def check_id(value: str, what: str = "id") -> str:
-    """Ids end up in URLs, log lines, Prefect task run names and shell environments: keep them plain."""
+    """Ids end up in URLs, log lines, task run names and shell environments: keep them plain."""
     if not ID_PATTERN.match(value):
         raise ValueError(f"invalid {what} {value!r}: {ID_RULE}")
     return value
@@ -65,9 +67,7 @@ class Step(BaseModel):
     @classmethod
     def _run(cls, value: str | None) -> str | None:
         if value is not None and not TARGET_PATTERN.match(value):
-            raise ValueError(
-                f"invalid run target {value!r}: expected 'package.module:function'"
-            )
+            raise ValueError(f"invalid run target {value!r}: expected 'package.module:function'")
         return value
 
     @field_validator("params")

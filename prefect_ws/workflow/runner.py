@@ -160,7 +160,7 @@ def step_task(step: Step, layer: int) -> Task[..., Any]:
     return task
 
 
-# -- the flow ----------------------------------------------------------------------------------------
+# -- the flow --------------------------------------------------------------------------------------
 def execute(
     workflow: Workflow, parameters: Mapping[str, Any], run_id: str, base_dir: str | None
 ) -> dict[str, Any]:
@@ -179,7 +179,9 @@ def execute(
                 step.run, dict(step.params), dict(parameters), upstream, base_dir, wait_for=wait_for
             )
         else:
-            env = {env_name("WF_", k): _env_value(v) for k, v in {**parameters, **step.params}.items()}
+            env = {
+                env_name("WF_", k): _env_value(v) for k, v in {**parameters, **step.params}.items()
+            }
             env.update(WF_RUN_ID=run_id, WF_STEP_ID=step_id, WF_WORKFLOW_ID=workflow.id)
             futures[step_id] = task.submit(
                 step.shell, env, upstream, base_dir, step.timeout_seconds, wait_for=wait_for
@@ -216,17 +218,26 @@ def _settle(
         return "failed"  # the on_failure hook reported it
     if state.is_final():  # crashed or cancelled: Prefect has no task hook for these
         status = "cancelled" if state.is_cancelled() else "failed"
-        _report(run_id, step_id, future, status, f"{state.type.value.lower()}: {state.message}", None)
+        _report(
+            run_id, step_id, future, status, f"{state.type.value.lower()}: {state.message}", None
+        )
         return "crashed" if state.is_crashed() else status
     causes = failed_roots(step_id, graph, futures)
     named = ", ".join(repr(c) for c in causes) or "an upstream step"
-    reason = f"upstream step {named} failed" if len(causes) <= 1 else f"upstream steps {named} failed"
+    reason = (
+        f"upstream step {named} failed" if len(causes) <= 1 else f"upstream steps {named} failed"
+    )
     _report(run_id, step_id, future, "skipped", None, reason)
     return "skipped"
 
 
 def _report(
-    run_id: str, step_id: str, future: PrefectFuture[Any], status: str, error: str | None, reason: str | None
+    run_id: str,
+    step_id: str,
+    future: PrefectFuture[Any],
+    status: str,
+    error: str | None,
+    reason: str | None,
 ) -> None:
     payload: dict[str, Any] = {
         "stepId": step_id,
@@ -277,7 +288,9 @@ def _resolve(
         path = Path(definition)
         base_dir = workflow_dir or str(path.resolve().parent)
         return load_workflow(path, base_dir=base_dir, check_targets=check_targets), base_dir
-    return load_workflow(definition, base_dir=workflow_dir, check_targets=check_targets), workflow_dir
+    return load_workflow(
+        definition, base_dir=workflow_dir, check_targets=check_targets
+    ), workflow_dir
 
 
 def _layers_of(flow_run: Any) -> list[list[str]] | None:
@@ -333,14 +346,14 @@ def make_flow(name: str = FLOW_NAME) -> Flow[..., Any]:
         task_runner=ThreadPoolTaskRunner(max_workers=sys.maxsize),
         persist_result=False,
     )
-    flow.prefect_ws_layers = _layers_of  # type: ignore[attr-defined]
-    return flow  # type: ignore[no-any-return]
+    flow.prefect_ws_layers = _layers_of
+    return flow
 
 
 workflow_flow: Flow[..., Any] = make_flow()
 
 
-# -- the Python entry point -----------------------------------------------------------------------------
+# -- the Python entry point ------------------------------------------------------------------------
 @dataclass(frozen=True)
 class WorkflowRun:
     """What :func:`run_workflow` returns."""
@@ -400,7 +413,7 @@ def run_workflow(
     run_id = str(flow_run.id)
     if on_start is not None:
         on_start(run_id, flow_run.name)
-    state = run_flow(flow, flow_run=flow_run, parameters=flow_parameters, return_type="state")
+    state: Any = run_flow(flow, flow_run=flow_run, parameters=flow_parameters, return_type="state")
     status = state.type.value.lower()
     if state.is_completed():
         return WorkflowRun(run_id, "completed", flow_run.name, results=state.result())

@@ -8,6 +8,7 @@ the code and the last lines; a timeout kills the whole process group.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import selectors
 import signal
@@ -15,7 +16,7 @@ import subprocess
 import time
 from collections import deque
 from collections.abc import Mapping
-from typing import IO, Any, Final
+from typing import Any, Final
 
 MAX_LINE_CHARS: Final = 16_384  # longer lines are split: one log event stays small
 TAIL_LINES: Final = 10
@@ -36,7 +37,7 @@ def run_shell(
     timeout: float | None = None,
 ) -> str:
     """Run ``command`` with ``/bin/sh -c``; return its stdout (last 10,000 lines) on exit code 0."""
-    process = subprocess.Popen(  # noqa: S602 - running the user's shell command is the point
+    process = subprocess.Popen(
         command,
         shell=True,
         stdin=subprocess.DEVNULL,
@@ -50,12 +51,12 @@ def run_shell(
     deadline = None if timeout is None else time.monotonic() + timeout
     stdout_lines: deque[str] = deque(maxlen=RESULT_LINES)
     tail: deque[str] = deque(maxlen=TAIL_LINES)
-    streams: dict[IO[bytes], tuple[bool, bytearray]] = {
-        process.stdout: (False, bytearray()),
-        process.stderr: (True, bytearray()),
+    streams: dict[int, tuple[bool, bytearray]] = {
+        process.stdout.fileno(): (False, bytearray()),
+        process.stderr.fileno(): (True, bytearray()),
     }
 
-    def emit(line: bytes, is_stderr: bool) -> None:
+    def emit(line: bytes | bytearray, is_stderr: bool) -> None:
         text = line.decode("utf-8", errors="replace").rstrip("\r")
         for start in range(0, max(len(text), 1), MAX_LINE_CHARS):
             chunk = text[start : start + MAX_LINE_CHARS]
@@ -68,9 +69,9 @@ def run_shell(
 
     timed_out = False
     with selectors.DefaultSelector() as selector:
-        for stream in streams:
-            os.set_blocking(stream.fileno(), False)
-            selector.register(stream, selectors.EVENT_READ)
+        for fd in streams:
+            os.set_blocking(fd, False)
+            selector.register(fd, selectors.EVENT_READ)
         try:
             while selector.get_map():
                 wait = None if deadline is None else deadline - time.monotonic()
@@ -78,12 +79,10 @@ def run_shell(
                     timed_out = True
                     break
                 for key, _ in selector.select(wait):
-                    stream = key.fileobj
-                    assert not isinstance(stream, int)
-                    is_stderr, buffer = streams[stream]  # type: ignore[index]
+                    is_stderr, buffer = streams[key.fd]
                     chunk = os.read(key.fd, 65_536)
                     if not chunk:
-                        selector.unregister(stream)
+                        selector.unregister(key.fd)
                         if buffer:
                             emit(bytes(buffer), is_stderr)
                             buffer.clear()
@@ -96,8 +95,8 @@ def run_shell(
         finally:
             if timed_out:
                 _kill_group(process)
-            for stream in streams:
-                stream.close()
+            process.stdout.close()
+            process.stderr.close()
     if timed_out:
         raise ShellStepError(f"timed out after {timeout:g}s; process killed{_tail_text(tail)}")
     remaining = None if deadline is None else max(0.0, deadline - time.monotonic())
@@ -105,7 +104,9 @@ def run_shell(
         code = process.wait(remaining)
     except subprocess.TimeoutExpired:  # closed its pipes but kept running
         _kill_group(process)
-        raise ShellStepError(f"timed out after {timeout:g}s; process killed{_tail_text(tail)}") from None
+        raise ShellStepError(
+            f"timed out after {timeout:g}s; process killed{_tail_text(tail)}"
+        ) from None
     if code != 0:
         reason = f"killed by signal {-code}" if code < 0 else f"exit code {code}"
         raise ShellStepError(f"command failed with {reason}{_tail_text(tail)}")
@@ -120,16 +121,10 @@ def _tail_text(tail: deque[str]) -> str:
 
 def _kill_group(process: subprocess.Popen[bytes]) -> None:
     """SIGTERM the step's process group, give it a moment, then SIGKILL whatever is left."""
-    try:
+    with contextlib.suppress(ProcessLookupError):
         os.killpg(process.pid, signal.SIGTERM)
-    except ProcessLookupError:
-        pass
-    try:
+    with contextlib.suppress(subprocess.TimeoutExpired):
         process.wait(KILL_GRACE_SECONDS)
-    except subprocess.TimeoutExpired:
-        pass
-    try:
+    with contextlib.suppress(ProcessLookupError):
         os.killpg(process.pid, signal.SIGKILL)
-    except ProcessLookupError:
-        pass
     process.wait()
