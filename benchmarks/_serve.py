@@ -1,0 +1,62 @@
+"""One server process for the benchmarks: ``python benchmarks/_serve.py --port P --mode MODE``.
+
+Modes:
+- ``prefect-ws``: the app as ``prefect-ws serve`` runs it (``prefect_ws.server.uvicorn_config``);
+- ``uvicorn-defaults``: the same app under uvicorn's defaults (``ws=auto``, permessage-deflate on),
+  the comparison the connections benchmark asks for;
+- ``naive``: ``naive_server.py``, one broadcaster subscription and one unbounded queue per client.
+
+Settings come from ``PREFECT_WS_*`` variables. Raises its own fd limit first.
+"""
+
+from __future__ import annotations
+
+import argparse
+import resource
+
+import uvicorn
+
+
+def main() -> None:
+    _soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--port", type=int, required=True)
+    parser.add_argument(
+        "--mode", choices=["prefect-ws", "uvicorn-defaults", "naive"], default="prefect-ws"
+    )
+    parser.add_argument("--loop", default="auto", help="uvicorn --loop (auto, asyncio, uvloop)")
+    args = parser.parse_args()
+
+    from prefect_ws.settings import Settings
+
+    settings = Settings()
+    common = {
+        "host": "127.0.0.1",
+        "port": args.port,
+        "log_level": "warning",
+        "backlog": 8192,
+        "loop": args.loop,
+    }
+    if args.mode == "prefect-ws":
+        from prefect_ws.server import uvicorn_config
+
+        config = uvicorn_config(settings, **common)
+    elif args.mode == "uvicorn-defaults":
+        from prefect_ws.app import create_app
+
+        config = uvicorn.Config(create_app(settings), **common)
+    else:
+        from naive_server import create_naive_app
+
+        config = uvicorn.Config(
+            create_naive_app(settings),
+            ws="websockets-sansio",
+            ws_per_message_deflate=False,
+            **common,
+        )
+    uvicorn.Server(config).run()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,71 @@
+"""The naive baseline for the fan-out benchmark: one broadcaster subscription per client.
+
+This is ``shared/research/bench/bench_server.py`` on prefect-ws' own Redis backend (broadcaster's
+stock one delivers nothing with redis-py 8): every client calls ``broadcast.subscribe(run_id)``,
+so broadcaster keeps one unbounded queue per client and each client's task decodes nothing but
+sends every line of every message itself. No history, no ordering checks, no bounds. It sends
+``{"type":"ready"}`` once subscribed so a load client knows when to start counting, and closes
+with 1000 after ``run_complete`` like the real endpoint.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator
+
+from broadcaster import Broadcast
+from starlette.applications import Starlette
+from starlette.routing import WebSocketRoute
+from starlette.websockets import WebSocket
+
+from prefect_ws.settings import Settings
+from prefect_ws.transport import RESYNC, create_transport
+
+_FINAL = '{"v":1,"type":"run_complete"'
+
+
+def create_naive_app(settings: Settings) -> Starlette:
+    transport = create_transport(settings)
+    broadcast: Broadcast = transport.broadcast
+
+    async def stream(websocket: WebSocket) -> None:
+        run_id = websocket.path_params["run_id"]
+        await websocket.accept()
+        async with broadcast.subscribe(run_id) as subscriber:
+            await websocket.send_text('{"type":"ready"}')
+
+            async def drain() -> None:
+                while (await websocket.receive())["type"] != "websocket.disconnect":
+                    pass
+
+            reader = asyncio.create_task(drain())
+            try:
+                async for event in subscriber:
+                    if event.message == RESYNC:
+                        continue
+                    done = False
+                    for line in event.message.split("\n"):
+                        await websocket.send_text(line)
+                        done = done or line.startswith(_FINAL)
+                    if done:
+                        await websocket.close(1000, "run complete")
+                        break
+            except Exception:
+                pass  # the client went away mid-send
+            finally:
+                reader.cancel()
+                await asyncio.gather(reader, return_exceptions=True)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: Starlette) -> AsyncIterator[None]:
+        await broadcast.connect()
+        try:
+            yield
+        finally:
+            await broadcast.disconnect()
+
+    return Starlette(
+        routes=[WebSocketRoute("/api/v2/workflows/runs/{run_id}/stream", stream)],
+        lifespan=lifespan,
+    )
