@@ -188,10 +188,27 @@ def execute(
             )
 
     outcome: dict[str, str] = {}
+
+    def settle(step_id: str) -> None:
+        # A step is done only after all of its needs are: settle those first, so a skipped
+        # step is always reported after the skipped steps it depends on.
+        # Iterative: a 2000-step chain must not hit the recursion limit.
+        stack = [step_id]
+        while stack:
+            current = stack[-1]
+            if current in outcome:
+                stack.pop()
+                continue
+            unsettled = [need for need in graph[current] if need not in outcome]
+            if unsettled:
+                stack.extend(unsettled)
+                continue
+            outcome[current] = _settle(run_id, current, futures[current], graph, futures)
+            stack.pop()
+
     by_task_run = {future.task_run_id: step_id for step_id, future in futures.items()}
     for future in as_completed(list(futures.values())):
-        step_id = by_task_run[future.task_run_id]
-        outcome[step_id] = _settle(run_id, step_id, future, graph, futures)
+        settle(by_task_run[future.task_run_id])
 
     failed = [s for s in futures if outcome[s] in ("failed", "crashed")]
     if failed:
