@@ -120,5 +120,35 @@ def run(
     raise typer.Exit(run_command(workflow_file, param, url, watch, _settings()))
 
 
+@app.command()
+def tail(
+    run_id: str = typer.Argument(..., help="The flow run id (UUID)."),
+    url: str = typer.Option(
+        "ws://127.0.0.1:8000", envvar="PREFECT_WS_URL", help="Server base URL (ws:// or wss://)."
+    ),
+    since: int = typer.Option(0, help="Start after this seq (resume)."),
+    types: list[str] = typer.Option(  # noqa: B008
+        [], "--types", help="Only these event types (comma-separated or repeated)."
+    ),
+    step: list[str] = typer.Option([], "--step", help="Only these steps (repeatable)."),  # noqa: B008
+    level: str = typer.Option(None, help="Minimum log level: DEBUG, INFO, WARNING, ERROR."),
+    token: str = typer.Option(None, envvar="PREFECT_WS_TOKEN", help="Access token, if required."),
+    json_lines: bool = typer.Option(False, "--json", help="One event per line, as received."),
+) -> None:
+    """Follow a run live; exit 0 if it completed, 1 if it failed, 3 if the stream was refused."""
+    from prefect_ws.tail import EXIT_USAGE, UsageError, make_options
+    from prefect_ws.tail import tail as run_tail
+
+    try:
+        options = make_options(
+            run_id, url=url, since=since, types=types, steps=step, level=level, token=token,
+            json=json_lines,
+        )
+    except UsageError as exc:
+        typer.secho(f"prefect-ws tail: {exc}", err=True, fg="red")
+        raise typer.Exit(EXIT_USAGE) from None
+    raise typer.Exit(run_tail(options))
+
+
 def main() -> None:
     sys.exit(app())

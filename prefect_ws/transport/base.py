@@ -11,6 +11,7 @@ before that point, so the hub reconciles its clients from history.
 from __future__ import annotations
 
 from abc import abstractmethod
+from dataclasses import dataclass
 from typing import Final
 
 from broadcaster import BroadcastBackend
@@ -30,3 +31,19 @@ class StreamBackend(BroadcastBackend):
     @abstractmethod
     async def ping(self) -> None:
         """Return if the backend answers; raise otherwise."""
+
+    async def recent_runs(self, limit: int) -> list[RecentRun]:
+        """The runs that published most recently, newest first (for the index page).
+
+        Not abstract so that a backend without a run index still serves streams.
+        """
+        return []
+
+
+@dataclass(frozen=True, slots=True)
+class RecentRun:
+    """A run in the recent-runs index: when it last published and its newest ``seq``."""
+
+    run_id: str
+    updated: float  # epoch seconds of its last published batch
+    head_seq: int

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import threading
+import time
 import weakref
 from collections import OrderedDict, deque
 from typing import Any
@@ -15,14 +16,15 @@ from typing import Any
 from broadcaster import Event
 
 from prefect_ws.events import Draft, join_frames
-from prefect_ws.transport.base import RESYNC, StreamBackend
+from prefect_ws.transport.base import RESYNC, RecentRun, StreamBackend
 
 
 class _RunLog:
-    __slots__ = ("events", "seq")
+    __slots__ = ("events", "seq", "updated")
 
     def __init__(self, maxlen: int) -> None:
         self.seq = 0
+        self.updated = 0.0
         self.events: deque[tuple[int, str]] = deque(maxlen=maxlen)
 
 
@@ -53,6 +55,7 @@ class MemoryStore:
                     self._runs.popitem(last=False)
             else:
                 self._runs.move_to_end(run_id)
+            log.updated = time.time()
             texts = []
             for draft in drafts:
                 log.seq += 1
@@ -63,6 +66,12 @@ class MemoryStore:
             # Delivered under the lock so every subscriber sees one run's messages in seq order.
             for backend in list(self._backends):
                 backend._deliver(run_id, message)
+
+    def recent_runs(self, limit: int) -> list[RecentRun]:
+        """Newest first: ``_runs`` is kept in order of last append."""
+        with self._lock:
+            logs = list(self._runs.items())[-limit:] if limit > 0 else []
+        return [RecentRun(run_id, log.updated, log.seq) for run_id, log in reversed(logs)]
 
     def history(self, run_id: str, after: int, limit: int) -> list[str]:
         with self._lock:
@@ -125,6 +134,9 @@ class MemoryBackend(StreamBackend):
 
     async def ping(self) -> None:
         return None
+
+    async def recent_runs(self, limit: int) -> list[RecentRun]:
+        return self._store.recent_runs(limit)
 
     def _deliver(self, channel: str, message: str) -> None:
         loop = self._loop

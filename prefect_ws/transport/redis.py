@@ -24,11 +24,11 @@ from broadcaster import Event
 from redis.exceptions import RedisError
 
 from prefect_ws.events import Draft
-from prefect_ws.transport.base import RESYNC, StreamBackend
+from prefect_ws.transport.base import RESYNC, RecentRun, StreamBackend
 
 logger = logging.getLogger("prefect_ws.transport")
 
-# KEYS[1] sequence counter, KEYS[2] history stream.
+# KEYS[1] sequence counter, KEYS[2] history stream, KEYS[3] recent-runs index (sorted set).
 # ARGV[1] pub/sub channel, ARGV[2] MAXLEN, ARGV[3] TTL seconds, then (head, tail) pairs.
 PUBLISH_SCRIPT: Final = """
 local n = (#ARGV - 3) / 2
@@ -44,6 +44,12 @@ end
 redis.call('PUBLISH', ARGV[1], table.concat(out, '\\n'))
 redis.call('EXPIRE', KEYS[1], ARGV[3])
 redis.call('EXPIRE', KEYS[2], ARGV[3])
+if KEYS[3] then
+  local now = redis.call('TIME')
+  redis.call('ZADD', KEYS[3], now[1] + now[2] / 1000000, ARGV[1])
+  redis.call('ZREMRANGEBYRANK', KEYS[3], 0, -1001)  -- keep the newest 1000 runs
+  redis.call('EXPIRE', KEYS[3], ARGV[3])
+end
 return last
 """
 
@@ -129,7 +135,7 @@ class RedisBackend(StreamBackend):
         for draft in drafts:
             args.append(draft.head)
             args.append(draft.tail)
-        await self._script(keys=list(self._keys(channel)), args=args)
+        await self._script(keys=[*self._keys(channel), self._recent_key], args=args)
 
     async def next_published(self) -> Event:
         return await self._queue.get()
@@ -141,6 +147,22 @@ class RedisBackend(StreamBackend):
 
     async def ping(self) -> None:
         await asyncio.wait_for(self._redis.ping(), timeout=2.0)
+
+    @property
+    def _recent_key(self) -> str:
+        return f"{self._prefix}:recent-runs"
+
+    async def recent_runs(self, limit: int) -> list[RecentRun]:
+        """Newest first, from the sorted set the publish script keeps (run channel -> last time)."""
+        if limit <= 0:
+            return []
+        members = await self._redis.zrevrange(self._recent_key, 0, limit - 1, withscores=True)
+        channels = [member.decode("utf-8", "replace") for member, _ in members]
+        heads = await self._redis.mget([f"{channel}:seq" for channel in channels]) if channels else []
+        return [
+            RecentRun(channel[len(self._prefix) + 2 : -1], float(score), int(head or 0))
+            for channel, (_, score), head in zip(channels, members, heads, strict=True)
+        ]
 
     async def _close_pubsub(self) -> None:
         pubsub, self._pubsub = self._pubsub, None
