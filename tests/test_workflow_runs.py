@@ -343,6 +343,40 @@ def test_shell_failure_and_timeout(hub: str, tmp_path: Path) -> None:
     assert sorted(client.events[-1]["payload"]["failedSteps"]) == ["exits", "hangs"]
 
 
+def test_python_step_timeouts(hub: str) -> None:
+    """Async steps are cancelled at the deadline; a sync step fails once it returns (a Python
+    thread cannot be stopped) with Prefect's timeout error, and its dependants are skipped."""
+    definition = {
+        "id": "python-timeouts",
+        "steps": [
+            {
+                "id": "async_slow",
+                "run": f"{HERE}:async_nap",
+                "params": {"seconds": 30},
+                "timeout_seconds": 0.5,
+            },
+            {
+                "id": "sync_slow",
+                "run": f"{HERE}:nap",
+                "params": {"seconds": 1.5},
+                "timeout_seconds": 0.5,
+            },
+            {"id": "after", "run": f"{HERE}:nap", "needs": ["sync_slow"], "params": {"seconds": 0}},
+        ],
+    }
+    began = time.monotonic()
+    result, client = run_watched(hub, definition)
+    assert time.monotonic() - began < 8
+    completes = {s: e["payload"] for s, e in by_step(client.events, "step_complete").items()}
+    assert completes["async_slow"]["status"] == "failed"
+    assert completes["async_slow"]["error"].startswith("TaskRunTimeoutError")
+    assert completes["async_slow"]["duration"] < 1.5
+    assert completes["sync_slow"]["status"] == "failed"
+    assert completes["sync_slow"]["error"].startswith("TaskRunTimeoutError")
+    assert completes["after"]["status"] == "skipped"
+    assert result.status == "failed"
+
+
 # -- scale ----------------------------------------------------------------------------------------
 def test_200_step_random_dag(hub: str) -> None:
     rng = random.Random(20261129)
@@ -406,3 +440,10 @@ def count_inputs(upstream: dict[str, Any]) -> int:
 
     get_run_logger().info("%s got %d inputs", task_run.name, len(upstream))
     return len(upstream)
+
+
+async def async_nap(seconds: float) -> float:
+    import asyncio
+
+    await asyncio.sleep(seconds)
+    return seconds

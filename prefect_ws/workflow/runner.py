@@ -100,17 +100,25 @@ def _python_step(
     parameters: dict[str, Any],
     upstream: dict[str, Any],
     base_dir: str | None = None,
+    timeout: float | None = None,
 ) -> Any:
-    """Call the step's ``run:`` target (Prefect has already resolved ``upstream`` to results)."""
+    """Call the step's ``run:`` target (Prefect has already resolved ``upstream`` to results).
+
+    An async target is cancelled at ``timeout``. A sync one cannot be: Python cannot stop a
+    thread, so Prefect fails the step with its timeout error only once the function returns.
+    """
     fn = resolve_target(target, base_dir)
     result = fn(**build_kwargs(fn, params, parameters, upstream))
     if inspect.isawaitable(result):
-        return asyncio.run(_awaited(result))
+        return asyncio.run(_awaited(result, timeout))
     return result
 
 
-async def _awaited(awaitable: Any) -> Any:
-    return await awaitable
+async def _awaited(awaitable: Any, timeout: float | None) -> Any:
+    try:
+        return await asyncio.wait_for(awaitable, timeout)
+    except TimeoutError:
+        raise TimeoutError(f"timed out after {timeout:g}s; cancelled") from None
 
 
 def _shell_step(
@@ -176,7 +184,13 @@ def execute(
         task = step_task(step, layer[step_id])
         if step.run is not None:
             futures[step_id] = task.submit(
-                step.run, dict(step.params), dict(parameters), upstream, base_dir, wait_for=wait_for
+                step.run,
+                dict(step.params),
+                dict(parameters),
+                upstream,
+                base_dir,
+                step.timeout_seconds,
+                wait_for=wait_for,
             )
         else:
             env = {
