@@ -19,6 +19,7 @@ from prefect_ws import closecodes
 from prefect_ws.auth import schedule_expiry
 from prefect_ws.guard import protect
 from prefect_ws.hub import Hub, StreamClosed, Subscription
+from prefect_ws.pages import page_routes
 from prefect_ws.settings import Settings, get_settings
 from prefect_ws.transport import Transport, create_transport
 
@@ -157,6 +158,7 @@ def create_app(settings: Settings | None = None, transport: Transport | None = N
         routes=[
             WebSocketRoute(STREAM_PATH, stream_endpoint),
             Route("/healthz", healthz),
+            *page_routes(),
         ],
         lifespan=lifespan,
     )

@@ -149,6 +149,28 @@ def make_options(
     )
 
 
+def wanted(event: dict[str, Any], options: TailOptions) -> bool:
+    """The filters again, client side: a server that predates them streams everything.
+
+    ``types`` and ``level`` apply as on the server; ``step`` applies to step events only.
+    ``run_complete`` always passes: it carries the outcome.
+    """
+    kind = event.get("type")
+    if kind == "run_complete":
+        return True
+    if options.types and kind not in options.types:
+        return False
+    payload = event.get("payload") or {}
+    step_event = kind in ("step_start", "step_log", "step_complete")
+    if options.steps and step_event and payload.get("stepId") not in options.steps:
+        return False
+    if options.level and kind == "step_log":
+        level = str(payload.get("level", "")).upper()
+        minimum = LEVELS.index(options.level)
+        return level in LEVELS and LEVELS.index(level) >= minimum
+    return True
+
+
 def _server_types(types: tuple[str, ...]) -> tuple[str, ...]:
     """The outcome is needed for the exit code: ``run_complete`` is always asked for."""
     return (*types, "run_complete") if types and "run_complete" not in types else types
@@ -369,6 +391,8 @@ async def run_tail(
     try:
         if options.json:
             async for text, event in stream:
+                if not wanted(event, options):
+                    continue
                 out.write(text + "\n")
                 out.flush()
                 if event.get("type") == "run_complete":
@@ -390,9 +414,11 @@ async def _live(options: TailOptions, stream: Any, console: Console) -> str | No
     final_status: str | None = None
     with Live(view, console=console, refresh_per_second=8, transient=False) as live:
         async for _, event in stream:
+            if not wanted(event, options):
+                continue
             view.apply(event)
             line = _log_line(event)
-            if line is not None and (not options.types or event.get("type") in options.types):
+            if line is not None:
                 live.console.print(line)
             if event.get("type") == "run_complete":
                 final_status = view.status

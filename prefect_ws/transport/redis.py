@@ -156,9 +156,9 @@ class RedisBackend(StreamBackend):
         """Newest first, from the sorted set the publish script keeps (run channel -> last time)."""
         if limit <= 0:
             return []
-        members = await self._redis.zrevrange(self._recent_key, 0, limit - 1, withscores=True)
+        members: Any = await self._redis.zrevrange(self._recent_key, 0, limit - 1, withscores=True)
         channels = [member.decode("utf-8", "replace") for member, _ in members]
-        heads = await self._redis.mget([f"{channel}:seq" for channel in channels]) if channels else []
+        heads: Any = await self._redis.mget([f"{c}:seq" for c in channels]) if channels else []
         return [
             RecentRun(channel[len(self._prefix) + 2 : -1], float(score), int(head or 0))
             for channel, (_, score), head in zip(channels, members, heads, strict=True)

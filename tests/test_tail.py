@@ -1,0 +1,362 @@
+"""``prefect-ws tail`` as users run it: the installed command, a real server, a real flow run."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import sys
+import threading
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from helpers import (
+    StreamRecorder,
+    assert_run_sequence,
+    create_flow_run,
+    run_flow_in_subprocess,
+    stream_path,
+)
+from sample_flows import FOUR_STEPS_LOGS, four_steps
+from typer.testing import CliRunner
+
+from prefect_ws.auth import mint_token
+from prefect_ws.cli import app
+from prefect_ws.server import serve_in_thread
+from prefect_ws.settings import Settings
+
+PREFECT_WS = str(Path(sys.executable).parent / "prefect-ws")
+TAIL_TIMEOUT = 90
+
+
+@pytest.fixture
+def settings(redis_url: str, redis_prefix: str) -> Settings:
+    return Settings(broadcast_url=redis_url, redis_prefix=redis_prefix)
+
+
+def _publisher_env(settings: Settings) -> dict[str, str]:
+    return {
+        "PREFECT_WS_BROADCAST_URL": settings.broadcast_url,
+        "PREFECT_WS_REDIS_PREFIX": settings.redis_prefix,
+    }
+
+
+async def _start_tail(*args: str) -> asyncio.subprocess.Process:
+    return await asyncio.create_subprocess_exec(
+        PREFECT_WS,
+        "tail",
+        *args,
+        env={**os.environ, "COLUMNS": "200", "NO_COLOR": "1", "TERM": "dumb"},
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
+
+
+def _events(frames: list[str]) -> list[str]:
+    """Frames that are events (control frames such as ``hello`` carry no ``seq``)."""
+    return [f for f in frames if "seq" in json.loads(f)]
+
+
+async def _tail_run(
+    base_url: str, run_id: str, settings: Settings, fail: bool, *tail_args: str
+) -> tuple[int, str, str, StreamRecorder]:
+    """Start a raw stream client and ``tail``, run the flow, wait for both to finish."""
+    recorder = StreamRecorder(base_url + stream_path(run_id))
+    recording = asyncio.create_task(recorder.run())
+    await recorder.connected.wait()
+    tail = await _start_tail(run_id, "--url", base_url, *tail_args)
+    await run_flow_in_subprocess(
+        "sample_flows:four_steps", run_id, {"fail": fail}, env=_publisher_env(settings)
+    )
+    stdout, stderr = await asyncio.wait_for(tail.communicate(), TAIL_TIMEOUT)
+    await recording
+    assert tail.returncode is not None
+    return tail.returncode, stdout.decode(), stderr.decode(), recorder
+
+
+def test_json_output_is_the_stream_byte_for_byte_and_exit_0(
+    prefect_api: str, settings: Settings
+) -> None:
+    run_id = create_flow_run(four_steps, {"fail": False})
+    with serve_in_thread(settings) as base_url:
+        code, stdout, stderr, recorder = asyncio.run(
+            _tail_run(base_url, run_id, settings, False, "--json")
+        )
+    assert code == 0, stderr
+    lines = stdout.splitlines()
+    assert lines == _events(recorder.frames)  # identical bytes, identical order, same count
+    events = [json.loads(line) for line in lines]
+    assert_run_sequence(events, FOUR_STEPS_LOGS)
+    assert events[-1]["payload"]["status"] == "completed"
+    assert stderr == ""
+
+
+def test_failed_run_exits_1_and_the_live_view_shows_steps_logs_and_failure(
+    prefect_api: str, settings: Settings
+) -> None:
+    run_id = create_flow_run(four_steps, {"fail": True})
+    with serve_in_thread(settings) as base_url:
+        code, stdout, stderr, recorder = asyncio.run(_tail_run(base_url, run_id, settings, True))
+    assert code == 1, stderr
+    events = [json.loads(f) for f in _events(recorder.frames)]
+    assert events[-1]["payload"]["status"] == "failed"
+    # Every log line of the run scrolls past, with its level and step name.
+    for step, messages in {
+        "prepare": ["prepare line 1", "prepare line 2"],
+        "left": ["left line 0", "left line 1", "left line 2"],
+        "right": ["right print 0", "right print 1", "right print 2"],
+    }.items():
+        for message in messages:
+            assert any(
+                f"[{step}] {message}" in line and "INFO" in line for line in stdout.splitlines()
+            ), message
+    assert "[flow] flow says hello" in stdout
+    assert "right failed" in stdout and "ValueError: right exploded" in stdout
+    assert "run failed" in stdout
+    # The final view: steps grouped by layer (inferred: prepare, then left/right), the progress.
+    view = stdout[stdout.rindex("spine-four-steps") :]
+    rows = [line.split() for line in view.splitlines()]
+    step_rows = {
+        r[2] if r[0].isdigit() else r[1]: r
+        for r in rows
+        if len(r) >= 3 and any(s in r for s in ("prepare", "left", "right"))
+    }
+    assert step_rows["prepare"][0] == "0" and step_rows["prepare"][-2] == "completed"
+    assert step_rows["left"][-2] == "completed" and step_rows["right"][-2] == "failed"
+    assert step_rows["left"][0] == "1"  # left and right share layer 1
+    assert "3/3 steps finished" in view
+    assert "layer" in view and "status" in view
+
+
+class CuttingProxy:
+    """A TCP proxy on 127.0.0.1 that can cut every open connection at once (no close frame)."""
+
+    def __init__(self, target_port: int) -> None:
+        self.target_port = target_port
+        self.connections = 0
+        self._writers: set[asyncio.StreamWriter] = set()
+        self._loop = asyncio.new_event_loop()
+        self._server: asyncio.Server | None = None
+        self.port = 0
+        self._thread = threading.Thread(target=self._loop.run_forever, daemon=True)
+
+    def __enter__(self) -> CuttingProxy:
+        self._thread.start()
+        self._server = asyncio.run_coroutine_threadsafe(
+            asyncio.start_server(self._handle, "127.0.0.1", 0), self._loop
+        ).result(5)
+        self.port = self._server.sockets[0].getsockname()[1]
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        async def stop() -> None:
+            assert self._server is not None
+            self._server.close()
+            self._abort_all()
+
+        asyncio.run_coroutine_threadsafe(stop(), self._loop).result(5)
+        self._loop.call_soon_threadsafe(self._loop.stop)
+        self._thread.join(5)
+
+    def cut(self) -> None:
+        self._loop.call_soon_threadsafe(self._abort_all)
+
+    def _abort_all(self) -> None:
+        for writer in list(self._writers):
+            writer.transport.abort()
+        self._writers.clear()
+
+    async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.connections += 1
+        up_reader, up_writer = await asyncio.open_connection("127.0.0.1", self.target_port)
+        self._writers.update({writer, up_writer})
+
+        async def pipe(src: asyncio.StreamReader, dst: asyncio.StreamWriter) -> None:
+            try:
+                while data := await src.read(65536):
+                    dst.write(data)
+                    await dst.drain()
+            except (ConnectionError, OSError):
+                pass
+            finally:
+                dst.transport.abort()
+
+        await asyncio.gather(pipe(reader, up_writer), pipe(up_reader, writer))
+
+
+def test_forced_disconnect_mid_run_resumes_without_loss_or_repeat(
+    prefect_api: str, settings: Settings
+) -> None:
+    run_id = create_flow_run(four_steps, {"fail": False})
+
+    async def scenario(base_url: str, proxy: CuttingProxy) -> tuple[list[str], int, str, int]:
+        recorder = StreamRecorder(base_url + stream_path(run_id))
+        recording = asyncio.create_task(recorder.run())
+        await recorder.connected.wait()
+        tail = await _start_tail(run_id, "--url", f"ws://127.0.0.1:{proxy.port}", "--json")
+        flow = asyncio.create_task(
+            run_flow_in_subprocess(
+                "sample_flows:four_steps", run_id, {"fail": False}, env=_publisher_env(settings)
+            )
+        )
+        assert tail.stdout is not None and tail.stderr is not None
+        lines: list[str] = []
+        cut_at = 0
+        async with asyncio.timeout(TAIL_TIMEOUT):
+            while raw := await tail.stdout.readline():
+                lines.append(raw.decode().rstrip("\n"))
+                if not cut_at and json.loads(lines[-1])["type"] == "step_start":
+                    cut_at = len(lines)
+                    proxy.cut()  # mid-run: the steps are still running
+            await tail.wait()
+        stderr = (await tail.stderr.read()).decode()
+        await flow
+        await recording
+        assert tail.returncode == 0, stderr
+        assert cut_at, "the tail never saw a step start"
+        assert len(lines) > cut_at, "the cut was not mid-run"
+        assert recorder.close_code == 1000
+        assert lines == _events(recorder.frames)
+        return lines, cut_at, stderr, proxy.connections
+
+    with serve_in_thread(settings) as base_url:
+        port = int(base_url.rsplit(":", 1)[1])
+        with CuttingProxy(port) as proxy:
+            lines, cut_at, stderr, connections = asyncio.run(scenario(base_url, proxy))
+
+    events = [json.loads(line) for line in lines]
+    assert_run_sequence(events, FOUR_STEPS_LOGS)  # seq 1..N, nothing lost, nothing twice
+    log_lines = sum(len(v) for v in FOUR_STEPS_LOGS.values())
+    assert len(lines) == 1 + 4 + 4 + log_lines + 1 == 20  # start, 4 steps x2, 10 logs, complete
+    assert connections >= 2, "tail must have reconnected"
+    assert "stream interrupted (1006" in stderr and "reconnecting" in stderr
+    assert cut_at < len(lines)
+
+
+# -- a server that requires tokens -------------------------------------------------------
+def test_token_is_sent_and_refusals_exit_3_with_a_clear_reason(
+    prefect_api: str, redis_url: str, redis_prefix: str
+) -> None:
+    secret = "tail-test-" + uuid.uuid4().hex
+    settings = Settings(broadcast_url=redis_url, redis_prefix=redis_prefix, token_secret=secret)
+    run_id = create_flow_run(four_steps, {"fail": False})
+    good = mint_token(run_id, secret=secret, ttl=300)
+    other = mint_token(str(uuid.uuid4()), secret=secret, ttl=300)
+
+    async def scenario(base_url: str) -> None:
+        # Refused: no token, a token for another run, a forged token.
+        for extra, reason in (
+            ([], "access refused"),
+            (["--token", other], "access refused"),
+            (["--token", good[:-4] + "AAAA"], "access refused"),
+        ):
+            tail = await _start_tail(run_id, "--url", base_url, "--json", *extra)
+            stdout, stderr = await asyncio.wait_for(tail.communicate(), 30)
+            assert tail.returncode == 3, stderr
+            assert stdout == b""
+            assert reason in stderr.decode() and "HTTP 40" in stderr.decode()
+        # Accepted: the run's own token, from the environment as a script would pass it.
+        tail = await asyncio.create_subprocess_exec(
+            PREFECT_WS,
+            "tail",
+            run_id,
+            "--url",
+            base_url,
+            "--json",
+            env={**os.environ, "PREFECT_WS_TOKEN": good},
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.PIPE,
+        )
+        await run_flow_in_subprocess(
+            "sample_flows:four_steps", run_id, {"fail": False}, env=_publisher_env(settings)
+        )
+        stdout, stderr = await asyncio.wait_for(tail.communicate(), TAIL_TIMEOUT)
+        assert tail.returncode == 0, stderr
+        events = [json.loads(line) for line in stdout.decode().splitlines()]
+        assert_run_sequence(events, FOUR_STEPS_LOGS)
+        assert good not in stderr.decode()
+
+    with serve_in_thread(settings) as base_url:
+        asyncio.run(scenario(base_url))
+
+
+def test_filters_go_to_the_server_and_run_complete_still_ends_the_tail(
+    prefect_api: str, settings: Settings
+) -> None:
+    """``--types step_log --level WARNING``: only warnings, plus the outcome for the exit code."""
+    run_id = create_flow_run(four_steps, {"fail": False})
+    with serve_in_thread(settings) as base_url:
+        code, stdout, stderr, recorder = asyncio.run(
+            _tail_run(
+                base_url,
+                run_id,
+                settings,
+                False,
+                "--json",
+                "--types",
+                "step_log",
+                "--level",
+                "warning",
+            )
+        )
+    assert code == 0, stderr
+    events = [json.loads(line) for line in stdout.splitlines()]
+    everything = [json.loads(f) for f in _events(recorder.frames)]
+    expected = [
+        e
+        for e in everything
+        if e["type"] == "run_complete"
+        or (e["type"] == "step_log" and e["payload"]["level"] in ("WARNING", "ERROR"))
+    ]
+    assert events == expected
+    assert [e["payload"].get("message") for e in events] == ["finish warning: 33", None]
+
+
+# -- bad input: every argument checked before any connection -------------------------------
+GOOD_ID = "7d0b1f5e-7c2c-4c39-9b0c-6c7f8f1f0a11"
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["not-a-uuid"], "invalid RUN_ID 'not-a-uuid': expected a flow run UUID"),
+        (["' OR 1=1 --"], "expected a flow run UUID"),
+        (["a" * 5000], "expected a flow run UUID"),
+        ([GOOD_ID, "--url", "ftp://host"], "expected ws://host:port or wss://host"),
+        ([GOOD_ID, "--url", "ws://"], "no host"),
+        ([GOOD_ID, "--url", "ws://host:99999"], "invalid --url"),
+        ([GOOD_ID, "--url", "ws://host:8000/?since=3"], "no query, fragment or credentials"),
+        ([GOOD_ID, "--url", "ws://user:pw@host"], "no query, fragment or credentials"),
+        ([GOOD_ID, "--url", "ws://host\r\nX-Evil: 1"], "invalid --url"),
+        ([GOOD_ID, "--since", "-1"], "invalid --since -1"),
+        ([GOOD_ID, "--since", "99999999999999999999"], "invalid --since"),
+        ([GOOD_ID, "--types", "step_log,nope"], "invalid --types value 'nope'"),
+        ([GOOD_ID, "--level", "LOUD"], "invalid --level 'LOUD'"),
+        ([GOOD_ID, "--token", "two words"], "invalid --token"),
+        ([GOOD_ID, "--step", "bad\nstep"], "invalid --step"),
+    ],
+)
+def test_bad_arguments_exit_2_with_a_clear_message(args: list[str], message: str) -> None:
+    result = CliRunner().invoke(app, ["tail", *args])
+    assert result.exit_code == 2, result.output
+    assert message in result.output
+    assert "Traceback" not in result.output
+
+
+def test_unreachable_server_fails_fast_with_exit_3() -> None:
+    from conftest import free_port
+
+    result = CliRunner().invoke(
+        app, ["tail", GOOD_ID, "--url", f"ws://127.0.0.1:{free_port()}", "--json"]
+    )
+    assert result.exit_code == 3
+    assert "gave up after 2 reconnects" in result.output
+
+
+@pytest.fixture(autouse=True)
+def _no_token_from_the_environment(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+    monkeypatch.delenv("PREFECT_WS_TOKEN", raising=False)
+    monkeypatch.delenv("PREFECT_WS_URL", raising=False)
+    yield
