@@ -369,7 +369,9 @@ def test_python_step_timeouts(hub: str) -> None:
     assert time.monotonic() - began < 8
     completes = {s: e["payload"] for s, e in by_step(client.events, "step_complete").items()}
     assert completes["async_slow"]["status"] == "failed"
-    assert completes["async_slow"]["error"].startswith("TaskRunTimeoutError")
+    # ours ("TimeoutError: timed out after 0.5s; cancelled") or Prefect's, whichever fires first
+    assert "TimeoutError" in completes["async_slow"]["error"]
+    assert "0.5" in completes["async_slow"]["error"]
     assert completes["async_slow"]["duration"] < 1.5
     assert completes["sync_slow"]["status"] == "failed"
     assert completes["sync_slow"]["error"].startswith("TaskRunTimeoutError")
