@@ -56,6 +56,8 @@ from prefect_ws.settings import Settings
 
 RUN_PATH: Final = re.compile(r"^/api/v2/workflows/runs/(?P<run>[^/]*)(?P<rest>/.*)?$")
 SSE_SUFFIX: Final = "/events/stream"
+MAX_HEADER_BYTES: Final = 16_384  # uvicorn's h11 has no limit on complete header blocks
+_CONTROL: Final = re.compile(r"[\x00-\x1f\x7f]")
 
 
 _DENIED: ContextVar[bool] = ContextVar("prefect_ws_denied", default=False)
@@ -196,6 +198,11 @@ class Guard:
         ip = scope["client"][0] if scope.get("client") else "-"
         principal: Principal | None = None
         try:
+            if sum(len(k) + len(v) for k, v in scope.get("headers", [])) > MAX_HEADER_BYTES:
+                raise Refusal(431, "request headers too large", "headers_too_large")
+            if _CONTROL.search(path):
+                # Decoded %0d%0a and friends: no route has them, and no log line should either.
+                raise Refusal(400, "invalid characters in the request path", "invalid_path")
             if kind == "websocket" or path.startswith("/api/"):
                 self._check_rate(ip)
                 self._check_origin(headers)
