@@ -171,3 +171,31 @@ def test_deployable_flow_runs_like_a_worker_runs_it(redis_hub: tuple[str, dict[s
         finished = client.read_flow_run(flow_run.id)
     assert finished.state.type.value == "COMPLETED"
     assert finished.name == start["flowRunName"]
+
+
+def test_demo_runs_the_packaged_diamond_through_the_runner(prefect_api: str) -> None:
+    """From /, so only what the package ships is available (as after a plain pip install)."""
+    done = subprocess.run(
+        [*CLI, "demo"],
+        cwd="/",
+        capture_output=True,
+        text=True,
+        timeout=90,
+        env={**os.environ, "NO_COLOR": "1", "COLUMNS": "200"},
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    out = done.stdout
+    for fragment in (
+        "run started prefect-ws-demo",
+        "layers: [['extract'], ['transform_sum', 'transform_max'], ['load']]",
+        "[extract] connecting to the source",
+        "[transform_sum] summed part 3 of 3",
+        "[transform_max] largest value is 100",
+        "WARNING [transform_max] outlier above 90 found; keeping it",
+        "load completed",
+        "run completed",
+        "steps: 4 completed",
+        "Replay it any time",
+    ):
+        assert fragment in out, (fragment, out)
+    assert out.index("run id:") < out.index("extract started") < out.index("load completed")
