@@ -17,7 +17,7 @@ from collections import deque
 from collections.abc import AsyncIterator
 from typing import Final
 
-from prefect_ws import closecodes
+from prefect_ws import closecodes, metrics
 from prefect_ws.events import Frame, frame_from_text, frames_from_message
 from prefect_ws.transport import RESYNC, Transport
 
@@ -143,6 +143,7 @@ class RunChannel:
                     except ValueError:
                         logger.warning("Ignoring a malformed message on run %s", self.run_id)
                         continue
+                    metrics.received(len(frames))
                     for subscription in self.subscriptions:
                         subscription.offer(frames)
         except asyncio.CancelledError:
@@ -225,11 +226,14 @@ class Hub:
                     continue  # already delivered from history
                 if item.seq == subscription.last_seq + 1:
                     subscription.advance(item)
+                    metrics.delivered_live(item)
                     yield item
                     continue
             # A resync marker, or a gap in live seq: history has everything up to the newest.
+            metrics.replay_started()
             async for frame in self.catch_up(subscription, initial=initial):
                 subscription.advance(frame)
+                metrics.delivered_replay(frame)
                 yield frame
                 if subscription.finished:
                     return
