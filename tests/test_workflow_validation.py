@@ -136,7 +136,7 @@ def test_duplicate_ids(folder: Path) -> None:
 
 @pytest.mark.parametrize(
     "bad_id",
-    ["my step", "a;rm -rf /", "$(whoami)", "a|b", "../etc", "", "9lives", "x" * 65, "é"],
+    ["my step", "a;rm -rf /", "$(whoami)", "a|b", "../etc", "", "9lives", "x" * 65, "é", "a\n"],
 )
 def test_malformed_step_ids(folder: Path, bad_id: str) -> None:
     path = _write(

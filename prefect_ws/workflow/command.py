@@ -80,7 +80,11 @@ def run_command(
                 )
                 watcher.start()
 
-        result = run_workflow(path, overrides, on_start=announce)
+        try:
+            result = run_workflow(path, overrides, on_start=announce)
+        except Exception as exc:  # e.g. the Prefect API is unreachable: one line, no traceback
+            _error(f"could not run {path}: {type(exc).__name__}: {str(exc)[:500]}")
+            return EXIT_FAILED
         if watcher is not None:
             watcher.join(timeout=30)
     if result.ok:

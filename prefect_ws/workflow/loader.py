@@ -313,7 +313,7 @@ def parse_param_assignments(assignments: list[str], workflow: Workflow) -> dict[
         if not sep or not name:
             problems.append(f"invalid --param {item[:80]!r}: expected key=value")
             continue
-        if not PARAMETER_PATTERN.match(name):
+        if not PARAMETER_PATTERN.fullmatch(name):
             problems.append(f"invalid --param name {name[:80]!r}: expected a Python identifier")
             continue
         if name not in workflow.parameters:

@@ -24,7 +24,7 @@ MAX_STEPS: Final = 2000
 
 def check_id(value: str, what: str = "id") -> str:
     """Ids end up in URLs, log lines, task run names and shell environments: keep them plain."""
-    if not ID_PATTERN.match(value):
+    if not ID_PATTERN.fullmatch(value):
         raise ValueError(f"invalid {what} {value!r}: {ID_RULE}")
     return value
 
@@ -66,7 +66,7 @@ class Step(BaseModel):
     @field_validator("run")
     @classmethod
     def _run(cls, value: str | None) -> str | None:
-        if value is not None and not TARGET_PATTERN.match(value):
+        if value is not None and not TARGET_PATTERN.fullmatch(value):
             raise ValueError(f"invalid run target {value!r}: expected 'package.module:function'")
         return value
 
@@ -74,7 +74,7 @@ class Step(BaseModel):
     @classmethod
     def _params(cls, value: dict[str, Any]) -> dict[str, Any]:
         for key in value:
-            if not PARAMETER_PATTERN.match(key):
+            if not PARAMETER_PATTERN.fullmatch(key):
                 raise ValueError(f"invalid param name {key!r}: expected a Python identifier")
         return value
 
@@ -109,7 +109,7 @@ class Workflow(BaseModel):
     @classmethod
     def _parameters(cls, value: dict[str, Any]) -> dict[str, Any]:
         for key in value:
-            if not PARAMETER_PATTERN.match(key):
+            if not PARAMETER_PATTERN.fullmatch(key):
                 raise ValueError(f"invalid parameter name {key!r}: expected a Python identifier")
         return value
 
