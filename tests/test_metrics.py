@@ -1,0 +1,144 @@
+"""Metrics after scripted traffic: each counter moves by exactly what the script did."""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+
+import httpx
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+from test_hostile import ADMIN, KEYS, read_stream, refusal, stream_url
+from websockets.asyncio.client import connect
+
+from prefect_ws.publisher import Publisher
+from prefect_ws.server import serve_in_thread
+from prefect_ws.settings import Settings
+
+pytestmark = pytest.mark.anyio
+
+Samples = dict[tuple[str, tuple[tuple[str, str], ...]], float]
+
+
+async def scrape(http: str, headers: dict[str, str] | None = None) -> Samples:
+    async with httpx.AsyncClient(base_url=http) as client:
+        response = await client.get("/metrics", headers=headers or ADMIN)
+    assert response.status_code == 200
+    assert response.headers["content-type"].startswith("text/plain; version=0.0.4")
+    samples: Samples = {}
+    for family in text_string_to_metric_families(response.text):
+        for sample in family.samples:
+            samples[(sample.name, tuple(sorted(sample.labels.items())))] = sample.value
+    return samples
+
+
+def delta(after: Samples, before: Samples, name: str, **labels: str) -> float:
+    key = (name, tuple(sorted(labels.items())))
+    return after.get(key, 0.0) - before.get(key, 0.0)
+
+
+def emit_run(publisher: Publisher, run_id: str, logs: int) -> None:
+    publisher.emit(
+        run_id,
+        "run_start",
+        {
+            "flowName": "m",
+            "flowRunId": run_id,
+            "flowRunName": "m",
+            "parameters": {},
+            "layers": None,
+        },
+    )
+    for i in range(logs):
+        publisher.emit(
+            run_id,
+            "step_log",
+            {
+                "stepId": None,
+                "taskRunId": None,
+                "level": "INFO",
+                "message": f"line {i}",
+                "logger": "prefect.flow_runs",
+            },
+        )
+    publisher.emit(
+        run_id,
+        "run_complete",
+        {
+            "status": "completed",
+            "duration": 0.1,
+            "steps": {"completed": 0, "failed": 0, "skipped": 0, "cancelled": 0},
+            "failedSteps": [],
+            "error": None,
+        },
+    )
+
+
+async def test_metrics_follow_scripted_traffic() -> None:
+    settings = Settings(broadcast_url="memory://", api_keys=KEYS, max_connections_per_ip=3)
+    publisher = Publisher(settings)
+    finished = str(uuid.uuid4())
+    emit_run(publisher, finished, logs=3)  # 5 events in history
+    assert publisher.flush(10)
+    with serve_in_thread(settings) as base:
+        http = base.replace("ws://", "http://", 1)
+        before = await scrape(http)
+
+        # Two late joiners replay the finished run; one is refused for lack of credentials.
+        for _ in range(2):
+            stream = await read_stream(stream_url(base, finished), additional_headers=ADMIN)
+            assert stream.code == 1000 and len(stream.events) == 5
+        assert (await refusal(stream_url(base, finished)))[0] == 401
+
+        # One client watches a live run of 12 events.
+        live = str(uuid.uuid4())
+        async with connect(stream_url(base, live), additional_headers=ADMIN, proxy=None) as ws:
+            await asyncio.sleep(0.2)  # subscribed
+            during = await scrape(http)
+            held = [
+                await connect(stream_url(base, live), additional_headers=ADMIN, proxy=None)
+                for _ in range(2)
+            ]
+            assert (await refusal(stream_url(base, live), additional_headers=ADMIN))[0] == 429
+            await asyncio.sleep(0.2)  # all three subscribed and caught up
+            emit_run(publisher, live, logs=10)
+            assert publisher.flush(10)
+            received = [message async for message in ws]
+            for other in held:
+                assert len([message async for message in other]) == 12
+        publisher.close()
+        assert len(received) == 12 and ws.close_code == 1000
+        await asyncio.sleep(0.2)
+        after = await scrape(http)
+
+    assert during[("prefect_ws_runs_active", ())] == 1
+    assert during[("prefect_ws_clients_lagging", ())] == 0
+    assert delta(during, before, "prefect_ws_connections_open", transport="ws") == 1
+    assert delta(after, before, "prefect_ws_connections_open", transport="ws") == 0
+    assert after[("prefect_ws_runs_active", ())] == 0
+    assert delta(after, before, "prefect_ws_connections_total", transport="ws") == 5
+    assert delta(after, before, "prefect_ws_refusals_total", reason="auth_missing") == 1
+    assert delta(after, before, "prefect_ws_refusals_total", reason="max_connections_per_ip") == 1
+    assert delta(after, before, "prefect_ws_closes_total", code="1000") == 5
+    assert delta(after, before, "prefect_ws_events_delivered_total", path="replay") == 10
+    assert delta(after, before, "prefect_ws_events_delivered_total", path="live") == 12 * 3
+    assert delta(after, before, "prefect_ws_events_received_total") == 12
+    assert delta(after, before, "prefect_ws_replays_total") >= 2
+    observed = delta(after, before, "prefect_ws_delivery_latency_seconds_count")
+    assert observed == 12 * 3
+    assert delta(after, before, "prefect_ws_delivery_latency_seconds_bucket", le="1.0") == observed
+    assert after[("prefect_ws_backend_reconnects_total", ())] == 0
+    assert not any(
+        "run" in dict(labels) or any(finished in v or live in v for _, v in labels)
+        for _, labels in after
+    ), "no per-run label"
+
+
+async def test_metrics_need_an_admin_credential_when_auth_is_on() -> None:
+    settings = Settings(broadcast_url="memory://", api_keys=KEYS)
+    with serve_in_thread(settings) as base:
+        async with httpx.AsyncClient(base_url=base.replace("ws://", "http://", 1)) as client:
+            anonymous = await client.get("/metrics")
+            health = await client.get("/healthz")
+    assert (anonymous.status_code, anonymous.json()["error"]) == (401, "missing credentials")
+    assert health.status_code == 200  # liveness stays public
