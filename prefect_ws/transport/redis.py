@@ -17,10 +17,12 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from typing import Any, Final
+from collections.abc import Awaitable, Callable
+from typing import Any, Final, TypeVar
 
 import redis.asyncio as aioredis
 from broadcaster import Event
+from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError
 
 from prefect_ws.events import Draft
@@ -54,6 +56,7 @@ return last
 """
 
 _NETWORK_ERRORS = (RedisError, OSError, asyncio.TimeoutError)
+T = TypeVar("T")
 
 
 class RedisBackend(StreamBackend):
@@ -73,9 +76,10 @@ class RedisBackend(StreamBackend):
         self._maxlen = history_maxlen
         self._ttl = history_ttl_seconds
         self._reconnect_max_delay = reconnect_max_delay
-        self._redis = aioredis.Redis.from_url(
-            url, socket_connect_timeout=2.0, socket_timeout=5.0, health_check_interval=10
-        )
+        options: dict[str, Any] = {"socket_connect_timeout": 2.0, "health_check_interval": 10}
+        self._redis = aioredis.Redis.from_url(url, socket_timeout=5.0, **options)
+        # Pub/sub gets a pool of its own: resetting the command pool must not cut the listener.
+        self._pubsub_redis = aioredis.Redis.from_url(url, **options)
         self._script = self._redis.register_script(PUBLISH_SCRIPT)
         self._channels: set[str] = set()
         self._pubsub: Any = None
@@ -105,6 +109,7 @@ class RedisBackend(StreamBackend):
             self._listener = None
         await self._close_pubsub()
         await self._redis.aclose()
+        await self._pubsub_redis.aclose()
 
     async def subscribe(self, channel: str) -> None:
         self._channels.add(channel)
@@ -135,14 +140,17 @@ class RedisBackend(StreamBackend):
         for draft in drafts:
             args.append(draft.head)
             args.append(draft.tail)
-        await self._script(keys=[*self._keys(channel), self._recent_key], args=args)
+        keys = [*self._keys(channel), self._recent_key]
+        await self._once_more_on_stale_connection(lambda: self._script(keys=keys, args=args))
 
     async def next_published(self) -> Event:
         return await self._queue.get()
 
     async def history(self, run_id: str, after: int, limit: int) -> list[str]:
         _, stream = self._keys(run_id)
-        entries = await self._redis.xrange(stream, min=f"{after + 1}-0", max="+", count=limit)
+        entries = await self._once_more_on_stale_connection(
+            lambda: self._redis.xrange(stream, min=f"{after + 1}-0", max="+", count=limit)
+        )
         return [fields[b"d"].decode("utf-8", "replace") for _, fields in entries]
 
     async def ping(self) -> None:
@@ -163,6 +171,14 @@ class RedisBackend(StreamBackend):
             RecentRun(channel[len(self._prefix) + 2 : -1], float(score), int(head or 0))
             for channel, (_, score), head in zip(channels, members, heads, strict=True)
         ]
+
+    async def _once_more_on_stale_connection(self, command: Callable[[], Awaitable[T]]) -> T:
+        """Run a command; after a Redis restart the pooled connections are dead: retry once."""
+        try:
+            return await command()
+        except (ConnectionError, RedisConnectionError):
+            await self._redis.connection_pool.disconnect(inuse_connections=True)
+            return await command()
 
     async def _close_pubsub(self) -> None:
         pubsub, self._pubsub = self._pubsub, None
@@ -185,7 +201,7 @@ class RedisBackend(StreamBackend):
                 if not self._channels:
                     self._has_channels.clear()
                     continue
-                self._pubsub = self._redis.pubsub()
+                self._pubsub = self._pubsub_redis.pubsub()
                 await self._pubsub.subscribe(*(self.channel_name(c) for c in self._channels))
                 while True:
                     if not self._channels:

@@ -1,0 +1,192 @@
+"""Transport: our Redis backend on redis-py 8 (broadcaster's own loses every message there),
+atomic per-run seq, capped history, resubscription after a Redis restart; the memory backend."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import threading
+
+import pytest
+import redis as redis_sync
+
+from prefect_ws.events import encode, frames_from_message
+from prefect_ws.settings import Settings
+from prefect_ws.transport import RESYNC, MemoryBackend, RedisBackend, create_transport
+
+RUN = "2b6f0a64-3b0c-4c39-9b39-0d1f7c1f5e11"
+
+
+def drafts(n: int, start: int = 0, run_id: str = RUN) -> list:
+    return [encode(run_id, "step_log", {"stepId": None, "message": f"line {start + i}"}) for i in range(n)]
+
+
+async def next_frames(subscriber, timeout: float = 5.0) -> list:
+    while True:
+        event = await asyncio.wait_for(subscriber.get(), timeout)
+        if event.message != RESYNC:
+            return frames_from_message(event.message)
+
+
+def test_redis_py_8_delivers_through_broadcaster(redis_url: str, redis_prefix: str) -> None:
+    """Regression: stock broadcaster 0.3.1 + redis-py 8 delivers 0 of N messages."""
+    assert int(redis_sync.__version__.split(".")[0]) >= 8
+
+    async def scenario() -> list:
+        transport = create_transport(Settings(broadcast_url=redis_url, redis_prefix=redis_prefix))
+        await transport.broadcast.connect()
+        try:
+            async with transport.broadcast.subscribe(RUN) as subscriber:
+                first = await asyncio.wait_for(subscriber.get(), 5)
+                assert first.message == RESYNC  # subscribed: history and live now meet
+                for i in range(5):
+                    await transport.broadcast.publish(RUN, drafts(1, start=i))
+                return [f for _ in range(5) for f in await next_frames(subscriber)]
+        finally:
+            await transport.broadcast.disconnect()
+
+    frames = asyncio.run(scenario())
+    assert [f.seq for f in frames] == [1, 2, 3, 4, 5]
+    assert [json.loads(f.data)["payload"]["message"] for f in frames] == [f"line {i}" for i in range(5)]
+
+
+def test_seq_is_atomic_across_concurrent_publishers(redis_url: str, redis_prefix: str) -> None:
+    """Five publishers with their own connections, 200 events each: one order, no gap, no duplicate."""
+
+    async def publisher(index: int) -> None:
+        backend = RedisBackend(redis_url, prefix=redis_prefix)
+        await backend.connect()
+        try:
+            for batch in range(20):
+                await backend.publish(RUN, drafts(10, start=index * 1000 + batch * 10))
+        finally:
+            await backend.disconnect()
+
+    async def scenario() -> list[str]:
+        await asyncio.gather(*(publisher(i) for i in range(5)))
+        reader = RedisBackend(redis_url, prefix=redis_prefix)
+        await reader.connect()
+        try:
+            return await reader.history(RUN, 0, 10_000)
+        finally:
+            await reader.disconnect()
+
+    texts = asyncio.run(scenario())
+    events = [json.loads(t) for t in texts]
+    assert [e["seq"] for e in events] == list(range(1, 1001))
+    messages = [e["payload"]["message"] for e in events]
+    assert len(set(messages)) == 1000
+    for index in range(5):  # each publisher's own order is kept
+        mine = [m for m in messages if int(m.split()[1]) // 1000 == index]
+        assert mine == sorted(mine, key=lambda m: int(m.split()[1]))
+
+
+def test_history_is_capped_and_expires(redis_url: str, redis_prefix: str) -> None:
+    async def scenario() -> tuple[list[str], list[str]]:
+        backend = RedisBackend(redis_url, prefix=redis_prefix, history_maxlen=100, history_ttl_seconds=60)
+        await backend.connect()
+        try:
+            for i in range(10):
+                await backend.publish(RUN, drafts(100, start=i * 100))
+            return await backend.history(RUN, 0, 5000), await backend.history(RUN, 995, 10)
+        finally:
+            await backend.disconnect()
+
+    everything, tail = asyncio.run(scenario())
+    seqs = [json.loads(t)["seq"] for t in everything]
+    assert 100 <= len(seqs) < 300  # MAXLEN ~ trims whole nodes, approximately
+    assert seqs == list(range(seqs[0], 1001))
+    assert [json.loads(t)["seq"] for t in tail] == [996, 997, 998, 999, 1000]
+    client = redis_sync.Redis.from_url(redis_url)
+    for key in (f"{redis_prefix}:{{{RUN}}}:seq", f"{redis_prefix}:{{{RUN}}}:events"):
+        assert 0 < client.ttl(key) <= 60
+    client.close()
+
+
+def test_redis_restart_resubscribes_and_signals_resync(redis_server) -> None:
+    """After Redis dies and comes back, the listener resubscribes and says RESYNC; live resumes."""
+
+    async def scenario() -> list[int]:
+        transport = create_transport(Settings(broadcast_url=redis_server.url))
+        await transport.broadcast.connect()
+        try:
+            async with transport.broadcast.subscribe(RUN) as subscriber:
+                assert (await asyncio.wait_for(subscriber.get(), 5)).message == RESYNC
+                await transport.broadcast.publish(RUN, drafts(1))
+                before = await next_frames(subscriber)
+                await asyncio.to_thread(redis_server.kill)
+                await asyncio.sleep(0.5)
+                await asyncio.to_thread(redis_server.start)
+                resync = await asyncio.wait_for(subscriber.get(), 15)
+                assert resync.message == RESYNC
+                await transport.broadcast.publish(RUN, drafts(1))
+                after = await next_frames(subscriber)
+                assert transport.backend.reconnects >= 1  # type: ignore[attr-defined]
+                return [f.seq for f in before + after]
+        finally:
+            await transport.broadcast.disconnect()
+
+    # The restarted Redis kept nothing (no persistence), so the run's seq starts again at 1.
+    assert asyncio.run(scenario()) == [1, 1]
+
+
+def test_a_non_utf8_payload_does_not_kill_the_listener(redis_url: str, redis_prefix: str) -> None:
+    async def scenario() -> list[int]:
+        backend = RedisBackend(redis_url, prefix=redis_prefix)
+        transport = create_transport(Settings(broadcast_url=redis_url, redis_prefix=redis_prefix))
+        await transport.broadcast.connect()
+        try:
+            async with transport.broadcast.subscribe(RUN) as subscriber:
+                await asyncio.wait_for(subscriber.get(), 5)
+                raw = redis_sync.Redis.from_url(redis_url)
+                raw.publish(backend.channel_name(RUN), b"\xff\xfe not json")
+                raw.close()
+                garbage = await asyncio.wait_for(subscriber.get(), 5)
+                assert garbage.message.startswith("\ufffd")
+                await transport.broadcast.publish(RUN, drafts(2))
+                return [f.seq for f in await next_frames(subscriber)]
+        finally:
+            await transport.broadcast.disconnect()
+
+    assert asyncio.run(scenario()) == [1, 2]
+
+
+def test_memory_backend_delivers_across_threads_with_history() -> None:
+    """The publisher thread and the server loop share one store per memory:// URL."""
+    url = "memory://test-threads"
+
+    async def scenario() -> tuple[list[int], list[int]]:
+        backend = MemoryBackend(url, history_maxlen=50)
+        transport = create_transport(Settings(broadcast_url=url))
+        subscriber_backend = transport.backend
+        await transport.broadcast.connect()
+        try:
+            async with transport.broadcast.subscribe(RUN) as subscriber:
+                assert (await subscriber.get()).message == RESYNC
+
+                def publish_from_thread() -> None:
+                    async def go() -> None:
+                        await backend.connect()
+                        for i in range(10):
+                            await backend.publish(RUN, drafts(10, start=i * 10))
+                    asyncio.run(go())
+
+                thread = threading.Thread(target=publish_from_thread)
+                thread.start()
+                live: list[int] = []
+                while len(live) < 100:
+                    live += [f.seq for f in await next_frames(subscriber)]
+                thread.join()
+            stored = [json.loads(t)["seq"] for t in await subscriber_backend.history(RUN, 0, 1000)]
+            return live, stored
+        finally:
+            await transport.broadcast.disconnect()
+
+    live, stored = asyncio.run(scenario())
+    assert live == list(range(1, 101))
+    assert stored == list(range(51, 101))  # capped at history_maxlen
+
+
+def test_settings_reject_unknown_schemes() -> None:
+    with pytest.raises(ValueError, match="unsupported broadcast URL"):
+        Settings(broadcast_url="kafka://localhost")
