@@ -62,6 +62,7 @@ const PrefectWs = (() => {
     if (!message) {
       box.hidden = true;
       box.textContent = "";
+      delete box.dataset.kind;
       return;
     }
     box.hidden = false;

@@ -3,7 +3,7 @@
 
 (() => {
   const { config, el, seconds, epoch, notice, connection } = PrefectWs;
-  const REFRESH_MS = 2000;
+  const REFRESH_MS = 1000;
   const UUID = /^[0-9a-f]{8}-?[0-9a-f]{4}-?[0-9a-f]{4}-?[0-9a-f]{4}-?[0-9a-f]{12}$/i;
 
   function row(run) {

@@ -259,6 +259,10 @@
       opened = true;
       failures = 0;
       connection("live", "live");
+      // Nothing replayed shortly after joining: the server has no events for this run id.
+      setTimeout(() => {
+        if (state.lastSeq === 0 && socket.readyState === WebSocket.OPEN) unknownRun();
+      }, 1500);
     };
     socket.onmessage = (message) => {
       let event;
@@ -273,7 +277,10 @@
       }
       if (event.seq <= state.lastSeq) return; // already applied before a reconnect
       state.lastSeq = event.seq;
-      if (document.getElementById("notice").dataset.kind === "waiting") notice(null);
+      if (document.getElementById("notice").dataset.kind === "waiting") {
+        notice(null);
+        connection("live", "live");
+      }
       apply(event);
     };
     socket.onclose = (close) => closed(close.code, close.reason || "", opened);
@@ -331,7 +338,8 @@
   function unknownRun() {
     notice(
       "waiting",
-      "Unknown run: the server has no events for run " + runId + " (yet). Waiting for it to start…",
+      "Unknown run: this server has no events for run " + runId +
+        ". The id may be wrong, or the run has not started yet: waiting for it…",
     );
     connection("waiting", "waiting for the run");
   }

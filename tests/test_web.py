@@ -1,0 +1,396 @@
+"""The web pages in a real headless Chromium (Debian's), driven by Playwright, against real runs.
+
+Workflows run in this process through the runner (``memory://``, like ``prefect-ws demo``), in a
+background thread; the browser is driven from the test thread. ``on_start`` holds the run until
+the page is open, so the page sees it live from its first event.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import threading
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+import yaml
+from helpers import stream_path
+from websockets.asyncio.client import connect
+
+from prefect_ws.server import serve_in_thread
+from prefect_ws.settings import Settings
+
+CHROMIUM = Path("/usr/bin/chromium")
+pytestmark = pytest.mark.skipif(
+    not CHROMIUM.exists(),
+    reason="Debian's chromium is not installed (apt-get install chromium; .ci/run does it)",
+)
+ROOT = Path(__file__).resolve().parent.parent
+EXAMPLES = ROOT / "examples"
+DEMO = ROOT / "prefect_ws" / "workflow" / "examples" / "diamond.yaml"  # what `prefect-ws demo` runs
+SCREENSHOT = ROOT / "docs" / "screenshot-run.png"
+CHROMIUM_ARGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--no-first-run",
+]
+WAIT_MS = 60_000
+
+
+@pytest.fixture(scope="module")
+def browser() -> Iterator[Any]:
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as playwright:
+        chromium = playwright.chromium.launch(
+            executable_path=str(CHROMIUM), args=CHROMIUM_ARGS, headless=True
+        )
+        yield chromium
+        chromium.close()
+
+
+@pytest.fixture
+def page(browser: Any) -> Iterator[Any]:
+    context = browser.new_context(viewport={"width": 1280, "height": 860})
+    page = context.new_page()
+    errors: list[str] = []
+    page.on("pageerror", lambda exc: errors.append(str(exc)))
+    page.on("dialog", lambda dialog: errors.append(f"dialog: {dialog.message}"))
+    page.errors = errors
+    yield page
+    context.close()
+    assert errors == [], f"JavaScript errors on the page: {errors}"
+
+
+@pytest.fixture
+def server(prefect_api: str) -> Iterator[str]:
+    """The app on memory://, in this process: the runner's publisher shares its store."""
+    with serve_in_thread(Settings(broadcast_url="memory://", log_level="WARNING")) as base_url:
+        yield base_url.replace("ws://", "http://")
+
+
+class Recorder:
+    """A reference WebSocket client in a thread: every event, to compare with the page."""
+
+    def __init__(self, url: str) -> None:
+        self.url = url
+        self.events: list[dict[str, Any]] = []
+        self.connected = threading.Event()
+        self.thread = threading.Thread(target=lambda: asyncio.run(self._run()), daemon=True)
+        self.thread.start()
+        assert self.connected.wait(10), "reference client did not connect"
+
+    async def _run(self) -> None:
+        async with asyncio.timeout(120), connect(self.url, compression=None) as websocket:
+            self.connected.set()
+            async for message in websocket:
+                event = json.loads(message)
+                if "seq" in event:
+                    self.events.append(event)
+
+    def join(self) -> list[dict[str, Any]]:
+        self.thread.join(60)
+        assert not self.thread.is_alive()
+        return self.events
+
+
+class BackgroundWorkflow:
+    """``run_workflow`` in a thread; the run waits in ``on_start`` until the test says go."""
+
+    def __init__(self, definition: Path | dict[str, Any], **options: Any) -> None:
+        self.run_id: str | None = None
+        self.started = threading.Event()
+        self.go = threading.Event()
+        self.result: Any = None
+        self.error: BaseException | None = None
+        self.thread = threading.Thread(
+            target=self._run, args=(definition,), kwargs=options, daemon=True
+        )
+        self.thread.start()
+        assert self.started.wait(60), "the workflow run was not created"
+
+    def _on_start(self, run_id: str, flow_run_name: str) -> None:
+        self.run_id = run_id
+        self.started.set()
+        self.go.wait(30)
+
+    def _run(self, definition: Path | dict[str, Any], **options: Any) -> None:
+        from prefect_ws.workflow import run_workflow
+
+        try:
+            self.result = run_workflow(definition, on_start=self._on_start, **options)
+        except BaseException as exc:
+            self.error = exc
+
+    def finish(self) -> Any:
+        self.go.set()
+        self.thread.join(90)
+        assert not self.thread.is_alive(), "workflow did not finish"
+        if self.error is not None:
+            raise self.error
+        return self.result
+
+
+def _steps(page: Any) -> dict[str, tuple[str, str, str]]:
+    """stepId -> (status, layer, duration text), as the DAG shows it."""
+    return page.evaluate(
+        """() => Object.fromEntries([...document.querySelectorAll('.step')].map(s => [
+            s.dataset.step,
+            [s.dataset.status, s.closest('.layer').dataset.layer,
+             s.querySelector('.step-duration').textContent]]))"""
+    )
+
+
+def _visible_logs(page: Any) -> list[tuple[str, str, str]]:
+    return [tuple(line) for line in _evaluate_logs(page)]  # type: ignore[misc]
+
+
+def _log_seqs(page: Any) -> list[int]:
+    return list(
+        page.evaluate("() => [...document.querySelectorAll('.log-line')].map(l => +l.dataset.seq)")
+    )
+
+
+def _evaluate_logs(page: Any) -> list[list[str]]:
+    return page.evaluate(
+        """() => [...document.querySelectorAll('.log-line')].filter(l => !l.hidden).map(l => [
+            l.querySelector('.log-level').textContent, l.querySelector('.log-step').textContent,
+            l.querySelector('.log-message').textContent])"""
+    )
+
+
+def test_run_page_shows_a_workflow_live_then_finished(server: str, page: Any) -> None:
+    workflow = BackgroundWorkflow(DEMO)
+    run_id = workflow.run_id
+    assert run_id
+    reference = Recorder(server.replace("http://", "ws://") + stream_path(run_id))
+    page.goto(f"{server}/runs/{run_id}")
+    page.wait_for_selector('#connection[data-state="live"]', timeout=WAIT_MS)
+    # Unknown to the server so far: the page says so, clearly, and keeps waiting.
+    page.wait_for_selector('#notice[data-kind="waiting"]', timeout=WAIT_MS)
+    assert "Unknown run" in page.inner_text("#notice")
+    workflow.go.set()
+
+    # Live: a step is seen running (spinner) before the run finishes.
+    page.wait_for_selector('.step[data-status="running"]', timeout=WAIT_MS)
+    assert page.get_attribute("#run-status", "data-status") == "running"
+    assert page.is_hidden("#notice")
+    result = workflow.finish()
+    assert result.status == "completed"
+    page.wait_for_selector('#run-status[data-status="completed"]', timeout=WAIT_MS)
+    events = reference.join()
+
+    steps = _steps(page)
+    assert {s: (st, layer) for s, (st, layer, _) in steps.items()} == {
+        "extract": ("completed", "0"),
+        "transform_sum": ("completed", "1"),
+        "transform_max": ("completed", "1"),
+        "load": ("completed", "2"),
+    }
+    assert all(duration.endswith("s") for _, _, duration in steps.values())
+    assert page.inner_text("#progress-text") == "4/4 steps finished"
+    assert page.inner_text("#flow-name") == "prefect-ws-demo"
+    assert page.inner_text("#run-duration").endswith("s")
+
+    # Every log line of the stream, in seq order, with its level and step.
+    stream_logs = [
+        (e["payload"]["level"], e["payload"]["stepId"] or "flow", e["payload"]["message"])
+        for e in events
+        if e["type"] == "step_log"
+    ]
+    assert len(stream_logs) >= 8
+    assert _visible_logs(page) == stream_logs
+    seqs = _log_seqs(page)
+    assert seqs == [e["seq"] for e in events if e["type"] == "step_log"]
+    assert page.inner_text("#last-seq") == str(events[-1]["seq"])
+    assert any(level == "WARNING" for level, _, _ in stream_logs)
+
+    # The finished run, as README shows it (before any filter is touched).
+    SCREENSHOT.parent.mkdir(exist_ok=True)
+    page.screenshot(path=str(SCREENSHOT), full_page=True)
+    assert SCREENSHOT.stat().st_size > 10_000
+
+    # Filters: level, step (select and clicking a step), text; clearing brings all back.
+    page.select_option("#level-filter", "WARNING")
+    assert _visible_logs(page) == [x for x in stream_logs if x[0] in ("WARNING", "ERROR")]
+    page.select_option("#level-filter", "DEBUG")
+    page.click('.step[data-step="transform_sum"]')
+    assert page.input_value("#step-filter") == "transform_sum"
+    assert _visible_logs(page) == [x for x in stream_logs if x[1] == "transform_sum"]
+    page.click('.step[data-step="transform_sum"]')  # toggles back to all steps
+    page.fill("#text-filter", "rows")
+    assert _visible_logs(page) == [x for x in stream_logs if "rows" in x[2].lower()]
+    page.fill("#text-filter", "")
+    assert _visible_logs(page) == stream_logs
+
+    # Auto-scroll kept the newest line in view.
+    at_bottom = page.evaluate(
+        "() => { const l = document.getElementById('logs');"
+        " return l.scrollHeight - l.scrollTop - l.clientHeight < 40; }"
+    )
+    assert at_bottom
+    # The Prefect UI link (PREFECT_UI_URL, derived by Prefect from PREFECT_API_URL here).
+    from prefect.settings import get_current_settings
+
+    ui = str(get_current_settings().ui_url).rstrip("/")
+    assert page.get_attribute("#prefect-link", "href") == f"{ui}/runs/flow-run/{run_id}"
+    assert page.is_visible("#prefect-link")
+    assert page.get_attribute("#connection", "data-state") == "done"
+
+
+def test_failing_workflow_shows_the_failed_and_skipped_steps(server: str, page: Any) -> None:
+    workflow = BackgroundWorkflow(EXAMPLES / "failing.yaml")
+    page.goto(f"{server}/runs/{workflow.run_id}")
+    page.wait_for_selector('#connection[data-state="live"]', timeout=WAIT_MS)
+    result = workflow.finish()
+    assert result.status == "failed"
+    page.wait_for_selector('#run-status[data-status="failed"]', timeout=WAIT_MS)
+    steps = _steps(page)
+    assert {s: (st, layer) for s, (st, layer, _) in steps.items()} == {
+        "extract": ("completed", "0"),
+        "validate": ("failed", "1"),
+        "archive": ("completed", "1"),
+        "report": ("skipped", "2"),
+        "publish": ("skipped", "3"),
+    }
+    error = page.inner_text('.step[data-step="validate"] .step-error')
+    assert error.startswith("ValueError:") and "above 50" in error
+    assert "validate" in page.inner_text("#run-error")
+    assert page.inner_text("#progress-text") == "5/5 steps finished"
+    assert ("INFO", "validate", "checked 20 rows against max_value=50") in _visible_logs(page)
+
+
+def test_reconnect_resumes_with_since_and_loses_nothing(server: str, page: Any) -> None:
+    from test_tail import CuttingProxy
+
+    port = int(server.rsplit(":", 1)[1])
+    workflow = BackgroundWorkflow(DEMO)
+    run_id = workflow.run_id
+    assert run_id
+    reference = Recorder(server.replace("http://", "ws://") + stream_path(run_id))
+    with CuttingProxy(port) as proxy:
+        page.goto(f"http://127.0.0.1:{proxy.port}/runs/{run_id}")
+        page.wait_for_selector('#connection[data-state="live"]', timeout=WAIT_MS)
+        workflow.go.set()
+        page.wait_for_selector('.step[data-status="running"]', timeout=WAIT_MS)
+        seen_before_cut = int(page.inner_text("#last-seq"))
+        proxy.cut()
+        page.wait_for_selector('#connection[data-state="reconnecting"]', timeout=WAIT_MS)
+        workflow.finish()
+        page.wait_for_selector('#run-status[data-status="completed"]', timeout=WAIT_MS)
+        connections = proxy.connections
+    events = reference.join()
+    assert 0 < seen_before_cut < events[-1]["seq"]
+    assert connections >= 2  # the page (and its static files) came back through the proxy
+    seqs = _log_seqs(page)
+    assert seqs == [e["seq"] for e in events if e["type"] == "step_log"]  # no gap, no repeat
+    assert page.inner_text("#last-seq") == str(events[-1]["seq"])
+    assert all(status == "completed" for status, _, _ in _steps(page).values())
+
+
+def test_index_lists_active_then_recent_runs_live(server: str, page: Any) -> None:
+    page.goto(f"{server}/")
+    page.wait_for_selector('#connection[data-state="live"]', timeout=WAIT_MS)
+    # The examples' diamond with 3 s transforms: long enough to be seen among the active runs.
+    definition = yaml.safe_load((EXAMPLES / "diamond.yaml").read_text())
+    for step in definition["steps"]:
+        if step["id"].startswith("transform_"):
+            step["params"] = {"seconds": 3.0}
+    workflow = BackgroundWorkflow(definition, base_dir=EXAMPLES)
+    run_id = workflow.run_id
+    workflow.go.set()
+    active = f'#active-runs tr[data-run="{run_id}"][data-status="running"]'
+    page.wait_for_selector(active, timeout=WAIT_MS)
+    assert "diamond-etl" in page.inner_text(active)
+    workflow.finish()
+    row = f'#recent-runs tr[data-run="{run_id}"][data-status="completed"]'
+    page.wait_for_selector(row, timeout=WAIT_MS)
+    assert page.locator(f'#active-runs tr[data-run="{run_id}"]').count() == 0
+    assert "diamond-etl" in page.inner_text(row)
+    # The row links to the run page, which replays the finished run.
+    page.click(f"{row} a")
+    page.wait_for_selector('#run-status[data-status="completed"]', timeout=WAIT_MS)
+    assert page.url.endswith(f"/runs/{run_id}")
+
+    listing = httpx.get(f"{server}/api/v2/workflows/runs", params={"limit": 5}).json()
+    mine = next(r for r in listing["runs"] if r["runId"] == run_id)
+    assert mine["status"] == "completed" and mine["flowName"] == "diamond-etl"
+    assert mine["seq"] >= 10 and mine["page"] == f"/runs/{run_id}"
+    for bad in ("0", "201", "-1", "abc", "1e3", "9" * 30):
+        answer = httpx.get(f"{server}/api/v2/workflows/runs", params={"limit": bad})
+        assert answer.status_code == 400 and "invalid limit" in answer.json()["error"]
+
+
+def test_unknown_and_malformed_run_ids_and_hostile_page_urls(server: str, page: Any) -> None:
+    unknown = str(uuid.uuid4())
+    page.goto(f"{server}/runs/{unknown}")
+    page.wait_for_selector('#notice[data-kind="waiting"]', timeout=WAIT_MS)
+    assert f"Unknown run: this server has no events for run {unknown}" in page.inner_text("#notice")
+    assert page.get_attribute("#connection", "data-state") == "waiting"
+
+    for raw in (
+        "not-a-run",
+        "<script>alert(1)</script>",
+        "1%27%22%3E%3Cimg%20src=x%20onerror=alert(1)%3E",
+        "a" * 300,
+        "..%2F..%2Fetc%2Fpasswd",
+    ):
+        response = page.goto(f"{server}/runs/{raw}")
+        assert response is not None and response.status == 400, raw
+        assert page.inner_text("h1") == "Invalid run id"
+        assert "expected a UUID" in page.inner_text("#error-message")
+        assert page.locator("img").count() == 0 and page.locator("body script").count() == 0
+    # Query values are data, not markup: nothing the URL carries is executed.
+    page.goto(f"{server}/runs/{unknown}?token=%3C/script%3E%3Cscript%3Ealert(1)%3C/script%3E")
+    page.wait_for_selector("#connection[data-state]", timeout=WAIT_MS)
+    assert page.inner_text("#run-id") == unknown
+
+
+def test_refused_access_is_explained(prefect_api: str, page: Any) -> None:
+    from prefect_ws.auth import mint_token
+
+    secret = "web-" + uuid.uuid4().hex
+    settings = Settings(broadcast_url="memory://", log_level="WARNING", token_secret=secret)
+    run_id = str(uuid.uuid4())
+    with serve_in_thread(settings) as base_url:
+        server = base_url.replace("ws://", "http://")
+        page.goto(f"{server}/runs/{run_id}")
+        page.wait_for_selector('#connection[data-state="refused"]', timeout=WAIT_MS)
+        assert "Access refused: this server needs a token" in page.inner_text("#notice")
+
+        other = mint_token(str(uuid.uuid4()), secret=secret, ttl=60)
+        page.goto(f"{server}/runs/{run_id}?token={other}")
+        page.wait_for_selector('#connection[data-state="refused"]', timeout=WAIT_MS)
+        assert "Access refused: token not valid for this run" in page.inner_text("#notice")
+
+        good = mint_token(run_id, secret=secret, ttl=60)
+        page.goto(f"{server}/runs/{run_id}?token={good}")
+        page.wait_for_selector('#notice[data-kind="waiting"]', timeout=WAIT_MS)  # let in
+        page.goto(f"{server}/")  # the index needs an admin token
+        page.wait_for_selector('#connection[data-state="refused"]', timeout=WAIT_MS)
+        assert "Access refused" in page.inner_text("#notice")
+        admin = mint_token("*", secret=secret, ttl=60)
+        page.goto(f"{server}/?token={admin}")
+        page.wait_for_selector('#connection[data-state="live"]', timeout=WAIT_MS)
+
+
+def test_pages_use_no_network_beyond_their_own_server(server: str, browser: Any) -> None:
+    """No CDN: every request a page makes goes to the server that served it."""
+    context = browser.new_context()
+    page = context.new_page()
+    hosts: set[str] = set()
+    page.on("request", lambda request: hosts.add(httpx.URL(request.url).host))
+    page.goto(f"{server}/runs/{uuid.uuid4()}")
+    page.wait_for_selector('#notice[data-kind="waiting"]', timeout=WAIT_MS)
+    page.goto(f"{server}/")
+    page.wait_for_selector('#connection[data-state="live"]', timeout=WAIT_MS)
+    context.close()
+    assert hosts == {"127.0.0.1"}
