@@ -4,54 +4,44 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
-import uuid
 from collections.abc import AsyncIterator
 from typing import Any
 
 from starlette.applications import Starlette
-from starlette.requests import Request
-from starlette.responses import JSONResponse
+from starlette.requests import HTTPConnection, Request
+from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route, WebSocketRoute
 from starlette.websockets import WebSocket, WebSocketDisconnect, WebSocketState
 
 from prefect_ws import closecodes
 from prefect_ws.auth import schedule_expiry
+from prefect_ws.events import frame_from_text
 from prefect_ws.guard import protect
-from prefect_ws.hub import Hub, StreamClosed, Subscription
+from prefect_ws.hub import Hub, StreamClosed
 from prefect_ws.pages import page_routes
 from prefect_ws.settings import Settings, get_settings
+from prefect_ws.sse import sse_body
+from prefect_ws.streaming import InvalidRequest, StreamRequest, open_stream, parse_seq
 from prefect_ws.transport import Transport, create_transport
 
 logger = logging.getLogger("prefect_ws.server")
 
 STREAM_PATH = "/api/v2/workflows/runs/{run_id:path}/stream"
-MAX_SINCE = 2**53  # JSON-safe; larger is certainly not a seq we issued
+EVENTS_PATH = "/api/v2/workflows/runs/{run_id:path}/events"
+SSE_PATH = "/api/v2/workflows/runs/{run_id:path}/events/stream"
 
 
-class InvalidRequest(ValueError):
-    """A client request that cannot be served as asked; the message says why."""
-
-
-def parse_run_id(raw: str) -> str:
-    """The canonical form of a run id (a Prefect flow run UUID), or :class:`InvalidRequest`."""
-    if len(raw) > 64:
-        raise InvalidRequest("invalid run id: expected a flow run UUID")
-    try:
-        return str(uuid.UUID(raw))
-    except ValueError:
-        raise InvalidRequest("invalid run id: expected a flow run UUID") from None
-
-
-def parse_since(raw: str | None) -> int:
-    if raw is None or raw == "":
-        return 0
-    if len(raw) > 20 or not raw.isdigit():
-        raise InvalidRequest("invalid since: expected a non-negative integer seq")
-    value = int(raw)
-    if value > MAX_SINCE:
-        raise InvalidRequest("invalid since: larger than any seq")
-    return value
+def _stream_request(connection: HTTPConnection, last_event_id: str | None = None) -> StreamRequest:
+    settings: Settings = connection.app.state.settings
+    return StreamRequest.parse(
+        connection.path_params["run_id"],
+        connection.query_params,
+        connection.query_params.getlist("step"),
+        max_wait=settings.max_wait_seconds,
+        last_event_id=last_event_id,
+    )
 
 
 async def _read_until_disconnect(websocket: WebSocket, max_bytes: int) -> tuple[int, str] | None:
@@ -65,10 +55,12 @@ async def _read_until_disconnect(websocket: WebSocket, max_bytes: int) -> tuple[
             return closecodes.MESSAGE_TOO_BIG, f"client frames are limited to {max_bytes} bytes"
 
 
-async def _write(websocket: WebSocket, hub: Hub, subscription: Subscription, send_timeout: float) -> tuple[int, str]:
+async def _write(
+    websocket: WebSocket, stream: AsyncIterator[tuple[int | None, str]], send_timeout: float
+) -> tuple[int, str]:
     try:
-        async for frame in hub.frames(subscription):
-            await asyncio.wait_for(websocket.send_text(frame.data), send_timeout)
+        async for _, text in stream:
+            await asyncio.wait_for(websocket.send_text(text), send_timeout)
     except StreamClosed as closed:
         return closed.code, closed.reason
     except TimeoutError:
@@ -77,44 +69,108 @@ async def _write(websocket: WebSocket, hub: Hub, subscription: Subscription, sen
 
 
 async def stream_endpoint(websocket: WebSocket) -> None:
+    """The run's events over a WebSocket: hello, replay after ``since``, then live."""
     hub: Hub = websocket.app.state.hub
     settings: Settings = websocket.app.state.settings
     try:
-        run_id = parse_run_id(websocket.path_params["run_id"])
-        since = parse_since(websocket.query_params.get("since"))
+        request = _stream_request(websocket)
     except InvalidRequest as exc:
         await websocket.accept()
         await websocket.close(closecodes.INVALID_REQUEST, str(exc))
         return
     await websocket.accept()
-    subscription = Subscription(run_id, since=since, queue_size=settings.client_queue_size)
+    subscription = request.subscription(settings.client_queue_size)
+    stream = open_stream(hub, request, subscription)
+    reader = asyncio.create_task(_read_until_disconnect(websocket, settings.max_inbound_bytes))
+    writer = asyncio.create_task(_write(websocket, stream, settings.max_lag_seconds))
     expiry = schedule_expiry(websocket.scope, subscription)  # closes 4401 when the token expires
     close: tuple[int, str] | None = None
-    async with hub.attach(subscription):
-        reader = asyncio.create_task(_read_until_disconnect(websocket, settings.max_inbound_bytes))
-        writer = asyncio.create_task(
-            _write(websocket, hub, subscription, settings.max_lag_seconds)
-        )
-        try:
-            done, _ = await asyncio.wait({reader, writer}, return_when=asyncio.FIRST_COMPLETED)
-        finally:
-            for task in (reader, writer):
-                task.cancel()
-            results = await asyncio.gather(reader, writer, return_exceptions=True)
-        if writer in done and not isinstance(results[1], BaseException):
-            close = results[1]
-        elif reader in done and isinstance(results[0], tuple):
-            close = results[0]
-        elif isinstance(results[1], Exception) and not isinstance(
-            results[1], WebSocketDisconnect | OSError
-        ):
-            logger.error("stream for run %s failed", run_id, exc_info=results[1])
-            close = (closecodes.INTERNAL_ERROR, "internal error; reconnect with since=<last seq>")
-    if expiry is not None:
-        expiry.cancel()
+    try:
+        done, _ = await asyncio.wait({reader, writer}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for task in (reader, writer):
+            task.cancel()
+        results = await asyncio.gather(reader, writer, return_exceptions=True)
+        await stream.aclose()  # type: ignore[attr-defined]
+        if expiry is not None:
+            expiry.cancel()
+    if writer in done and not isinstance(results[1], BaseException):
+        close = results[1]
+    elif reader in done and isinstance(results[0], tuple):
+        close = results[0]
+    elif isinstance(results[1], Exception) and not isinstance(
+        results[1], WebSocketDisconnect | OSError
+    ):
+        logger.error("stream for run %s failed", request.run_id, exc_info=results[1])
+        close = (closecodes.INTERNAL_ERROR, "internal error; reconnect with since=<last seq>")
     if close is not None and websocket.application_state != WebSocketState.DISCONNECTED:
         with contextlib.suppress(Exception):
             await websocket.close(*close)
+
+
+def _error(status: int, message: str) -> JSONResponse:
+    return JSONResponse({"error": message}, status_code=status)
+
+
+async def events_endpoint(request: Request) -> Response:
+    """``GET .../events?since=N&limit=M``: the stored events as JSON, paginated by ``seq``."""
+    settings: Settings = request.app.state.settings
+    transport: Transport = request.app.state.transport
+    try:
+        stream_request = _stream_request(request)
+        limit = parse_seq(request.query_params.get("limit") or "100", "limit")
+        if not 1 <= limit <= settings.history_page_max:
+            raise InvalidRequest(f"invalid limit: expected 1 to {settings.history_page_max}")
+    except InvalidRequest as exc:
+        return _error(400, str(exc))
+    backend = transport.backend
+    info = await backend.info(stream_request.run_id)
+    if not info.known:
+        return _error(404, "unknown run: no events for this run id")
+    texts: list[str] = []
+    cursor = stream_request.since
+    more = True
+    while len(texts) < limit and more:
+        page = await backend.history(stream_request.run_id, cursor, settings.replay_page_size)
+        more = len(page) == settings.replay_page_size
+        for text in page:
+            frame = frame_from_text(text)
+            cursor = frame.seq
+            if stream_request.filter.matches(frame):
+                texts.append(text)
+                if len(texts) == limit:
+                    more = cursor < info.head
+                    break
+    body = (
+        f'{{"runId":"{stream_request.run_id}","since":{stream_request.since},'
+        f'"head":{info.head},"first":{json.dumps(info.first)},'
+        f'"recovered":{json.dumps(not info.missing_after(stream_request.since))},'
+        f'"next":{cursor if more else "null"},"events":[{",".join(texts)}]}}'
+    )
+    return Response(body, media_type="application/json")
+
+
+async def sse_endpoint(request: Request) -> Response:
+    """The same stream as Server-Sent Events: ``id:`` is ``seq``, ``Last-Event-ID`` resumes."""
+    hub: Hub = request.app.state.hub
+    settings: Settings = request.app.state.settings
+    try:
+        stream_request = _stream_request(request, request.headers.get("last-event-id"))
+    except InvalidRequest as exc:
+        return _error(400, str(exc))
+    if stream_request.wait is None:
+        info = await hub.transport.backend.info(stream_request.run_id)
+        if not info.known:
+            return _error(404, "unknown run: no events for this run id (add wait=<seconds>)")
+    subscription = stream_request.subscription(settings.client_queue_size)
+    body = sse_body(
+        open_stream(hub, stream_request, subscription), keepalive=settings.ping_interval
+    )
+    return StreamingResponse(
+        body,
+        media_type="text/event-stream",
+        headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+    )
 
 
 async def healthz(request: Request) -> JSONResponse:
@@ -123,7 +179,11 @@ async def healthz(request: Request) -> JSONResponse:
         await transport.backend.ping()
     except Exception as exc:
         return JSONResponse(
-            {"status": "unavailable", "backend": transport.backend.name, "error": str(exc) or type(exc).__name__},
+            {
+                "status": "unavailable",
+                "backend": transport.backend.name,
+                "error": str(exc) or type(exc).__name__,
+            },
             status_code=503,
         )
     return JSONResponse({"status": "ok", "backend": transport.backend.name})
@@ -146,7 +206,11 @@ def create_app(settings: Settings | None = None, transport: Transport | None = N
                 settings.broadcast_url,
                 exc,
             )
-        hub = Hub(transport, replay_page_size=settings.replay_page_size, max_lag_seconds=settings.max_lag_seconds)
+        hub = Hub(
+            transport,
+            replay_page_size=settings.replay_page_size,
+            max_lag_seconds=settings.max_lag_seconds,
+        )
         app.state.hub = hub
         try:
             yield {}
@@ -157,6 +221,8 @@ def create_app(settings: Settings | None = None, transport: Transport | None = N
     app = Starlette(
         routes=[
             WebSocketRoute(STREAM_PATH, stream_endpoint),
+            Route(SSE_PATH, sse_endpoint),
+            Route(EVENTS_PATH, events_endpoint),
             Route("/healthz", healthz),
             *page_routes(),
         ],

@@ -47,8 +47,13 @@ def stream_url(
     types: Sequence[str] = (),
     steps: Sequence[str] = (),
     level: str | None = None,
+    wait: float | None = None,
 ) -> str:
-    """``ws://host:port`` + run id -> the run's stream URL, with ``since`` and filters."""
+    """``ws://host:port`` + run id -> the run's stream URL, with ``since`` and filters.
+
+    ``wait`` (seconds) asks the server to wait for a run that has not published yet instead of
+    closing with 4404 (unknown run): for "subscribe, then trigger".
+    """
     url = f"{base.rstrip('/')}/api/v2/workflows/runs/{quote(run_id, safe='')}/stream"
     query: list[tuple[str, str | int]] = []
     if since:
@@ -58,6 +63,8 @@ def stream_url(
     query.extend(("step", step) for step in steps)
     if level:
         query.append(("level", level))
+    if wait is not None:
+        query.append(("wait", f"{wait:g}"))
     return f"{url}?{urlencode(query)}" if query else url
 
 
@@ -69,6 +76,7 @@ async def follow_messages(
     types: Sequence[str] = (),
     steps: Sequence[str] = (),
     level: str | None = None,
+    wait: float | None = None,
     token: str | None = None,
     max_retries: int = 30,
     connect_retries: int | None = None,
@@ -91,7 +99,9 @@ async def follow_messages(
     while True:
         try:
             async with connect(
-                stream_url(base_url, run_id, last_seq, types=types, steps=steps, level=level),
+                stream_url(
+                    base_url, run_id, last_seq, types=types, steps=steps, level=level, wait=wait
+                ),
                 open_timeout=open_timeout,
                 max_size=2**24,
                 compression=None,

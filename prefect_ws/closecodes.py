@@ -7,5 +7,7 @@ GOING_AWAY: Final = 1001  # the server is shutting down; reconnect with since=<l
 MESSAGE_TOO_BIG: Final = 1009  # the client sent a frame over PREFECT_WS_MAX_INBOUND_BYTES
 INTERNAL_ERROR: Final = 1011  # unexpected server error; reconnect with since=<last seq>
 TRY_AGAIN_LATER: Final = 1013  # the client fell behind; reconnect with since=<last seq>
+UNKNOWN_RUN: Final = 4404  # no events for this run id (add wait=<seconds> to wait for it)
 INVALID_REQUEST: Final = 4400  # malformed run id or query parameter; do not retry unchanged
-TOKEN_EXPIRED: Final = 4401  # the stream's token expired; reconnect with a fresh token and since=<last seq>
+# The stream's token expired; reconnect with a fresh token and since=<last seq>.
+TOKEN_EXPIRED: Final = 4401

@@ -25,7 +25,9 @@ def _with_hooks(kwargs: dict[str, Any], ours: dict[str, list[Any]]) -> dict[str,
     return merged
 
 
-def _decorator(prefect_decorator: Callable[..., Any], ours: Callable[[], dict[str, list[Any]]]) -> Callable[..., Any]:
+def _decorator(
+    prefect_decorator: Callable[..., Any], ours: Callable[[], dict[str, list[Any]]]
+) -> Callable[..., Any]:
     def decorate(__fn: Any = None, /, **kwargs: Any) -> Any:
         kwargs = _with_hooks(kwargs, ours())
         if __fn is None:
@@ -36,9 +38,13 @@ def _decorator(prefect_decorator: Callable[..., Any], ours: Callable[[], dict[st
 
 
 flow = _decorator(prefect.flow, flow_hooks)
-flow.__doc__ = "``prefect.flow`` that streams the run: ``run_start``, ``run_complete`` and its logs."
+flow.__doc__ = (
+    "``prefect.flow`` that streams the run: ``run_start``, ``run_complete`` and its logs."
+)
 task = _decorator(prefect.task, task_hooks)
-task.__doc__ = "``prefect.task`` that streams the step: ``step_start``, ``step_complete`` and its logs."
+task.__doc__ = (
+    "``prefect.task`` that streams the step: ``step_start``, ``step_complete`` and its logs."
+)
 
 
 def stream(obj: T) -> T:
@@ -46,7 +52,7 @@ def stream(obj: T) -> T:
     from prefect import Flow, Task
 
     if isinstance(obj, Flow):
-        current = {
+        current: dict[str, list[Any]] = {
             "on_running": obj.on_running_hooks,
             "on_completion": obj.on_completion_hooks,
             "on_failure": obj.on_failure_hooks,
@@ -55,10 +61,10 @@ def stream(obj: T) -> T:
         }
         return obj.with_options(**_with_hooks(current, flow_hooks()))  # type: ignore[return-value]
     if isinstance(obj, Task):
-        current = {
+        task_current: dict[str, list[Any]] = {
             "on_running": obj.on_running_hooks,
             "on_completion": obj.on_completion_hooks,
             "on_failure": obj.on_failure_hooks,
         }
-        return obj.with_options(**_with_hooks(current, task_hooks()))  # type: ignore[return-value]
+        return obj.with_options(**_with_hooks(task_current, task_hooks()))  # type: ignore[return-value]
     raise TypeError(f"stream() takes a Prefect Flow or Task, not {type(obj).__name__}")

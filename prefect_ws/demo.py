@@ -47,7 +47,7 @@ def run_demo(keep_serving: bool = False) -> int:
             console.print(f"run id: [bold]{run_id}[/]\nstream: {stream_url(base_url, run_id)}\n")
 
             async def watch() -> None:
-                async for event in follow(base_url, run_id):
+                async for event in follow(base_url, run_id, wait=120):
                     console.print(render_event(event))
                     if event["type"] == "run_complete":
                         final.update(event["payload"])
@@ -60,6 +60,7 @@ def run_demo(keep_serving: bool = False) -> int:
             watcher.join(timeout=30)
         run_id = result.run_id
         console.print(f"\nReplay it any time: websocat '{stream_url(base_url, run_id)}'")
+        console.print(f"Web page: {base_url.replace('ws://', 'http://', 1)}/runs/{run_id}")
         if keep_serving:
             console.print("Serving until Ctrl+C ...")
             try:

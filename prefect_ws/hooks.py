@@ -87,7 +87,9 @@ def _flow_finisher(status: str) -> Any:
             {
                 "status": status,
                 "duration": _duration(run_id, getattr(flow_run, "start_time", None)),
-                "steps": {s: counts.get(s, 0) for s in ("completed", "failed", "skipped", "cancelled")},
+                "steps": {
+                    s: counts.get(s, 0) for s in ("completed", "failed", "skipped", "cancelled")
+                },
                 "failedSteps": failed_steps,
                 "error": _error_of(state) if status in {"failed", "crashed"} else None,
             },
@@ -174,7 +176,7 @@ def task_hooks() -> dict[str, list[Any]]:
 
 
 def record_step_outcome(run_id: str, status: str) -> None:
-    """Count a step outcome decided outside Prefect's hooks (e.g. ``skipped``) for ``run_complete``."""
+    """Count a step outcome decided outside Prefect's hooks (``skipped``) for ``run_complete``."""
     with _lock:
         counts = _step_counts.get(run_id)
         if counts is not None:

@@ -15,7 +15,7 @@ import logging
 import time
 from collections import deque
 from collections.abc import AsyncIterator
-from typing import Final
+from typing import Any, Final
 
 from prefect_ws import closecodes, metrics
 from prefect_ws.events import Frame, frame_from_text, frames_from_message
@@ -131,7 +131,8 @@ class RunChannel:
 
     async def _pump(self) -> None:
         try:
-            async with self.hub.transport.broadcast.subscribe(self.run_id) as subscriber:
+            subscription: Any = self.hub.transport.broadcast.subscribe(self.run_id)
+            async with subscription as subscriber:
                 async for event in subscriber:
                     if event.message == RESYNC:
                         self.live = True
@@ -158,7 +159,9 @@ class RunChannel:
 class Hub:
     """Registry of run channels for one server process."""
 
-    def __init__(self, transport: Transport, *, replay_page_size: int = 500, max_lag_seconds: float = 30.0) -> None:
+    def __init__(
+        self, transport: Transport, *, replay_page_size: int = 500, max_lag_seconds: float = 30.0
+    ) -> None:
         self.transport = transport
         self.runs: dict[str, RunChannel] = {}
         self.replay_page_size = replay_page_size
@@ -192,7 +195,9 @@ class Hub:
             channel.close()
         await asyncio.gather(*(c.task for c in channels), return_exceptions=True)
 
-    async def catch_up(self, subscription: Subscription, *, initial: bool = False) -> AsyncIterator[Frame]:
+    async def catch_up(
+        self, subscription: Subscription, *, initial: bool = False
+    ) -> AsyncIterator[Frame]:
         """Frames after ``subscription.last_seq`` from history, page by page."""
         backend = self.transport.backend
         while True:
@@ -213,7 +218,7 @@ class Hub:
                 return
 
     async def frames(self, subscription: Subscription) -> AsyncIterator[Frame]:
-        """Every frame of the run after ``since``, exactly once and in order, until ``run_complete``.
+        """Every frame of the run after ``since``, once each and in order, until ``run_complete``.
 
         Raises :class:`ClientLagging` when the client cannot be brought level.
         """

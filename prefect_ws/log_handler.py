@@ -24,7 +24,7 @@ class PrefectWsHandler(logging.Handler):
         super().__init__(level)
         self._include_engine: bool | None = None
 
-    def handle(self, record: logging.LogRecord) -> bool:  # type: ignore[override]
+    def handle(self, record: logging.LogRecord) -> bool:
         # The publisher's deque is thread-safe: skip logging's per-handler lock.
         if self.filter(record):
             self.emit(record)

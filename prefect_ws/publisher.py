@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import atexit
+import contextlib
 import logging
 import os
 import threading
@@ -56,7 +57,9 @@ class Publisher:
         self.dropped_late = 0
 
     # -- any thread ------------------------------------------------------------------------
-    def emit(self, run_id: str, type: str, payload: dict[str, Any], ts: float | None = None) -> None:
+    def emit(
+        self, run_id: str, type: str, payload: dict[str, Any], ts: float | None = None
+    ) -> None:
         """Queue one event. Never blocks, never raises."""
         if self._thread is None:
             self._start()
@@ -114,10 +117,8 @@ class Publisher:
         self._idle = False
         loop, wake = self._loop, self._wake
         if loop is not None and wake is not None:
-            try:
+            with contextlib.suppress(RuntimeError):  # the loop already closed
                 loop.call_soon_threadsafe(wake.set)
-            except RuntimeError:  # loop already closed
-                pass
 
     def _forget_after_fork(self) -> None:
         self._thread = None
@@ -156,7 +157,7 @@ class Publisher:
 
     def _drain(self) -> list[_Item | _FlushMarker]:
         pending, size = self._pending, self.settings.publisher_batch_size
-        batch = []
+        batch: list[_Item | _FlushMarker] = []
         while pending and len(batch) < size:
             batch.append(pending.popleft())
         return batch
@@ -186,7 +187,9 @@ class Publisher:
         for run_id, drafts in groups.items():
             await self._publish_with_retry(transport, run_id, drafts)
 
-    async def _publish_with_retry(self, transport: Transport, run_id: str, drafts: list[Draft]) -> None:
+    async def _publish_with_retry(
+        self, transport: Transport, run_id: str, drafts: list[Draft]
+    ) -> None:
         delay = 0.05
         while True:
             try:

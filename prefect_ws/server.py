@@ -49,7 +49,9 @@ def free_port(host: str = "127.0.0.1") -> int:
 
 
 @contextlib.contextmanager
-def serve_in_thread(settings: Settings, *, host: str = "127.0.0.1", port: int | None = None, **overrides: Any) -> Iterator[str]:
+def serve_in_thread(
+    settings: Settings, *, host: str = "127.0.0.1", port: int | None = None, **overrides: Any
+) -> Iterator[str]:
     """Serve in a background thread; yields the ``ws://host:port`` base URL. For demos and tests."""
     port = port or free_port(host)
     server = uvicorn.Server(uvicorn_config(settings, host=host, port=port, **overrides))

@@ -39,7 +39,7 @@ class Settings(BaseSettings):
     max_lag_seconds: float = Field(
         default=30.0,
         gt=0,
-        description="A client still behind (or stuck in one send) after this long is closed (1013).",
+        description="A client behind (or stuck in one send) for this long is closed (1013).",
     )
     max_inbound_bytes: int = Field(
         default=4096, ge=125, le=1 << 20, description="Largest frame a client may send."
@@ -47,6 +47,12 @@ class Settings(BaseSettings):
     ping_interval: float = Field(default=54.0, gt=0, description="Seconds between server pings.")
     ping_timeout: float = Field(default=30.0, gt=0, description="Seconds to wait for a pong.")
     replay_page_size: int = Field(default=500, ge=1, le=10_000)
+    max_wait_seconds: float = Field(
+        default=3600.0, ge=0, description="Longest a client may wait for an unknown run to start."
+    )
+    history_page_max: int = Field(
+        default=1000, ge=1, le=100_000, description="Largest `limit` of the HTTP history endpoint."
+    )
 
     # Storage
     history_maxlen: int = Field(
@@ -93,7 +99,9 @@ class Settings(BaseSettings):
         default="120/minute",
         description="Handshakes per client address, a `limits` expression, e.g. `10/second` (429).",
     )
-    max_runs: int = Field(default=1000, ge=1, description="Runs streamed at once per process (503).")
+    max_runs: int = Field(
+        default=1000, ge=1, description="Runs streamed at once per process (503)."
+    )
     handshake_timeout: float = Field(
         default=10.0, gt=0, description="Seconds a client has to send its request headers."
     )

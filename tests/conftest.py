@@ -78,8 +78,18 @@ def prefect_api() -> Iterator[str]:
     """A real Prefect API server for the whole session (flows in any process report to it)."""
     log = open(Path(_PREFECT_HOME) / "server.log", "wb")  # noqa: SIM115
     proc = subprocess.Popen(
-        [sys.executable, "-m", "prefect", "server", "start", "--host", "127.0.0.1",
-         "--port", str(_API_PORT), "--no-services"],
+        [
+            sys.executable,
+            "-m",
+            "prefect",
+            "server",
+            "start",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(_API_PORT),
+            "--no-services",
+        ],
         stdout=log,
         stderr=subprocess.STDOUT,
         env=os.environ.copy(),
@@ -150,8 +160,17 @@ class RedisServer:
         if binary is None:
             pytest.fail("redis-server is not installed (.ci/run installs it)")
         self.proc = subprocess.Popen(
-            [binary, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
-             "--appendonly", "no"],
+            [
+                binary,
+                "--port",
+                str(self.port),
+                "--bind",
+                "127.0.0.1",
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+            ],
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
         )

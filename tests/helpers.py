@@ -22,12 +22,19 @@ def create_flow_run(flow: Any, parameters: dict[str, Any] | None = None) -> str:
 
 
 async def run_flow_in_subprocess(
-    spec: str, run_id: str, parameters: dict[str, Any] | None = None, env: dict[str, str] | None = None,
+    spec: str,
+    run_id: str,
+    parameters: dict[str, Any] | None = None,
+    env: dict[str, str] | None = None,
     timeout: float = 90,
 ) -> dict[str, Any]:
     """Run ``module:flow`` for ``run_id`` in a new Python process; return its JSON report."""
     proc = await asyncio.create_subprocess_exec(
-        sys.executable, str(TESTS / "run_flow.py"), spec, run_id, json.dumps(parameters or {}),
+        sys.executable,
+        str(TESTS / "run_flow.py"),
+        spec,
+        run_id,
+        json.dumps(parameters or {}),
         env={**os.environ, "PYTHONPATH": str(TESTS), **(env or {})},
         stdout=asyncio.subprocess.PIPE,
         stderr=asyncio.subprocess.PIPE,
@@ -46,7 +53,8 @@ class StreamRecorder:
 
     def __init__(self, url: str) -> None:
         self.url = url
-        self.frames: list[str] = []
+        self.frames: list[str] = []  # event frames, exactly as received
+        self.hello: dict[str, Any] | None = None  # the control frame that opens every stream
         self.close_code: int | None = None
         self.close_reason: str | None = None
         self.connected = asyncio.Event()
@@ -61,20 +69,32 @@ class StreamRecorder:
                 self.connected.set()
                 async for message in websocket:
                     assert isinstance(message, str)
-                    self.frames.append(message)
+                    if message.startswith('{"type":"hello"'):
+                        assert self.hello is None and not self.frames, "hello must come first, once"
+                        self.hello = json.loads(message)
+                    else:
+                        self.frames.append(message)
                 self.close_code = websocket.close_code
                 self.close_reason = websocket.close_reason
 
 
-def stream_path(run_id: str, since: int | None = None) -> str:
+def stream_path(run_id: str, since: int | None = None, wait: float | None = 60) -> str:
+    """The stream path; by default it waits (up to 60 s) for a run that has not started yet."""
+    query = [f"since={since}"] if since is not None else []
+    if wait is not None:
+        query.append(f"wait={wait:g}")
     path = f"/api/v2/workflows/runs/{run_id}/stream"
-    return path if since is None else f"{path}?since={since}"
+    return f"{path}?{'&'.join(query)}" if query else path
 
 
-def assert_run_sequence(events: list[dict[str, Any]], expected_logs: dict[str | None, list[str]]) -> None:
+def assert_run_sequence(
+    events: list[dict[str, Any]], expected_logs: dict[str | None, list[str]]
+) -> None:
     """The protocol's promises for one complete run, checked on content, order and counts."""
     assert events, "no events received"
-    assert [e["seq"] for e in events] == list(range(1, len(events) + 1)), "seq must be 1..N without gaps"
+    assert [e["seq"] for e in events] == list(range(1, len(events) + 1)), (
+        "seq must be 1..N without gaps"
+    )
     for event in events:
         assert set(event) == {"v", "type", "runId", "seq", "ts", "payload"}
         assert event["v"] == 1
@@ -99,5 +119,7 @@ def assert_run_sequence(events: list[dict[str, Any]], expected_logs: dict[str | 
         if step is not None:
             assert position[("step_start", step)] < index, f"log of {step} before its step_start"
             if ("step_complete", step) in position:
-                assert index < position[("step_complete", step)], f"log of {step} after step_complete"
+                assert index < position[("step_complete", step)], (
+                    f"log of {step} after step_complete"
+                )
     assert logs == expected_logs

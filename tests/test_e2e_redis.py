@@ -30,7 +30,9 @@ def _publisher_env(settings: Settings) -> dict[str, str]:
     }
 
 
-async def _watch_run(base_url: str, run_id: str, settings: Settings, fail: bool) -> tuple[list[StreamRecorder], dict]:
+async def _watch_run(
+    base_url: str, run_id: str, settings: Settings, fail: bool
+) -> tuple[list[StreamRecorder], dict]:
     clients = [StreamRecorder(base_url + stream_path(run_id)) for _ in range(2)]
     tasks = [asyncio.create_task(c.run()) for c in clients]
     await asyncio.gather(*(c.connected.wait() for c in clients))
@@ -41,7 +43,9 @@ async def _watch_run(base_url: str, run_id: str, settings: Settings, fail: bool)
     return clients, report
 
 
-def test_two_clients_see_the_same_complete_ordered_run(prefect_api: str, redis_settings: Settings) -> None:
+def test_two_clients_see_the_same_complete_ordered_run(
+    prefect_api: str, redis_settings: Settings
+) -> None:
     run_id = create_flow_run(four_steps, {"fail": False})
     with serve_in_thread(redis_settings) as base_url:
         clients, report = asyncio.run(_watch_run(base_url, run_id, redis_settings, fail=False))
@@ -52,6 +56,15 @@ def test_two_clients_see_the_same_complete_ordered_run(prefect_api: str, redis_s
     events = first.events
     assert_run_sequence(events, FOUR_STEPS_LOGS)
     assert first.close_code == 1000 and first.close_reason == "run complete"
+    assert first.hello == {
+        "type": "hello",
+        "v": 1,
+        "runId": run_id,
+        "since": 0,
+        "head": 0,
+        "first": None,
+        "recovered": True,
+    }
 
     start = events[0]["payload"]
     assert start["flowName"] == "spine-four-steps" and start["flowRunId"] == run_id
@@ -70,7 +83,9 @@ def test_two_clients_see_the_same_complete_ordered_run(prefect_api: str, redis_s
     assert max(index[("step_start", "left")], index[("step_start", "right")]) < min(
         index[("step_complete", "left")], index[("step_complete", "right")]
     )
-    levels = {e["payload"]["message"]: e["payload"]["level"] for e in events if e["type"] == "step_log"}
+    levels = {
+        e["payload"]["message"]: e["payload"]["level"] for e in events if e["type"] == "step_log"
+    }
     assert levels["finish warning: 33"] == "WARNING" and levels["right print 0"] == "INFO"
 
     done = events[-1]["payload"]
@@ -92,7 +107,9 @@ def test_a_failing_step_fails_the_run(prefect_api: str, redis_settings: Settings
         events,
         {k: v for k, v in FOUR_STEPS_LOGS.items() if k != "finish"},
     )
-    completes = {e["payload"]["stepId"]: e["payload"] for e in events if e["type"] == "step_complete"}
+    completes = {
+        e["payload"]["stepId"]: e["payload"] for e in events if e["type"] == "step_complete"
+    }
     assert completes["right"]["status"] == "failed"
     assert completes["right"]["error"] == "ValueError: right exploded"
     assert completes["left"]["status"] == "completed"

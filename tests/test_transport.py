@@ -18,7 +18,10 @@ RUN = "2b6f0a64-3b0c-4c39-9b39-0d1f7c1f5e11"
 
 
 def drafts(n: int, start: int = 0, run_id: str = RUN) -> list:
-    return [encode(run_id, "step_log", {"stepId": None, "message": f"line {start + i}"}) for i in range(n)]
+    return [
+        encode(run_id, "step_log", {"stepId": None, "message": f"line {start + i}"})
+        for i in range(n)
+    ]
 
 
 async def next_frames(subscriber, timeout: float = 5.0) -> list:
@@ -47,11 +50,13 @@ def test_redis_py_8_delivers_through_broadcaster(redis_url: str, redis_prefix: s
 
     frames = asyncio.run(scenario())
     assert [f.seq for f in frames] == [1, 2, 3, 4, 5]
-    assert [json.loads(f.data)["payload"]["message"] for f in frames] == [f"line {i}" for i in range(5)]
+    assert [json.loads(f.data)["payload"]["message"] for f in frames] == [
+        f"line {i}" for i in range(5)
+    ]
 
 
 def test_seq_is_atomic_across_concurrent_publishers(redis_url: str, redis_prefix: str) -> None:
-    """Five publishers with their own connections, 200 events each: one order, no gap, no duplicate."""
+    """Five publishers with their own connections, 200 events each: one order, no gap or repeat."""
 
     async def publisher(index: int) -> None:
         backend = RedisBackend(redis_url, prefix=redis_prefix)
@@ -83,7 +88,9 @@ def test_seq_is_atomic_across_concurrent_publishers(redis_url: str, redis_prefix
 
 def test_history_is_capped_and_expires(redis_url: str, redis_prefix: str) -> None:
     async def scenario() -> tuple[list[str], list[str]]:
-        backend = RedisBackend(redis_url, prefix=redis_prefix, history_maxlen=100, history_ttl_seconds=60)
+        backend = RedisBackend(
+            redis_url, prefix=redis_prefix, history_maxlen=100, history_ttl_seconds=60
+        )
         await backend.connect()
         try:
             for i in range(10):
@@ -169,6 +176,7 @@ def test_memory_backend_delivers_across_threads_with_history() -> None:
                         await backend.connect()
                         for i in range(10):
                             await backend.publish(RUN, drafts(10, start=i * 10))
+
                     asyncio.run(go())
 
                 thread = threading.Thread(target=publish_from_thread)

@@ -7,11 +7,19 @@ from dataclasses import dataclass
 from broadcaster import Broadcast
 
 from prefect_ws.settings import Settings
-from prefect_ws.transport.base import RESYNC, StreamBackend
+from prefect_ws.transport.base import RESYNC, RunInfo, StreamBackend
 from prefect_ws.transport.memory import MemoryBackend
 from prefect_ws.transport.redis import RedisBackend
 
-__all__ = ["RESYNC", "MemoryBackend", "RedisBackend", "StreamBackend", "Transport", "create_transport"]
+__all__ = [
+    "RESYNC",
+    "MemoryBackend",
+    "RedisBackend",
+    "RunInfo",
+    "StreamBackend",
+    "Transport",
+    "create_transport",
+]
 
 
 @dataclass(frozen=True)

@@ -29,6 +29,10 @@ class StreamBackend(BroadcastBackend):
         """Up to ``limit`` stored events of the run with ``seq > after``, in ``seq`` order."""
 
     @abstractmethod
+    async def info(self, run_id: str) -> RunInfo:
+        """Where the run's stored history stands (all zeros/None for a run never seen)."""
+
+    @abstractmethod
     async def ping(self) -> None:
         """Return if the backend answers; raise otherwise."""
 
@@ -47,3 +51,22 @@ class RecentRun:
     run_id: str
     updated: float  # epoch seconds of its last published batch
     head_seq: int
+
+
+@dataclass(frozen=True, slots=True)
+class RunInfo:
+    """A run's stored history: newest ``seq`` issued, oldest retained, and the newest event."""
+
+    head: int  # 0: no event was ever stored (or the run's keys expired)
+    first: int | None  # oldest seq still retained; None when nothing is retained
+    last: str | None  # the newest retained event's text
+
+    @property
+    def known(self) -> bool:
+        return self.head > 0
+
+    def missing_after(self, since: int) -> bool:
+        """True when events after ``since`` were issued but are no longer retained."""
+        if self.head <= since:
+            return False
+        return self.first is None or self.first > since + 1

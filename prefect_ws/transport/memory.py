@@ -7,6 +7,7 @@ its own event loop) while the server runs on uvicorn's loop.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import threading
 import time
 import weakref
@@ -16,7 +17,7 @@ from typing import Any
 from broadcaster import Event
 
 from prefect_ws.events import Draft, join_frames
-from prefect_ws.transport.base import RESYNC, RecentRun, StreamBackend
+from prefect_ws.transport.base import RESYNC, RecentRun, RunInfo, StreamBackend
 
 
 class _RunLog:
@@ -73,6 +74,15 @@ class MemoryStore:
             logs = list(self._runs.items())[-limit:] if limit > 0 else []
         return [RecentRun(run_id, log.updated, log.seq) for run_id, log in reversed(logs)]
 
+    def info(self, run_id: str) -> RunInfo:
+        with self._lock:
+            log = self._runs.get(run_id)
+            if log is None:
+                return RunInfo(head=0, first=None, last=None)
+            if not log.events:
+                return RunInfo(head=log.seq, first=None, last=None)
+            return RunInfo(head=log.seq, first=log.events[0][0], last=log.events[-1][1])
+
     def history(self, run_id: str, after: int, limit: int) -> list[str]:
         with self._lock:
             log = self._runs.get(run_id)
@@ -88,7 +98,7 @@ _stores_lock = threading.Lock()
 
 
 def memory_store(url: str, *, history_maxlen: int, max_runs: int) -> MemoryStore:
-    """The store for ``url``: every ``memory://`` backend of a process with the same URL shares it."""
+    """The store for ``url``: a process's ``memory://`` backends with the same URL share it."""
     with _stores_lock:
         store = _stores.get(url)
         if store is None:
@@ -99,7 +109,9 @@ def memory_store(url: str, *, history_maxlen: int, max_runs: int) -> MemoryStore
 class MemoryBackend(StreamBackend):
     name = "memory"
 
-    def __init__(self, url: str = "memory://", *, history_maxlen: int = 110_000, max_runs: int = 1000):
+    def __init__(
+        self, url: str = "memory://", *, history_maxlen: int = 110_000, max_runs: int = 1000
+    ):
         self._store = memory_store(url, history_maxlen=history_maxlen, max_runs=max_runs)
         self._channels: set[str] = set()
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -138,11 +150,12 @@ class MemoryBackend(StreamBackend):
     async def recent_runs(self, limit: int) -> list[RecentRun]:
         return self._store.recent_runs(limit)
 
+    async def info(self, run_id: str) -> RunInfo:
+        return self._store.info(run_id)
+
     def _deliver(self, channel: str, message: str) -> None:
         loop = self._loop
         if loop is None or channel not in self._channels:
             return
-        try:
+        with contextlib.suppress(RuntimeError):  # the loop closed under us
             loop.call_soon_threadsafe(self._queue.put_nowait, Event(channel, message))
-        except RuntimeError:  # the loop closed under us
-            pass

@@ -16,6 +16,7 @@ This one:
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from collections.abc import Awaitable, Callable
 from typing import Any, Final, TypeVar
@@ -26,7 +27,7 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError
 
 from prefect_ws.events import Draft
-from prefect_ws.transport.base import RESYNC, RecentRun, StreamBackend
+from prefect_ws.transport.base import RESYNC, RecentRun, RunInfo, StreamBackend
 
 logger = logging.getLogger("prefect_ws.transport")
 
@@ -116,10 +117,9 @@ class RedisBackend(StreamBackend):
         self._has_channels.set()
         pubsub = self._pubsub
         if pubsub is not None:
-            try:
+            # On failure the listener reconnects and resubscribes every channel.
+            with contextlib.suppress(*_NETWORK_ERRORS):
                 await pubsub.subscribe(self.channel_name(channel))
-            except _NETWORK_ERRORS:
-                pass  # the listener reconnects and resubscribes every channel
 
     async def unsubscribe(self, channel: str) -> None:
         self._channels.discard(channel)
@@ -127,10 +127,8 @@ class RedisBackend(StreamBackend):
             self._has_channels.clear()
         pubsub = self._pubsub
         if pubsub is not None:
-            try:
+            with contextlib.suppress(*_NETWORK_ERRORS):
                 await pubsub.unsubscribe(self.channel_name(channel))
-            except _NETWORK_ERRORS:
-                pass
 
     async def publish(self, channel: str, message: Any) -> None:
         drafts: list[Draft] = message
@@ -148,10 +146,27 @@ class RedisBackend(StreamBackend):
 
     async def history(self, run_id: str, after: int, limit: int) -> list[str]:
         _, stream = self._keys(run_id)
-        entries = await self._once_more_on_stale_connection(
+        entries: Any = await self._once_more_on_stale_connection(
             lambda: self._redis.xrange(stream, min=f"{after + 1}-0", max="+", count=limit)
         )
         return [fields[b"d"].decode("utf-8", "replace") for _, fields in entries]
+
+    async def info(self, run_id: str) -> RunInfo:
+        seq_key, stream = self._keys(run_id)
+
+        async def read() -> list[Any]:
+            async with self._redis.pipeline(transaction=False) as pipe:
+                pipe.get(seq_key)
+                pipe.xrange(stream, count=1)
+                pipe.xrevrange(stream, count=1)
+                return list(await pipe.execute())
+
+        head, first, last = await self._once_more_on_stale_connection(read)
+        return RunInfo(
+            head=int(head or 0),
+            first=int(first[0][0].split(b"-")[0]) if first else None,
+            last=last[0][1][b"d"].decode("utf-8", "replace") if last else None,
+        )
 
     async def ping(self) -> None:
         await asyncio.wait_for(self._redis.ping(), timeout=2.0)
@@ -183,10 +198,8 @@ class RedisBackend(StreamBackend):
     async def _close_pubsub(self) -> None:
         pubsub, self._pubsub = self._pubsub, None
         if pubsub is not None:
-            try:
+            with contextlib.suppress(*_NETWORK_ERRORS):
                 await pubsub.aclose()
-            except _NETWORK_ERRORS:
-                pass
 
     def _run_id_of(self, channel: bytes) -> str:
         name = channel.decode("utf-8", "replace")
@@ -210,7 +223,9 @@ class RedisBackend(StreamBackend):
                     if message is None:
                         continue
                     if outage:
-                        logger.warning("Redis pub/sub at %s is back; replaying missed events", self._url)
+                        logger.warning(
+                            "Redis pub/sub at %s is back; replaying missed events", self._url
+                        )
                         outage, delay = False, 0.05
                     kind = message["type"]
                     if kind == "message":

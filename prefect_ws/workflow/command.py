@@ -76,7 +76,7 @@ def run_command(
             typer.echo(f"stream: {stream_url(base, run_id)}", color=False)
             if watch:
                 watcher = threading.Thread(
-                    target=asyncio.run, args=(_watch(follow(base, run_id)),), daemon=True
+                    target=asyncio.run, args=(_watch(follow(base, run_id, wait=120)),), daemon=True
                 )
                 watcher.start()
 
