@@ -4,8 +4,9 @@ This is ``shared/research/bench/bench_server.py`` on prefect-ws' own Redis backe
 stock one delivers nothing with redis-py 8): every client calls ``broadcast.subscribe(run_id)``,
 so broadcaster keeps one unbounded queue per client and each client's task decodes nothing but
 sends every line of every message itself. No history, no ordering checks, no bounds. It sends
-``{"type":"ready"}`` once subscribed so a load client knows when to start counting, and closes
-with 1000 after ``run_complete`` like the real endpoint.
+``{"type":"ready"}`` once Redis confirmed the channel's subscription (the backend's RESYNC
+message), so a load client knows when to start counting and the baseline loses no events to
+that race; it closes with 1000 after ``run_complete`` like the real endpoint.
 """
 
 from __future__ import annotations
@@ -28,12 +29,19 @@ _FINAL = '{"v":1,"type":"run_complete"'
 def create_naive_app(settings: Settings) -> Starlette:
     transport = create_transport(settings)
     broadcast: Broadcast = transport.broadcast
+    confirmed: dict[str, asyncio.Event] = {}
 
     async def stream(websocket: WebSocket) -> None:
         run_id = websocket.path_params["run_id"]
         await websocket.accept()
+        subscribed = confirmed.setdefault(run_id, asyncio.Event())
         async with broadcast.subscribe(run_id) as subscriber:
-            await websocket.send_text('{"type":"ready"}')
+
+            async def announce() -> None:
+                await asyncio.wait_for(subscribed.wait(), 10)
+                await websocket.send_text('{"type":"ready"}')
+
+            ready = asyncio.create_task(announce())
 
             async def drain() -> None:
                 while (await websocket.receive())["type"] != "websocket.disconnect":
@@ -43,7 +51,9 @@ def create_naive_app(settings: Settings) -> Starlette:
             try:
                 async for event in subscriber:
                     if event.message == RESYNC:
+                        subscribed.set()
                         continue
+                    await ready
                     done = False
                     for line in event.message.split("\n"):
                         await websocket.send_text(line)
@@ -55,7 +65,8 @@ def create_naive_app(settings: Settings) -> Starlette:
                 pass  # the client went away mid-send
             finally:
                 reader.cancel()
-                await asyncio.gather(reader, return_exceptions=True)
+                ready.cancel()
+                await asyncio.gather(reader, ready, return_exceptions=True)
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:

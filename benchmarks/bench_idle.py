@@ -1,0 +1,177 @@
+"""Idle connections: RSS per connection, handshakes/s and idle CPU for 1k/5k/10k clients.
+
+    .venv/bin/python benchmarks/bench_idle.py [--quick] [--counts 1000,5000,10000]
+
+One server process at a time (Redis backend): ``prefect-ws`` as ``prefect-ws serve`` runs it
+(websockets-sansio, permessage-deflate off) vs the same app under uvicorn's defaults (``ws=auto``,
+deflate on). Clients (``_wsload.py --mode idle``, up to 5000 per process) offer permessage-deflate
+as browsers do, and each watches a run of its own: the worst case, one backend subscription and
+one run channel per connection. Counts are cumulative; RSS is read from /proc after a settle
+time, idle CPU over a quiet window.
+"""
+
+from __future__ import annotations
+
+import argparse
+import subprocess
+import time
+from typing import Any
+
+from _common import (
+    HERE,
+    PYTHON,
+    REDIS_URL,
+    cleanup_redis,
+    cpu_seconds,
+    prefect_ws_server,
+    print_table,
+    raise_nofile,
+    ratio,
+    redis_prefix,
+    rss_kb,
+    stop,
+    write_results,
+)
+
+PER_PROCESS = 5000
+MODES = ("prefect-ws", "uvicorn-defaults")
+
+
+def measure_mode(
+    mode: str, counts: list[int], settle: float, window: float
+) -> list[dict[str, Any]]:
+    prefix = redis_prefix("idle")
+    results = []
+    clients: list[subprocess.Popen[str]] = []
+    try:
+        with prefect_ws_server(REDIS_URL, prefix, mode=mode) as (server, port):
+            time.sleep(1.0)
+            baseline = rss_kb(server.pid)
+            held = 0
+            url = f"ws://127.0.0.1:{port}/api/v2/workflows/runs/{{uuid}}/stream"
+            for target in counts:
+                batch, opened, failed, seconds = [], 0, 0, 0.0
+                started = time.perf_counter()
+                while held + sum(n for _, n in batch) < target:
+                    count = min(PER_PROCESS, target - held - sum(n for _, n in batch))
+                    proc = subprocess.Popen(
+                        [
+                            PYTHON,
+                            str(HERE / "_wsload.py"),
+                            "--mode",
+                            "idle",
+                            "--url",
+                            url,
+                            "--count",
+                            str(count),
+                            "--deflate",
+                            "--deadline",
+                            "900",
+                            "--uuid-base",
+                            str(1 + held + sum(n for _, n in batch)),
+                        ],
+                        stdin=subprocess.PIPE,
+                        stdout=subprocess.PIPE,
+                        text=True,
+                    )
+                    batch.append((proc, count))
+                for proc, _ in batch:
+                    assert proc.stdout is not None
+                    line = proc.stdout.readline().split()
+                    if not line or line[0] != "READY":
+                        raise RuntimeError(f"idle client failed: {line}")
+                    opened += int(line[1])
+                    failed += int(line[2])
+                seconds = time.perf_counter() - started
+                clients += [p for p, _ in batch]
+                held += opened
+                time.sleep(settle)
+                cpu0 = cpu_seconds(server.pid)
+                time.sleep(window)
+                cpu1 = cpu_seconds(server.pid)
+                rss = rss_kb(server.pid)
+                result = {
+                    "mode": mode,
+                    "target": target,
+                    "held": held,
+                    "failed": failed,
+                    "handshakes_per_s": round(opened / seconds, 1) if seconds else None,
+                    "server_rss_mb": round(rss / 1024, 1),
+                    "baseline_rss_mb": round(baseline / 1024, 1),
+                    "kb_per_conn": round((rss - baseline) / max(1, held), 1),
+                    "idle_cpu_pct": round(100 * (cpu1 - cpu0) / window, 1),
+                }
+                results.append(result)
+                print(result, flush=True)
+    finally:
+        for proc in clients:
+            if proc.stdin is not None and proc.poll() is None:
+                try:
+                    proc.stdin.write("close\n")
+                    proc.stdin.flush()
+                except OSError:
+                    pass
+        for proc in clients:
+            try:
+                proc.wait(30)
+            except subprocess.TimeoutExpired:
+                stop(proc)
+        cleanup_redis(prefix)
+    return results
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--quick", action="store_true", help="tiny sizes (CI)")
+    parser.add_argument("--counts", default="1000,5000,10000")
+    parser.add_argument("--settle", type=float, default=3.0)
+    parser.add_argument("--window", type=float, default=5.0)
+    args = parser.parse_args()
+    counts = [int(c) for c in args.counts.split(",")]
+    if args.quick:
+        counts, args.settle, args.window = [50, 100], 0.3, 0.5
+    raise_nofile()
+
+    results = []
+    for mode in MODES:
+        results += measure_mode(mode, counts, args.settle, args.window)
+    rows = []
+    for target in counts:
+        ours = next(r for r in results if r["mode"] == "prefect-ws" and r["target"] == target)
+        theirs = next(
+            r for r in results if r["mode"] == "uvicorn-defaults" and r["target"] == target
+        )
+        for r in (ours, theirs):
+            rows.append(
+                [
+                    target,
+                    r["mode"],
+                    r["held"],
+                    r["failed"],
+                    r["handshakes_per_s"],
+                    r["server_rss_mb"],
+                    r["kb_per_conn"],
+                    r["idle_cpu_pct"],
+                    ratio(ours["kb_per_conn"], theirs["kb_per_conn"]) if r is ours else "",
+                ]
+            )
+    print_table(
+        "Idle connections, one server process, a run per connection (Redis backend)",
+        [
+            "target",
+            "server",
+            "held",
+            "failed",
+            "handshakes/s",
+            "RSS MB",
+            "KB/conn",
+            "idle CPU %",
+            "KB/conn vs defaults",
+        ],
+        rows,
+    )
+    write_results("idle", args.quick, {"counts": counts, "results": results})
+
+
+if __name__ == "__main__":
+    main()

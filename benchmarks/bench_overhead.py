@@ -1,0 +1,151 @@
+"""Flow overhead: what prefect-ws costs the flow it streams.
+
+    .venv/bin/python benchmarks/bench_overhead.py [--quick] [--repeats 5]
+
+1. us per ``logger.info`` call on the task thread: inside one task, blocks of calls alternate
+   between our handler attached and detached (``_flows.log_calls``); the difference of the
+   medians is what prefect-ws adds (Prefect's own console and API handlers stay on both sides;
+   the console goes to /dev/null). The publisher thread runs meanwhile, so its GIL share counts.
+2. A 200-step DAG (layers of 20, each layer waits for the previous) with 10 log lines per step,
+   streaming on (``prefect_ws`` decorators, Redis backend) vs off (Prefect's decorators), each
+   run in a fresh process, alternating on/off; the flow's wall time excludes start-up/imports
+   but includes the final flush of prefect-ws' events.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+from typing import Any
+
+from _common import (
+    HERE,
+    PYTHON,
+    REDIS_URL,
+    cleanup_redis,
+    median,
+    prefect_server,
+    print_table,
+    ratio,
+    redis_prefix,
+    with_bench_path,
+    write_results,
+)
+
+
+def run_flow(
+    name: str, params: dict[str, Any], env: dict[str, str], timeout: float
+) -> dict[str, Any]:
+    out = subprocess.run(
+        [PYTHON, str(HERE / "_run_flow.py"), name, "-", json.dumps(params)],
+        env=with_bench_path({**os.environ, **env}),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        text=True,
+        timeout=timeout,
+        check=True,
+    )
+    report: dict[str, Any] = json.loads(out.stdout.strip().splitlines()[-1])
+    if report["state"] != "COMPLETED":
+        raise RuntimeError(f"{name} ended {report['state']}")
+    return report
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--quick", action="store_true", help="tiny sizes (CI)")
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--steps", type=int, default=200)
+    parser.add_argument("--lines", type=int, default=10)
+    parser.add_argument("--prefect-api-url", default="", help="use this running Prefect server")
+    args = parser.parse_args()
+    calls = {"blocks": 20, "per_block": 2000}
+    if args.quick:
+        args.repeats, args.steps, args.lines = 1, 10, 2
+        calls = {"blocks": 4, "per_block": 200}
+
+    prefix = redis_prefix("overhead")
+    ws_env = {"PREFECT_WS_BROADCAST_URL": REDIS_URL, "PREFECT_WS_REDIS_PREFIX": prefix}
+    per_call: list[dict[str, Any]] = []
+    dag: list[dict[str, Any]] = []
+    try:
+        with prefect_server(args.prefect_api_url or None) as prefect_env:
+            # Prefect's defaults on both sides: its API log handler stays on.
+            common = {**prefect_env, "PREFECT_LOGGING_TO_API_ENABLED": "true"}
+            on = {**common, **ws_env, "BENCH_STREAMING": "on"}
+            off = {**common, "BENCH_STREAMING": "off"}
+            for repeat in range(args.repeats):
+                result = run_flow("log_call_flow", calls, on, 300)["result"]
+                per_call.append(result)
+                print(f"per call: {result}", flush=True)
+                params = {"steps": args.steps, "lines": args.lines}
+                order = (
+                    [("on", on), ("off", off)] if repeat % 2 == 0 else [("off", off), ("on", on)]
+                )
+                pair = {}
+                for label, env in order:
+                    pair[label] = run_flow("dag_flow", params, env, 600)["seconds"]
+                pair["ratio"] = ratio(pair["on"], pair["off"])
+                dag.append(pair)
+                print(f"dag: {pair}", flush=True)
+    finally:
+        cleanup_redis(prefix)
+
+    added = median([r["added_us"] for r in per_call])
+    summary = {
+        "per_call_with_us": median([r["with_us"] for r in per_call]),
+        "per_call_without_us": median([r["without_us"] for r in per_call]),
+        "per_call_added_us": added,
+        "handler_us": median([r["handler_us"] for r in per_call]),
+        "dag_on_s": median([p["on"] for p in dag]),
+        "dag_off_s": median([p["off"] for p in dag]),
+        "dag_paired_ratio": median([p["ratio"] for p in dag]),
+    }
+    overhead_pct = (
+        round((summary["dag_paired_ratio"] - 1) * 100, 1) if summary["dag_paired_ratio"] else None
+    )
+    summary["dag_overhead_pct"] = overhead_pct
+    print_table(
+        f"Per logger.info call on the task thread (median of {args.repeats} processes)",
+        [
+            "logger.info, all handlers us",
+            "same, ours detached us",
+            "difference us",
+            "our handler alone us",
+            "target us",
+        ],
+        [
+            [
+                summary["per_call_with_us"],
+                summary["per_call_without_us"],
+                added,
+                summary["handler_us"],
+                20,
+            ]
+        ],
+    )
+    print_table(
+        f"{args.steps}-step DAG x {args.lines} log lines, flow wall time "
+        f"(median of {args.repeats})",
+        ["streaming on s", "streaming off s", "on/off (median of pairs)", "overhead %", "target %"],
+        [[summary["dag_on_s"], summary["dag_off_s"], summary["dag_paired_ratio"], overhead_pct, 5]],
+    )
+    write_results(
+        "overhead",
+        args.quick,
+        {
+            "steps": args.steps,
+            "lines": args.lines,
+            "calls": calls,
+            "repeats": args.repeats,
+            "summary": summary,
+            "per_call": per_call,
+            "dag": dag,
+        },
+    )
+
+
+if __name__ == "__main__":
+    main()

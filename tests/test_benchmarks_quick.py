@@ -1,0 +1,82 @@
+"""Every benchmark script runs end to end on tiny sizes (``--quick``), so none of them rots.
+
+Each runs as its own process, exactly as documented in docs/benchmarks.md, and must exit 0,
+print its Markdown table and write its JSON result. The two that run flows share one Prefect
+server (log stream flags on) started here, to stay well under a minute in total.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+BENCH = Path(__file__).resolve().parent.parent / "benchmarks"
+sys.path.insert(0, str(BENCH))
+
+
+@pytest.fixture(scope="module")
+def bench_prefect_api() -> Iterator[str]:
+    from _common import prefect_server
+
+    with prefect_server() as env:
+        yield env["PREFECT_API_URL"]
+
+
+def _run(script: str, *extra: str, timeout: float = 90) -> str:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_WS_")}
+    proc = subprocess.run(
+        [sys.executable, str(BENCH / script), "--quick", *extra],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env=env,
+    )
+    assert proc.returncode == 0, f"{script} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
+    assert "\n### " in proc.stdout and "|---" in proc.stdout, proc.stdout[-2000:]
+    return proc.stdout
+
+
+def _result(name: str) -> dict:
+    data: dict = json.loads((BENCH / "results" / f"{name}-quick.json").read_text())
+    assert data["quick"] is True and data["machine"]["cores"]
+    return data
+
+
+def test_fanout_quick(redis_url: str) -> None:
+    _run("bench_fanout.py")
+    data = _result("fanout")
+    for row in data["summary"]:
+        assert row["prefect-ws"]["all_delivered"], row  # prefect-ws loses nothing
+
+
+def test_idle_quick(redis_url: str) -> None:
+    _run("bench_idle.py")
+    data = _result("idle")
+    assert all(r["held"] == r["target"] and r["failed"] == 0 for r in data["results"])
+
+
+def test_soak_quick(redis_url: str) -> None:
+    _run("bench_soak.py")
+    phases = _result("soak")["phases"]
+    events = next(p for p in phases if p["phase"] == "events")
+    assert events["frames"] == events["expected"]
+    assert all(p.get("failures", 0) == 0 for p in phases)
+
+
+def test_latency_quick(redis_url: str, bench_prefect_api: str) -> None:
+    _run("bench_latency.py", "--prefect-api-url", bench_prefect_api)
+    data = _result("latency")
+    for entry in data["summary"].values():
+        assert entry["prefect_ws"]["received"] == data["lines"] * data["repeats"]
+
+
+def test_overhead_quick(redis_url: str, bench_prefect_api: str) -> None:
+    _run("bench_overhead.py", "--prefect-api-url", bench_prefect_api)
+    summary = _result("overhead")["summary"]
+    assert summary["handler_us"] is not None and summary["dag_on_s"] > 0
