@@ -56,6 +56,8 @@ from prefect_ws.settings import Settings
 
 RUN_PATH: Final = re.compile(r"^/api/v2/workflows/runs/(?P<run>[^/]*)(?P<rest>/.*)?$")
 SSE_SUFFIX: Final = "/events/stream"
+_EVENT_PREFIX: Final = '{"v":'
+_SSE_END: Final = re.compile(rb'event: end\ndata: \{"code": (\d+), "reason": "([^"]*)"\}')
 MAX_HEADER_BYTES: Final = 16_384  # uvicorn's h11 has no limit on complete header blocks
 _CONTROL: Final = re.compile(r"[\x00-\x1f\x7f]")
 
@@ -238,7 +240,8 @@ class Guard:
         async def guarded_send(message: Message) -> None:
             mtype = message["type"]
             if mtype == "websocket.send":
-                state["sent"] += 1
+                if (message.get("text") or "").startswith(_EVENT_PREFIX):
+                    state["sent"] += 1  # events only, not control frames such as hello
             elif mtype == "websocket.accept":
                 if offered_subprotocol and not message.get("subprotocol"):
                     message = {**message, "subprotocol": SUBPROTOCOL}
@@ -257,6 +260,9 @@ class Guard:
             elif mtype == "http.response.body":
                 body = message.get("body", b"")
                 state["sent"] += body.count(b"\nid:") + body.startswith(b"id:")
+                end = _SSE_END.search(body)
+                if end and state["code"] in (None, 200):
+                    state["code"], state["reason"] = int(end.group(1)), end.group(2).decode()
             await send(message)
 
         async def guarded_receive() -> Message:

@@ -76,7 +76,7 @@ def test_document_covers_the_protocol(document: dict[str, Any]) -> None:
         "/api/v2/workflows/runs/{runId}/events/stream",
     }
     names = {m["name"] for m in document["components"]["messages"].values()}
-    assert names == {*EVENT_TYPES, "hello"}
+    assert names == {*EVENT_TYPES, "hello", "end"}
     assert {"bearer", "tokenQuery", "tokenSubprotocol"} <= set(
         document["components"]["securitySchemes"]
     )
@@ -168,8 +168,33 @@ def test_real_frames_match_the_schemas(
     layers = json.loads(replay.frames[0] if '"run_start"' in replay.frames[0] else replay.frames[1])
     assert layers["payload"]["layers"][0] == ["extract"]
 
-    if sse.status_code != 404:  # the SSE endpoint: same events, `data:` lines
-        assert sse.status_code == 200
-        assert sse.headers["content-type"].startswith("text/event-stream")
-        data = [line[5:].strip() for line in sse.text.splitlines() if line.startswith("data:")]
-        assert assert_valid(document, data) and len(data) >= len(replay.frames) - 1
+    # The SSE stream of the same run: hello, the identical events with id = seq, then end.
+    assert sse.status_code == 200
+    assert sse.headers["content-type"].startswith("text/event-stream")
+    messages = parse_sse(sse.text)
+    assert [name for name, _, _ in messages][:1] == ["hello"]
+    assert [name for name, _, _ in messages][-1] == "end"
+    validator(document, "Hello").validate(json.loads(messages[0][2]))
+    end = json.loads(messages[-1][2])
+    validator(document, "SseEnd").validate(end)
+    assert end == {"code": 1000, "reason": "run complete"}
+    events = messages[1:-1]
+    assert all(name == "message" for name, _, _ in events)
+    assert [data for _, _, data in events] == replay.frames
+    assert [int(i) for _, i, _ in events] == [json.loads(d)["seq"] for _, _, d in events]
+    assert_valid(document, [data for _, _, data in events])
+
+
+def parse_sse(text: str) -> list[tuple[str, str | None, str]]:
+    """(event name, id, data) of each SSE message; comments and `retry:` are skipped."""
+    messages = []
+    for block in text.split("\n\n"):
+        fields: dict[str, str] = {}
+        for line in block.splitlines():
+            if line.startswith(":") or ":" not in line:
+                continue
+            name, _, value = line.partition(":")
+            fields[name] = value[1:] if value.startswith(" ") else value
+        if "data" in fields:
+            messages.append((fields.get("event", "message"), fields.get("id"), fields["data"]))
+    return messages

@@ -180,7 +180,7 @@ async def test_stream_is_closed_when_its_token_expires(token_server: Server) -> 
     live_run = str(uuid.uuid4())
     token = mint_token(live_run, secret=SECRET, ttl=2)
     started = time.monotonic()
-    stream = await read_stream(stream_url(token_server.base, live_run, f"token={token}"))
+    stream = await read_stream(stream_url(token_server.base, live_run, f"token={token}&wait=60"))
     assert (stream.code, stream.reason) == (4401, "token expired")
     assert 0.5 < time.monotonic() - started < 4
     assert await refusal(stream_url(token_server.base, live_run, f"token={token}")) == (

@@ -30,6 +30,7 @@ SECRET = "hostile-test-secret"
 KEYS = ["key-old-rotating-out", "key-new"]
 ORIGIN = "https://app.example"
 ADMIN = {"Authorization": f"Bearer {KEYS[1]}"}
+WAIT = "wait=60"  # streams of runs that have not started stay open (instead of 4404)
 
 pytestmark = pytest.mark.anyio
 
@@ -391,7 +392,7 @@ async def test_crlf_in_token_is_refused_and_never_echoed(server: Server) -> None
 async def _send_and_wait_close(
     server: Server, payload: bytes | str, text: bool | None
 ) -> tuple[int | None, str | None]:
-    url = stream_url(server.base, str(uuid.uuid4()))  # a live run: the stream stays open
+    url = stream_url(server.base, str(uuid.uuid4()), WAIT)  # not started: the stream waits
     async with asyncio.timeout(10):
         async with connect(url, compression=None, proxy=None, additional_headers=ADMIN) as ws:
             await ws.send(payload, text=text)
@@ -475,7 +476,7 @@ async def _hold(url: str, source: str, **kwargs: Any) -> Any:
 
 @limits(max_connections_per_ip=2)
 async def test_too_many_connections_from_one_address(limited: Server) -> None:
-    url = stream_url(limited.base, str(uuid.uuid4()))
+    url = stream_url(limited.base, str(uuid.uuid4()), WAIT)
     held = [await _hold(url, "127.0.0.1") for _ in range(2)]
     try:
         assert await refusal(url, additional_headers=ADMIN) == (
@@ -492,7 +493,7 @@ async def test_too_many_connections_from_one_address(limited: Server) -> None:
 
 @limits(max_connections=3, max_connections_per_ip=10)
 async def test_process_connection_limit(limited: Server) -> None:
-    url = stream_url(limited.base, str(uuid.uuid4()))
+    url = stream_url(limited.base, str(uuid.uuid4()), WAIT)
     held = [await _hold(url, f"127.0.0.{n}") for n in (2, 3, 4)]
     try:
         assert await refusal(url, additional_headers=ADMIN) == (
@@ -526,7 +527,7 @@ async def test_handshake_flood_is_rate_limited_per_address(limited: Server) -> N
 @limits(max_runs=1)
 async def test_runs_per_process_limit(limited: Server) -> None:
     live_run = str(uuid.uuid4())
-    held = await _hold(stream_url(limited.base, live_run), "127.0.0.1")
+    held = await _hold(stream_url(limited.base, live_run, WAIT), "127.0.0.1")
     try:
         assert await refusal(
             stream_url(limited.base, limited.run_id), additional_headers=ADMIN
@@ -534,7 +535,9 @@ async def test_runs_per_process_limit(limited: Server) -> None:
             503,
             "server at its run limit",
         )
-        second = await _hold(stream_url(limited.base, live_run), "127.0.0.1")  # same run: fine
+        second = await _hold(
+            stream_url(limited.base, live_run, WAIT), "127.0.0.1"
+        )  # same run: fine
         await second.close()
     finally:
         await held.close()

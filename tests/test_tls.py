@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import socket
 import ssl
@@ -73,12 +74,14 @@ async def test_wss_round_trip_with_a_verifying_client(ca: trustme.CA, tls_server
     context = ssl.create_default_context()
     ca.configure_trust(context)
     run_id = str(uuid.uuid4())
-    url = f"wss://{tls_server}/api/v2/workflows/runs/{run_id}/stream"
+    url = f"wss://{tls_server}/api/v2/workflows/runs/{run_id}/stream?wait=60"
     async with connect(url, ssl=context, additional_headers={"Authorization": f"Bearer {KEY}"},
                        proxy=None) as ws:  # fmt: skip
         assert ws.transport.get_extra_info("ssl_object").version() in ("TLSv1.2", "TLSv1.3")
         with pytest.raises(TimeoutError):
-            await asyncio.wait_for(ws.recv(), 0.3)  # open and waiting for the run
+            async with asyncio.timeout(0.3):  # open and waiting for the run (a hello at most)
+                async for message in ws:
+                    assert json.loads(message)["type"] == "hello"
     async with httpx.AsyncClient(verify=context) as client:
         health = await client.get(f"https://{tls_server}/healthz")
         refused = await client.get(f"https://{tls_server}/api/v2/workflows/runs/{run_id}/events")
