@@ -163,6 +163,7 @@ async def sse_endpoint(request: Request) -> Response:
         if not info.known:
             return _error(404, "unknown run: no events for this run id (add wait=<seconds>)")
     subscription = stream_request.subscription(settings.client_queue_size)
+    schedule_expiry(request.scope, subscription)  # `event: end` 4401 when the token expires
     body = sse_body(
         open_stream(hub, stream_request, subscription), keepalive=settings.ping_interval
     )

@@ -9,6 +9,7 @@ import time
 import uuid
 from collections.abc import Iterator
 
+import httpx
 import pytest
 from test_hostile import Server, publish_run, read_stream, refusal, stream_url
 from typer.testing import CliRunner
@@ -211,3 +212,20 @@ async def test_access_log_has_one_line_each_way_and_no_token(
     assert disconnect["code"] == 1000 and disconnect["reason"] == "run complete"
     assert disconnect["events"] == 5 and disconnect["duration"] >= 0
     assert refuse["status"] == 401 and refuse["reason"] == "malformed token"
+
+
+@pytest.mark.anyio
+async def test_sse_stream_ends_when_its_token_expires(token_server: Server) -> None:
+    live_run = str(uuid.uuid4())
+    token = mint_token(live_run, secret=SECRET, ttl=2)
+    url = f"{token_server.http}/api/v2/workflows/runs/{live_run}/events/stream?wait=60"
+    started = time.monotonic()
+    async with httpx.AsyncClient(timeout=10) as client:
+        response = await client.get(url, headers={"Authorization": f"Bearer {token}"})
+        refused = await client.get(url, headers={"Authorization": f"Bearer {token}"})
+    assert response.status_code == 200
+    assert response.text.rstrip().endswith(
+        'event: end\ndata: {"code": 4401, "reason": "token expired"}'
+    )
+    assert 0.5 < time.monotonic() - started < 4
+    assert (refused.status_code, refused.json()["error"]) == (401, "token expired")
