@@ -564,3 +564,18 @@ async def test_slowloris_handshake_is_cut_off(limited: Server) -> None:
     for _, writer in trickles:
         writer.close()
     await limited.good_client()
+
+
+async def test_churning_hostile_clients_do_not_wedge_redis_subscriptions(redis_url: str) -> None:
+    """Streams opened and killed at once (oversized frame) must not stall later subscriptions."""
+    settings = _settings(
+        broadcast_url=redis_url, redis_prefix=f"prefect-ws-test-{uuid.uuid4().hex[:12]}"
+    )
+    run_id = publish_run(settings)
+    with serve_in_thread(settings) as base:
+        server = Server(base, run_id, settings)
+        for _ in range(8):
+            code, _ = await _send_and_wait_close(server, "x" * 5000, None)
+            assert code == 1009
+            async with asyncio.timeout(5):
+                await server.good_client()
