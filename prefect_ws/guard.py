@@ -371,6 +371,7 @@ def protect(app: Starlette, settings: Settings) -> None:
     if not any(isinstance(f, _DenialIsAHandshake) for f in uvicorn_log.filters):
         uvicorn_log.addFilter(_DenialIsAHandshake())
     app.router.routes.append(Route("/metrics", metrics.metrics_endpoint, methods=["GET"]))
+    app.router.routes.append(Route("/livez", metrics.livez, methods=["GET"]))
     app.add_middleware(Guard, settings=settings, active_runs=active_runs)
     if settings.allowed_origins:
         app.add_middleware(

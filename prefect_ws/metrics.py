@@ -169,6 +169,13 @@ def registry_for(state: Any) -> CollectorRegistry:
     return registry
 
 
+async def livez(request: Request) -> Response:
+    """``GET /livez``: the process answers. Unlike ``/healthz`` (readiness: 503 while the backend
+    is unreachable) it never fails for Redis, so an orchestrator does not restart healthy
+    replicas during a Redis outage they will recover from by themselves."""
+    return Response('{"status":"alive"}', media_type="application/json")
+
+
 async def metrics_endpoint(request: Request) -> Response:
     """``GET /metrics`` in the Prometheus text format."""
     registry = getattr(request.app.state, "metrics_registry", None)

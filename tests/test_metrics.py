@@ -144,3 +144,16 @@ async def test_metrics_need_an_admin_credential_when_auth_is_on() -> None:
             health = await client.get("/healthz")
     assert (anonymous.status_code, anonymous.json()["error"]) == (401, "missing credentials")
     assert health.status_code == 200  # liveness stays public
+
+
+async def test_liveness_stays_up_while_readiness_fails_without_the_backend() -> None:
+    # A Redis URL where nothing listens: the server starts anyway and reports not ready.
+    from conftest import free_port
+
+    settings = Settings(broadcast_url=f"redis://127.0.0.1:{free_port()}/0")
+    with serve_in_thread(settings) as base:
+        async with httpx.AsyncClient(base_url=base.replace("ws://", "http://", 1)) as client:
+            live = await client.get("/livez")
+            ready = await client.get("/healthz")
+    assert (live.status_code, live.json()) == (200, {"status": "alive"})
+    assert ready.status_code == 503 and ready.json()["status"] == "unavailable"
