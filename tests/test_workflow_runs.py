@@ -37,6 +37,7 @@ class LiveClient:
     def __init__(self, url: str) -> None:
         self.url = url
         self.events: list[dict[str, Any]] = []
+        self.control: list[dict[str, Any]] = []  # frames that are not run events (no seq)
         self.arrived: list[float] = []
         self.close_code: int | None = None
         self.connected = threading.Event()
@@ -47,8 +48,12 @@ class LiveClient:
             async with connect(self.url, compression=None, max_size=2**24) as websocket:
                 self.connected.set()
                 async for message in websocket:
+                    frame = json.loads(message)
+                    if "seq" not in frame:
+                        self.control.append(frame)
+                        continue
                     self.arrived.append(time.monotonic())
-                    self.events.append(json.loads(message))
+                    self.events.append(frame)
                 self.close_code = websocket.close_code
 
     def start(self) -> None:

@@ -376,6 +376,10 @@ def make_flow(name: str = FLOW_NAME) -> Flow[..., Any]:
         flow_run_name=_run_name,
         task_runner=ThreadPoolTaskRunner(max_workers=sys.maxsize),
         persist_result=False,
+        # Prefect patches the global builtins.print per task and restores it when the task ends,
+        # so with parallel tasks the first to finish would un-patch print() for the others. With
+        # the flow patched for the whole run, every restore puts print_as_log back.
+        log_prints=True,
     )
     flow.prefect_ws_layers = _layers_of
     return flow
