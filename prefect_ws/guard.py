@@ -179,6 +179,8 @@ class Guard:
         path: str = scope["path"]
         guarded = kind == "websocket" or path.startswith("/api/") or path == "/metrics"
         if not guarded:
+            # Pages read ?token= in the browser; the server never needs it, so no log gets it.
+            scope["query_string"] = strip_credentials(scope.get("query_string", b""))
             await self.app(scope, receive, send)
             return
         headers = _headers(scope)

@@ -229,3 +229,34 @@ async def test_sse_stream_ends_when_its_token_expires(token_server: Server) -> N
     )
     assert 0.5 < time.monotonic() - started < 4
     assert (refused.status_code, refused.json()["error"]) == (401, "token expired")
+
+
+@pytest.mark.anyio
+async def test_uvicorn_access_log_never_shows_a_token() -> None:
+    """Even with uvicorn's own access log on, ?token= is gone before uvicorn writes a line."""
+    records: list[str] = []
+
+    class Keep(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            records.append(record.getMessage())
+
+    settings = Settings(broadcast_url="memory://", token_secret=SECRET)
+    run_id = publish_run(settings)
+    token = mint_token(run_id, secret=SECRET, ttl=60)
+    keep = Keep()
+    with serve_in_thread(settings, access_log=True) as base:
+        for name in ("uvicorn.access", "uvicorn.error"):
+            logging.getLogger(name).addHandler(keep)
+        try:
+            http = base.replace("ws://", "http://", 1)
+            async with httpx.AsyncClient(base_url=http) as client:
+                page = await client.get(f"/runs/{run_id}?token={token}&x=1")
+                history = await client.get(f"/api/v2/workflows/runs/{run_id}/events?token={token}")
+            stream = await read_stream(stream_url(base, run_id, f"token={token}"))
+        finally:
+            for name in ("uvicorn.access", "uvicorn.error"):
+                logging.getLogger(name).removeHandler(keep)
+    assert history.status_code == 200 and stream.code == 1000
+    assert page.status_code in (200, 404)
+    assert any("/events" in line for line in records), records
+    assert not any(token in line for line in records)
