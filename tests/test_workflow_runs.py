@@ -266,6 +266,21 @@ def test_a_step_starts_when_its_own_needs_are_done(hub: str) -> None:
     assert client.index("step_start", "join") > client.index("step_complete", "slow")
 
 
+def test_print_in_parallel_steps_is_always_streamed(hub: str) -> None:
+    """Prefect patches builtins.print per task; a task that ends first must not un-patch it for a
+    step still running (regression: 'late' printed to the terminal instead of the stream)."""
+    definition = {
+        "id": "parallel-prints",
+        "steps": [
+            {"id": "early", "run": f"{HERE}:say", "params": {"text": "early", "delay": 0}},
+            {"id": "late", "run": f"{HERE}:say", "params": {"text": "late", "delay": 0.5}},
+        ],
+    }
+    result, client = run_watched(hub, definition)
+    assert result.ok
+    assert_run_sequence(client.events, {"early": ["early"], "late": ["late"]})
+
+
 # -- shell steps ----------------------------------------------------------------------------------
 def test_shell_lines_arrive_while_the_step_runs(hub: str) -> None:
     result, client = run_watched(hub, EXAMPLES / "shell.yaml", {"greeting": "hi"})
@@ -454,3 +469,9 @@ async def async_nap(seconds: float) -> float:
 
     await asyncio.sleep(seconds)
     return seconds
+
+
+def say(text: str, delay: float) -> str:
+    time.sleep(delay)
+    print(text)
+    return text
