@@ -420,6 +420,20 @@ async def test_invalid_utf8_text_frame_closes_1007(server: Server) -> None:
     await server.good_client()
 
 
+async def test_small_garbage_frames_are_ignored_and_the_run_still_arrives(server: Server) -> None:
+    url = stream_url(server.base, server.run_id)
+    events = []
+    async with connect(url, compression=None, proxy=None, additional_headers=ADMIN) as ws:
+        await ws.send(b"\x00\x01binary junk")
+        await ws.send('{"type":"subscribe","runId":"*"}')
+        async for message in ws:
+            if message.startswith('{"v":'):
+                events.append(json.loads(message))
+    assert [e["seq"] for e in events] == [1, 2, 3, 4, 5]
+    assert (ws.close_code, ws.close_reason) == (1000, "run complete")
+    await server.good_client()
+
+
 # -- malformed HTTP ------------------------------------------------------------------------------
 
 
