@@ -21,7 +21,7 @@ from prefect_ws.settings import Settings
 from prefect_ws.workflow.loader import load_workflow, parse_param_assignments
 from prefect_ws.workflow.model import WorkflowError
 
-EXIT_OK, EXIT_FAILED, EXIT_INVALID = 0, 1, 2
+EXIT_OK, EXIT_FAILED, EXIT_INVALID, EXIT_INTERRUPTED = 0, 1, 2, 130
 
 
 def _error(message: str) -> None:
@@ -82,6 +82,9 @@ def run_command(
 
         try:
             result = run_workflow(path, overrides, on_start=announce)
+        except KeyboardInterrupt:
+            _error("interrupted")
+            return EXIT_INTERRUPTED
         except Exception as exc:  # e.g. the Prefect API is unreachable: one line, no traceback
             _error(f"could not run {path}: {type(exc).__name__}: {str(exc)[:500]}")
             return EXIT_FAILED
