@@ -11,8 +11,11 @@ from __future__ import annotations
 import json
 import logging
 import re
+import sys
 from collections.abc import Mapping
 from typing import Any, Final
+
+from prefect_ws.events import utc_timestamp
 
 logger = logging.getLogger("prefect_ws.access")
 
@@ -39,6 +42,7 @@ class AccessLog:
         self.enabled = enabled
         self.json_lines = json_lines
         logger.setLevel(level)
+        _json_to_stderr(json_lines)
 
     def connect(self, **fields: Any) -> None:
         self._write("connect", fields)
@@ -53,10 +57,37 @@ class AccessLog:
         if not self.enabled or not logger.isEnabledFor(logging.INFO):
             return
         if self.json_lines:
-            line = json.dumps({"event": event, **fields}, separators=(",", ":"), default=str)
+            line = json.dumps(
+                {"ts": utc_timestamp(), "level": "INFO", "event": event, **fields},
+                separators=(",", ":"),
+                default=str,
+            )
         else:
             line = " ".join([event, *(f"{k}={_text_value(v)}" for k, v in fields.items())])
         logger.info(line)
+
+
+class _BareJsonHandler(logging.Handler):
+    """stderr, message only: each line is one JSON object a log shipper can parse as is."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            sys.stderr.write(record.getMessage() + "\n")  # looked up now: stderr may be swapped
+            sys.stderr.flush()
+        except Exception:
+            self.handleError(record)
+
+
+def _json_to_stderr(enabled: bool) -> None:
+    # JSON lines must not be wrapped in another formatter's prefix (Prefect's, uvicorn's);
+    # text lines go wherever the process's logging config sends them.
+    ours = [h for h in logger.handlers if isinstance(h, _BareJsonHandler)]
+    if enabled and not ours:
+        logger.addHandler(_BareJsonHandler())
+    elif not enabled:
+        for handler in ours:
+            logger.removeHandler(handler)
+    logger.propagate = not enabled
 
 
 def client_address(scope: Mapping[str, Any]) -> str | None:

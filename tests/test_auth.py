@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import re
 import time
 import uuid
 from collections.abc import Iterator
@@ -191,27 +192,64 @@ async def test_stream_is_closed_when_its_token_expires(token_server: Server) -> 
 
 
 @pytest.mark.anyio
-async def test_access_log_has_one_line_each_way_and_no_token(
-    caplog: pytest.LogCaptureFixture,
+async def test_json_access_log_has_one_line_each_way_and_no_token(
+    capsys: pytest.CaptureFixture[str],
 ) -> None:
     settings = Settings(broadcast_url="memory://", token_secret=SECRET, log_json=True)
     run_id = publish_run(settings)
     token = mint_token(run_id, secret=SECRET, ttl=60)
-    caplog.set_level(logging.INFO)
     with serve_in_thread(settings) as base:
+        capsys.readouterr()
         stream = await read_stream(stream_url(base, run_id, f"token={token}"))
         await refusal(stream_url(base, run_id, "token=forged.token.here"))
         await asyncio.sleep(0.1)
+        err = capsys.readouterr().err
     assert stream.code == 1000
-    assert token not in caplog.text and "forged.token.here" not in caplog.text
-    lines = [json.loads(r.getMessage()) for r in caplog.records if r.name == "prefect_ws.access"]
+    assert token not in err and "forged.token.here" not in err
+    lines = [json.loads(line) for line in err.splitlines() if line.startswith('{"ts":')]
     assert [line["event"] for line in lines] == ["connect", "disconnect", "refuse"]
     connect, disconnect, refuse = lines
     assert connect["run"] == run_id and connect["transport"] == "ws"
-    assert connect["client"].startswith("127.0.0.1:")
+    assert connect["client"].startswith("127.0.0.1:") and connect["level"] == "INFO"
     assert disconnect["code"] == 1000 and disconnect["reason"] == "run complete"
     assert disconnect["events"] == 5 and disconnect["duration"] >= 0
     assert refuse["status"] == 401 and refuse["reason"] == "malformed token"
+
+
+@pytest.mark.anyio
+async def test_text_access_log_lines_are_key_value_and_escaped() -> None:
+    records: list[logging.LogRecord] = []
+
+    class Keep(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            records.append(record)
+
+    settings = Settings(broadcast_url="memory://", api_keys=["k"])
+    run_id = publish_run(settings)
+    keep = Keep()
+    logging.getLogger("prefect_ws.access").addHandler(keep)
+    try:
+        with serve_in_thread(settings) as base:
+            await read_stream(
+                stream_url(base, run_id), additional_headers={"Authorization": "Bearer k"}
+            )
+            await refusal(stream_url(base, "x\u2028y"))  # odd characters stay on one line
+            await asyncio.sleep(0.1)
+    finally:
+        logging.getLogger("prefect_ws.access").removeHandler(keep)
+    lines = [r.getMessage() for r in records]
+    assert all(r.levelno == logging.INFO for r in records)
+    assert (
+        lines[0]
+        == f"connect run={run_id} client={lines[0].split('client=')[1].split()[0]} transport=ws"
+    )
+    assert re.fullmatch(
+        rf"disconnect run={run_id} client=127\.0\.0\.1:\d+ transport=ws duration=\d+\.\d{{3}} "
+        r'code=1000 reason="run complete" events=5',
+        lines[1],
+    )
+    assert lines[2].startswith('refuse run="x\\u2028y" client=127.0.0.1:')
+    assert lines[2].endswith('status=401 reason="missing credentials"')
 
 
 @pytest.mark.anyio
