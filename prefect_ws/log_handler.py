@@ -22,7 +22,6 @@ class PrefectWsHandler(logging.Handler):
 
     def __init__(self, level: int = logging.NOTSET) -> None:
         super().__init__(level)
-        self._include_engine: bool | None = None
 
     def handle(self, record: logging.LogRecord) -> bool:
         # The publisher's deque is thread-safe: skip logging's per-handler lock.
@@ -40,9 +39,7 @@ class PrefectWsHandler(logging.Handler):
             from prefect_ws.publisher import get_publisher
 
             publisher = get_publisher()
-            if self._include_engine is None:
-                self._include_engine = publisher.settings.include_engine_logs
-            if not self._include_engine and record.module in ENGINE_MODULES:
+            if record.module in ENGINE_MODULES and not publisher.settings.include_engine_logs:
                 return
             message = record.getMessage()
             if record.exc_info:

@@ -1,10 +1,12 @@
 """Zero-code mode: a ``prefect.plugins`` entry point.
 
 With ``PREFECT_PLUGINS_ENABLED=true``, Prefect calls :func:`setup_environment` at
-``import prefect``. A handler added at that moment would be wiped by Prefect's own logging
-setup, so instead we point ``PREFECT_LOGGING_CONFIG_PATH`` at a packaged copy of Prefect's
-default logging config that adds the prefect-ws handler. Every flow run in the environment (and
-its child processes, which inherit the variable) then streams its logs with no code change.
+``import prefect``. Whether Prefect's logging is configured before or after that moment has
+varied, so we cover both: we point ``PREFECT_LOGGING_CONFIG_PATH`` at a packaged copy of
+Prefect's default logging config that adds the prefect-ws handler (used when logging is set up
+afterwards, and inherited by child processes), and we attach the handler to the run loggers now
+(kept when logging was already set up: Prefect 3.9.1 then only re-applies levels). Every flow
+run in the environment then streams its logs with no code change.
 Lifecycle events still need the hooks (``prefect_ws.flow`` / ``prefect_ws.task``).
 """
 
@@ -16,6 +18,8 @@ from typing import Any
 
 from prefect._internal.plugins.manager import register_hook
 from prefect._internal.plugins.spec import SetupResult
+
+from prefect_ws.log_handler import install_log_handler
 
 PREFECT_PLUGIN_API_REQUIRES = ">=0.1,<1"
 LOGGING_CONFIG = Path(__file__).with_name("logging.yml")
@@ -37,6 +41,7 @@ def setup_environment(*, ctx: Any) -> SetupResult | None:
             env={},
             note=f"prefect-ws: {home / 'logging.yml'} exists; add the prefect-ws handler to it",
         )
+    install_log_handler()
     return SetupResult(
         env={"PREFECT_LOGGING_CONFIG_PATH": str(LOGGING_CONFIG)},
         note="prefect-ws: run logs stream through the prefect-ws handler",

@@ -53,8 +53,9 @@ class Publisher:
         self._finished: OrderedDict[str, None] = OrderedDict()
         self.outage = False
         self.published = 0
-        self.dropped = 0
-        self.dropped_late = 0
+        self.dropped = 0  # log events refused while the buffer was full
+        self.dropped_late = 0  # events of a run after its run_complete
+        self.abandoned = 0  # events still unsent when the publisher was closed
 
     # -- any thread ------------------------------------------------------------------------
     def emit(
@@ -92,7 +93,9 @@ class Publisher:
         self._stopping = True
         self._wakeup()
         thread.join(timeout=2.0)
-        unsent = sum(1 for item in self._pending if not isinstance(item, _FlushMarker))
+        unsent = self.abandoned + sum(
+            1 for item in self._pending if not isinstance(item, _FlushMarker)
+        )
         if unsent or self.dropped:
             logger.warning(
                 "prefect-ws: %d event(s) not published (%d unsent at exit, %d dropped while "
@@ -205,6 +208,7 @@ class Publisher:
                         self.settings.publisher_buffer_size,
                     )
                 if self._stopping:
+                    self.abandoned += len(drafts)
                     return
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 2.0)

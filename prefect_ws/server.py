@@ -14,6 +14,7 @@ import uvicorn
 from prefect_ws.app import create_app
 from prefect_ws.guard import handshake_timeout_protocol
 from prefect_ws.settings import Settings
+from prefect_ws.wsprotocol import PrefectWsProtocol
 
 
 def uvicorn_config(settings: Settings, *, host: str, port: int, **overrides: Any) -> uvicorn.Config:
@@ -26,7 +27,7 @@ def uvicorn_config(settings: Settings, *, host: str, port: int, **overrides: Any
     options: dict[str, Any] = {
         "host": host,
         "port": port,
-        "ws": "websockets-sansio",
+        "ws": PrefectWsProtocol,  # websockets-sansio, answering unparsable handshakes
         "ws_per_message_deflate": False,
         "ws_max_size": settings.max_inbound_bytes,
         "ws_ping_interval": settings.ping_interval,

@@ -1,0 +1,98 @@
+"""Zero-code mode: with PREFECT_PLUGINS_ENABLED=true, a plain Prefect flow streams its logs."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+from prefect_ws.transport import RedisBackend
+
+TESTS = Path(__file__).resolve().parent
+
+
+def _run_plain_flow(extra_env: dict[str, str]) -> subprocess.CompletedProcess[str]:
+    env = {**os.environ, "PYTHONPATH": str(TESTS), **extra_env}
+    return subprocess.run(
+        [sys.executable, str(TESTS / "plain_prefect_flow.py")],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=90,
+    )
+
+
+def _history(redis_url: str, prefix: str, run_id: str) -> list[dict]:
+    async def read() -> list[str]:
+        backend = RedisBackend(redis_url, prefix=prefix)
+        await backend.connect()
+        try:
+            return await backend.history(run_id, 0, 1000)
+        finally:
+            await backend.disconnect()
+
+    return [json.loads(t) for t in asyncio.run(read())]
+
+
+def test_plugin_streams_logs_of_a_flow_that_never_imports_prefect_ws(
+    prefect_api: str, redis_url: str, redis_prefix: str, tmp_path: Path
+) -> None:
+    env = {
+        "PREFECT_PLUGINS_ENABLED": "true",
+        "PREFECT_HOME": str(tmp_path),  # no logging.yml of the user's own there
+        "PREFECT_API_URL": prefect_api,
+        "PREFECT_WS_BROADCAST_URL": redis_url,
+        "PREFECT_WS_REDIS_PREFIX": redis_prefix,
+    }
+    result = _run_plain_flow(env)
+    assert result.returncode == 0, result.stderr[-3000:]
+    run_id = json.loads(result.stdout.strip().splitlines()[-1])["run_id"]
+
+    events = _history(redis_url, redis_prefix, run_id)
+    logs = [
+        (e["payload"]["stepId"], e["payload"]["level"], e["payload"]["message"]) for e in events
+    ]
+    assert logs == [
+        (None, "WARNING", "plain flow warns"),
+        ("plain-step", "INFO", "plain step logs"),
+        ("plain-step", "INFO", "plain step prints"),
+    ]
+    assert [e["seq"] for e in events] == [1, 2, 3]
+    # Prefect's own console handler kept working beside ours.
+    assert "plain step logs" in result.stderr
+
+
+def test_without_the_plugin_switch_nothing_is_streamed(
+    prefect_api: str, redis_url: str, redis_prefix: str, tmp_path: Path
+) -> None:
+    env = {
+        "PREFECT_HOME": str(tmp_path),
+        "PREFECT_API_URL": prefect_api,
+        "PREFECT_WS_BROADCAST_URL": redis_url,
+        "PREFECT_WS_REDIS_PREFIX": redis_prefix,
+    }
+    env_without = {k: v for k, v in env.items()}
+    result = _run_plain_flow({**env_without, "PREFECT_PLUGINS_ENABLED": "false"})
+    assert result.returncode == 0, result.stderr[-3000:]
+    run_id = json.loads(result.stdout.strip().splitlines()[-1])["run_id"]
+    assert _history(redis_url, redis_prefix, run_id) == []
+
+
+def test_plugin_leaves_a_users_own_logging_config_alone(tmp_path: Path) -> None:
+    from prefect_ws import plugin
+
+    (tmp_path / "logging.yml").write_text("version: 1\n")
+    old = os.environ.get("PREFECT_HOME")
+    os.environ["PREFECT_HOME"] = str(tmp_path)
+    try:
+        result = plugin.setup_environment(ctx=None)
+    finally:
+        if old is None:
+            del os.environ["PREFECT_HOME"]
+        else:
+            os.environ["PREFECT_HOME"] = old
+    assert result is not None and result.env == {}
+    assert "add the prefect-ws handler" in (result.note or "")

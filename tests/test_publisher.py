@@ -1,0 +1,109 @@
+"""The publisher never blocks or breaks a flow: order kept, buffer bounded, outages reported."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import threading
+import time
+
+import pytest
+from conftest import free_port
+from sample_flows import four_steps
+
+from prefect_ws.publisher import Publisher, reset_publisher
+from prefect_ws.settings import Settings
+from prefect_ws.transport import RedisBackend
+
+RUN = "7d0e9a3e-0b7a-4d43-8d5b-6f3f2a8e1c01"
+
+
+def _history(redis_url: str, prefix: str, run_id: str = RUN) -> list[dict]:
+    async def read() -> list[str]:
+        backend = RedisBackend(redis_url, prefix=prefix)
+        await backend.connect()
+        try:
+            return await backend.history(run_id, 0, 100_000)
+        finally:
+            await backend.disconnect()
+
+    return [json.loads(t) for t in asyncio.run(read())]
+
+
+def test_each_threads_order_is_kept(redis_url: str, redis_prefix: str) -> None:
+    publisher = Publisher(Settings(broadcast_url=redis_url, redis_prefix=redis_prefix))
+
+    def emit(thread: int) -> None:
+        for i in range(500):
+            publisher.emit(RUN, "step_log", {"stepId": f"t{thread}", "message": str(i)})
+
+    threads = [threading.Thread(target=emit, args=(n,)) for n in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    publisher.emit(RUN, "run_complete", {"status": "completed"})
+    assert publisher.flush(10)
+    publisher.close()
+
+    events = _history(redis_url, redis_prefix)
+    assert [e["seq"] for e in events] == list(range(1, 2002))
+    assert events[-1]["type"] == "run_complete"
+    for thread in range(4):
+        mine = [
+            int(e["payload"]["message"])
+            for e in events
+            if e["payload"].get("stepId") == f"t{thread}"
+        ]
+        assert mine == list(range(500))
+
+
+def test_events_after_run_complete_are_not_published(redis_url: str, redis_prefix: str) -> None:
+    publisher = Publisher(Settings(broadcast_url=redis_url, redis_prefix=redis_prefix))
+    publisher.emit(RUN, "step_log", {"message": "before"})
+    publisher.emit(RUN, "run_complete", {"status": "completed"})
+    publisher.emit(RUN, "step_log", {"message": "straggler"})
+    assert publisher.flush(10)
+    publisher.close()
+    assert [e["type"] for e in _history(redis_url, redis_prefix)] == ["step_log", "run_complete"]
+    assert publisher.dropped_late == 1
+
+
+def test_unreachable_backend_bounds_the_buffer_and_keeps_lifecycle_events(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    dead = f"redis://127.0.0.1:{free_port()}/0"
+    publisher = Publisher(Settings(broadcast_url=dead, publisher_buffer_size=50))
+    with caplog.at_level(logging.WARNING, logger="prefect_ws.publisher"):
+        started = time.perf_counter()
+        for i in range(1000):
+            publisher.emit(RUN, "step_log", {"message": str(i)})
+        publisher.emit(RUN, "run_complete", {"status": "completed"})
+        emitting = time.perf_counter() - started
+        deadline = time.monotonic() + 10
+        while not publisher.outage and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert publisher.outage
+        assert publisher.flush(5) is False  # returns at once during an outage
+        publisher.close(timeout=0)
+    assert emitting < 1.0  # never blocked on the dead backend
+    assert 900 <= publisher.dropped <= 951  # bounded: at most 50 log events buffered
+    assert publisher.dropped + publisher.abandoned == 1001  # run_complete was never dropped
+    warnings = [r.getMessage() for r in caplog.records if r.name == "prefect_ws.publisher"]
+    assert sum("cannot publish" in w for w in warnings) == 1, warnings  # one warning per outage
+    assert any("1001 event(s) not published" in w for w in warnings), warnings  # loss reported
+
+
+def test_flow_result_is_unchanged_when_redis_is_unreachable(
+    prefect_api: str, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    monkeypatch.setenv("PREFECT_WS_BROADCAST_URL", f"redis://127.0.0.1:{free_port()}/0")
+    reset_publisher()
+    with caplog.at_level(logging.WARNING, logger="prefect_ws.publisher"):
+        started = time.perf_counter()
+        assert four_steps(fail=False) == 33
+        elapsed = time.perf_counter() - started
+    assert elapsed < 10  # the run's end does not wait out the flush timeout during an outage
+    warnings = [r.getMessage() for r in caplog.records if r.name == "prefect_ws.publisher"]
+    assert sum("cannot publish" in w for w in warnings) == 1
