@@ -1,4 +1,4 @@
-"""prefect_ws.flow / prefect_ws.task: Prefect's decorators, with our hooks added, never replacing."""
+"""prefect_ws.flow / prefect_ws.task: Prefect's decorators with our hooks added, never replacing."""
 
 from __future__ import annotations
 
