@@ -50,6 +50,7 @@ from prefect_ws.auth import (
     AuthError,
     Principal,
     extract_credential,
+    is_loopback,
     strip_credentials,
 )
 from prefect_ws.settings import Settings
@@ -124,7 +125,13 @@ class Guard:
 
     # -- checks ---------------------------------------------------------------------------
 
+    def _per_address(self, ip: str) -> bool:
+        """Per-address limits skip loopback clients unless PREFECT_WS_LIMIT_LOOPBACK is set."""
+        return self.settings.limit_loopback or not is_loopback(ip)
+
     def _check_rate(self, ip: str) -> None:
+        if not self._per_address(ip):
+            return
         for rate in self._rates:
             if not self._limiter.hit(rate, "handshake", ip):
                 raise Refusal(429, "too many handshakes from this address", "rate_limited")
@@ -162,7 +169,7 @@ class Guard:
     def _check_capacity(self, ip: str, run: str | None) -> None:
         if self.open_total >= self.settings.max_connections:
             raise Refusal(503, "server at its connection limit", "max_connections")
-        if self.open_per_ip[ip] >= self.settings.max_connections_per_ip:
+        if self.open_per_ip[ip] >= self.settings.max_connections_per_ip and self._per_address(ip):
             raise Refusal(429, "too many connections from this address", "max_connections_per_ip")
         if run is not None:
             runs = self.active_runs()

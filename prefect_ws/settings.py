@@ -28,7 +28,7 @@ class Settings(BaseSettings):
 
     # Serving side
     host: str = Field(default="127.0.0.1", description="Address `prefect-ws serve` binds to.")
-    port: int = Field(default=8000, ge=0, le=65535)
+    port: int = Field(default=8000, ge=0, le=65535, description="Port `prefect-ws serve` binds to.")
     public_url: str | None = Field(
         default=None,
         description="Base URL clients use to reach the server (printed in stream URLs).",
@@ -46,7 +46,9 @@ class Settings(BaseSettings):
     )
     ping_interval: float = Field(default=54.0, gt=0, description="Seconds between server pings.")
     ping_timeout: float = Field(default=30.0, gt=0, description="Seconds to wait for a pong.")
-    replay_page_size: int = Field(default=500, ge=1, le=10_000)
+    replay_page_size: int = Field(
+        default=500, ge=1, le=10_000, description="Events read from history per page on replay."
+    )
     max_wait_seconds: float = Field(
         default=3600.0, ge=0, description="Longest a client may wait for an unknown run to start."
     )
@@ -73,7 +75,9 @@ class Settings(BaseSettings):
     publisher_buffer_size: int = Field(
         default=100_000, ge=10, description="Log events buffered while the backend is down."
     )
-    publisher_batch_size: int = Field(default=500, ge=1, le=10_000)
+    publisher_batch_size: int = Field(
+        default=500, ge=1, le=10_000, description="Most events the publisher sends per round trip."
+    )
     flush_timeout_seconds: float = Field(
         default=5.0, ge=0, description="How long a finishing flow waits for its events to be sent."
     )
@@ -105,10 +109,17 @@ class Settings(BaseSettings):
     handshake_timeout: float = Field(
         default=10.0, gt=0, description="Seconds a client has to send its request headers."
     )
+    limit_loopback: bool = Field(
+        default=False,
+        description="Apply the per-address limits to loopback clients too (local tools, tests "
+        "and a same-host proxy that sends no X-Forwarded-For are exempt by default).",
+    )
     access_log: bool = Field(default=True, description="One line per stream connect/disconnect.")
     log_json: bool = Field(default=False, description="Access log lines as JSON objects.")
 
-    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field(
+        default="INFO", description="Server log level."
+    )
 
     @field_validator("broadcast_url")
     @classmethod

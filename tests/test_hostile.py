@@ -35,9 +35,9 @@ WAIT = "wait=60"  # streams of runs that have not started stay open (instead of 
 pytestmark = pytest.mark.anyio
 
 
-def publish_run(settings: Settings, logs: int = 3) -> str:
+def publish_run(settings: Settings, logs: int = 3, run_id: str | None = None) -> str:
     """A complete small run in the backend's history, for good clients to replay."""
-    run_id = str(uuid.uuid4())
+    run_id = run_id or str(uuid.uuid4())
     publisher = Publisher(settings)
     publisher.emit(
         run_id,
@@ -421,11 +421,13 @@ async def test_invalid_utf8_text_frame_closes_1007(server: Server) -> None:
 
 
 async def test_small_garbage_frames_are_ignored_and_the_run_still_arrives(server: Server) -> None:
-    url = stream_url(server.base, server.run_id)
+    run_id = str(uuid.uuid4())
+    url = stream_url(server.base, run_id, WAIT)
     events = []
     async with connect(url, compression=None, proxy=None, additional_headers=ADMIN) as ws:
         await ws.send(b"\x00\x01binary junk")
         await ws.send('{"type":"subscribe","runId":"*"}')
+        await asyncio.to_thread(publish_run, server.settings, 3, run_id)  # now the run happens
         async for message in ws:
             if message.startswith('{"v":'):
                 events.append(json.loads(message))
@@ -488,7 +490,7 @@ async def _hold(url: str, source: str, **kwargs: Any) -> Any:
     )
 
 
-@limits(max_connections_per_ip=2)
+@limits(max_connections_per_ip=2, limit_loopback=True)
 async def test_too_many_connections_from_one_address(limited: Server) -> None:
     url = stream_url(limited.base, str(uuid.uuid4()), WAIT)
     held = [await _hold(url, "127.0.0.1") for _ in range(2)]
@@ -521,7 +523,7 @@ async def test_process_connection_limit(limited: Server) -> None:
     await limited.good_client()
 
 
-@limits(handshake_rate="5/second")
+@limits(handshake_rate="5/second", limit_loopback=True)
 async def test_handshake_flood_is_rate_limited_per_address(limited: Server) -> None:
     url = stream_url(limited.base, limited.run_id)
     results = await asyncio.gather(
@@ -536,6 +538,19 @@ async def test_handshake_flood_is_rate_limited_per_address(limited: Server) -> N
     await limited.good_client(local_addr=("127.0.0.2", 0))
     await asyncio.sleep(1.1)  # the window moved on
     await limited.good_client()
+
+
+@limits(max_connections_per_ip=1, handshake_rate="2/second")
+async def test_loopback_clients_are_exempt_from_per_address_limits_by_default(
+    limited: Server,
+) -> None:
+    url = stream_url(limited.base, str(uuid.uuid4()), WAIT)
+    held = [await _hold(url, "127.0.0.1") for _ in range(4)]  # local tools, tests, a bare proxy
+    try:
+        await limited.good_client()
+    finally:
+        for ws in held:
+            await ws.close()
 
 
 @limits(max_runs=1)

@@ -75,7 +75,9 @@ def emit_run(publisher: Publisher, run_id: str, logs: int) -> None:
 
 
 async def test_metrics_follow_scripted_traffic() -> None:
-    settings = Settings(broadcast_url="memory://", api_keys=KEYS, max_connections_per_ip=3)
+    settings = Settings(
+        broadcast_url="memory://", api_keys=KEYS, max_connections_per_ip=3, limit_loopback=True
+    )
     publisher = Publisher(settings)
     finished = str(uuid.uuid4())
     emit_run(publisher, finished, logs=3)  # 5 events in history
