@@ -14,6 +14,7 @@ import httpx
 import pytest
 from test_hostile import Server, publish_run, read_stream, refusal, stream_url
 from typer.testing import CliRunner
+from websockets.asyncio.client import connect
 
 from prefect_ws.auth import (
     ADMIN_SCOPE,
@@ -167,6 +168,9 @@ async def test_token_accepted_in_header_query_and_subprotocol(token_server: Serv
         {"url": stream_url(token_server.base, token_server.run_id, f"token={token}&since=2")},
         {"subprotocols": ["prefect-ws.v1", f"bearer.{token}"]},
     ]
+    async with connect(url, subprotocols=["prefect-ws.v1", f"bearer.{token}"], proxy=None) as ws:
+        assert ws.subprotocol == "prefect-ws.v1"  # browsers require an answer; never the token
+        assert token not in str(ws.response.headers)
     for way in ways:
         stream = await read_stream(str(way.pop("url", url)), **way)  # type: ignore[arg-type]
         assert stream.code == 1000 and stream.events[-1]["type"] == "run_complete"

@@ -334,6 +334,12 @@ async def test_cors_preflight_allows_only_listed_origins(server: Server) -> None
         good = await client.options(path, headers={"Origin": ORIGIN, **preflight})
     assert evil.status_code == 400 and "access-control-allow-origin" not in evil.headers
     assert good.status_code == 200 and good.headers["access-control-allow-origin"] == ORIGIN
+    async with httpx.AsyncClient(base_url=server.http) as client:
+        read = await client.get(path, headers={"Origin": ORIGIN, **ADMIN})
+        foreign = await client.get(path, headers={"Origin": "https://evil.example", **ADMIN})
+    assert read.status_code == 200 and read.headers["access-control-allow-origin"] == ORIGIN
+    assert (foreign.status_code, foreign.json()["error"]) == (403, "origin not allowed")
+    assert "access-control-allow-origin" not in foreign.headers
     await server.good_client()
 
 
