@@ -103,3 +103,13 @@ def test_plain_http_to_the_tls_port_gets_no_stream(tls_server: str) -> None:
         sock.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
         reply = sock.recv(1024)
     assert not reply.startswith(b"HTTP/1.1 200")
+
+
+def test_serve_needs_both_tls_files() -> None:
+    from typer.testing import CliRunner
+
+    from prefect_ws.cli import app
+
+    result = CliRunner().invoke(app, ["serve", "--port", "1", "--ssl-certfile", "cert.pem"])
+    assert result.exit_code == 2
+    assert "--ssl-certfile and --ssl-keyfile go together" in result.output
