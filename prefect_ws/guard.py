@@ -203,7 +203,7 @@ class Guard:
                 p for p in subprotocols if not p.startswith(BEARER_PROTOCOL_PREFIX)
             ]
         match = RUN_PATH.match(path)
-        raw_run = match.group("run") if match else None
+        raw_run = match.group("run")[:200] if match else None  # logged: bounded
         run = _canonical_run(raw_run) if raw_run is not None else None
         streaming = kind == "websocket" or path.endswith(SSE_SUFFIX)
         ip = scope["client"][0] if scope.get("client") else "-"
