@@ -6,6 +6,7 @@ Python and shell steps run as Prefect flows): :func:`run_workflow`, :class:`Work
 """
 
 from prefect_ws.app import create_app
+from prefect_ws.auth import mint_token
 from prefect_ws.decorators import flow, stream, task
 from prefect_ws.events import EVENT_TYPES, Draft, Frame, encode
 from prefect_ws.hooks import flow_hooks, task_hooks
@@ -34,6 +35,7 @@ __all__ = [
     "get_settings",
     "install_log_handler",
     "load_workflow",
+    "mint_token",
     "run_workflow",
     "stream",
     "task",
