@@ -134,6 +134,9 @@ def tail(
     level: str = typer.Option(None, help="Minimum log level: DEBUG, INFO, WARNING, ERROR."),
     token: str = typer.Option(None, envvar="PREFECT_WS_TOKEN", help="Access token, if required."),
     json_lines: bool = typer.Option(False, "--json", help="One event per line, as received."),
+    wait: float = typer.Option(
+        None, help="Wait up to this many seconds for a run that has not started yet."
+    ),
 ) -> None:
     """Follow a run live; exit 0 if it completed, 1 if it failed, 3 if the stream was refused."""
     from prefect_ws.tail import EXIT_USAGE, UsageError, make_options
@@ -143,6 +146,7 @@ def tail(
         options = make_options(
             run_id, url=url, since=since, types=types, steps=step, level=level, token=token,
             json=json_lines,
+            wait=wait,
         )
     except UsageError as exc:
         typer.secho(f"prefect-ws tail: {exc}", err=True, fg="red")

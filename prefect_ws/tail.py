@@ -37,6 +37,7 @@ EXIT_INTERRUPTED: Final = 130
 
 LEVELS: Final = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 MAX_SINCE: Final = 2**53
+MAX_WAIT: Final = 86_400
 
 
 class UsageError(ValueError):
@@ -55,6 +56,7 @@ class TailOptions:
     level: str | None = None
     token: str | None = None
     json: bool = False
+    wait: float | None = None
 
 
 def parse_base_url(raw: str) -> str:
@@ -131,10 +133,13 @@ def make_options(
     level: str | None = None,
     token: str | None = None,
     json: bool = False,
+    wait: float | None = None,
 ) -> TailOptions:
     """Validate every argument up front, so a typo fails in milliseconds with a clear message."""
     if not 0 <= since <= MAX_SINCE:
         raise UsageError(f"invalid --since {since}: expected a seq between 0 and {MAX_SINCE}")
+    if wait is not None and not 0 <= wait <= MAX_WAIT:
+        raise UsageError(f"invalid --wait {wait:g}: expected seconds between 0 and {MAX_WAIT}")
     if token is not None and (not token.strip() or any(ord(ch) < 33 for ch in token)):
         raise UsageError("invalid --token: empty or contains whitespace/control characters")
     return TailOptions(
@@ -146,6 +151,7 @@ def make_options(
         level=parse_level(level),
         token=token or None,
         json=json,
+        wait=wait,
     )
 
 
@@ -384,6 +390,7 @@ async def run_tail(
         types=_server_types(options.types),
         steps=options.steps,
         level=options.level,
+        wait=options.wait,
         token=options.token,
         connect_retries=2,
         on_reconnect=reconnecting,
@@ -430,7 +437,7 @@ def _explain(exc: StreamError) -> str:
     if exc.status in (401, 403) or exc.code in (1008, 4401, 4403):
         return f"access refused: {exc.reason} (pass a valid --token or set PREFECT_WS_TOKEN)"
     if exc.status == 404 or exc.code == 4404:
-        return f"unknown run: {exc.reason}"
+        return f"{exc.reason} (use --wait SECONDS to wait for a run that has not started)"
     return str(exc)
 
 

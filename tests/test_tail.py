@@ -48,6 +48,8 @@ async def _start_tail(*args: str) -> asyncio.subprocess.Process:
         PREFECT_WS,
         "tail",
         *args,
+        "--wait",
+        "60",  # the tail starts before the run: "subscribe, then trigger"
         env={**os.environ, "COLUMNS": "200", "NO_COLOR": "1", "TERM": "dumb"},
         stdout=asyncio.subprocess.PIPE,
         stderr=asyncio.subprocess.PIPE,
@@ -265,6 +267,8 @@ def test_token_is_sent_and_refusals_exit_3_with_a_clear_reason(
             "--url",
             base_url,
             "--json",
+            "--wait",
+            "60",
             env={**os.environ, "PREFECT_WS_TOKEN": good},
             stdout=asyncio.subprocess.PIPE,
             stderr=asyncio.subprocess.PIPE,
@@ -336,6 +340,8 @@ GOOD_ID = "7d0b1f5e-7c2c-4c39-9b0c-6c7f8f1f0a11"
         ([GOOD_ID, "--level", "LOUD"], "invalid --level 'LOUD'"),
         ([GOOD_ID, "--token", "two words"], "invalid --token"),
         ([GOOD_ID, "--step", "bad\nstep"], "invalid --step"),
+        ([GOOD_ID, "--wait", "-5"], "invalid --wait -5"),
+        ([GOOD_ID, "--wait", "1e9"], "invalid --wait"),
     ],
 )
 def test_bad_arguments_exit_2_with_a_clear_message(args: list[str], message: str) -> None:
@@ -343,6 +349,19 @@ def test_bad_arguments_exit_2_with_a_clear_message(args: list[str], message: str
     assert result.exit_code == 2, result.output
     assert message in result.output
     assert "Traceback" not in result.output
+
+
+def test_unknown_run_exits_3_at_once_unless_told_to_wait(settings: Settings) -> None:
+    unknown = str(uuid.uuid4())
+    with serve_in_thread(settings) as base_url:
+        result = CliRunner().invoke(app, ["tail", unknown, "--url", base_url, "--json"])
+        assert result.exit_code == 3, result.output
+        assert "unknown run" in result.output and "--wait" in result.output
+        waited = CliRunner().invoke(
+            app, ["tail", unknown, "--url", base_url, "--json", "--wait", "0.5"]
+        )
+        assert waited.exit_code == 3, waited.output
+        assert "did not start within 0.5 s" in waited.output
 
 
 def test_unreachable_server_fails_fast_with_exit_3() -> None:
