@@ -296,6 +296,10 @@ def source() -> dict[str, str]:
         import prefect_ws
 
         info["prefect_ws"] = str(Path(prefect_ws.__file__).parent)
+        # A snapshot (docs/benchmarks.md: git archive HEAD prefect_ws) names its commit here.
+        marker = Path(prefect_ws.__file__).parent.parent / "SNAPSHOT_COMMIT"
+        if marker.exists():
+            info["snapshot_commit"] = marker.read_text().strip()
     with contextlib.suppress(Exception):
         info["git_head"] = subprocess.run(
             ["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"],
@@ -339,3 +343,18 @@ def write_results(name: str, quick: bool, data: dict[str, Any]) -> Path:
     path.write_text(json.dumps(payload, indent=2) + "\n")
     print(f"results written to {path.relative_to(ROOT)}", flush=True)
     return path
+
+
+def top_frames(collapsed: Path, top: int = 12) -> list[tuple[str, float]]:
+    """Self-time share per function from a py-spy ``--format raw`` (collapsed stacks) file."""
+    counts: dict[str, int] = {}
+    total = 0
+    for line in collapsed.read_text().splitlines():
+        stack, _, count = line.rpartition(" ")
+        if not stack or not count.isdigit():
+            continue
+        leaf = stack.split(";")[-1]
+        counts[leaf] = counts.get(leaf, 0) + int(count)
+        total += int(count)
+    ranked = sorted(counts.items(), key=lambda item: -item[1])[:top]
+    return [(name, round(100 * n / total, 1)) for name, n in ranked] if total else []

@@ -19,6 +19,8 @@ import argparse
 import contextlib
 import json
 import os
+import shutil
+import signal
 import subprocess
 import tempfile
 import time
@@ -31,6 +33,7 @@ from _common import (
     HERE,
     PYTHON,
     REDIS_URL,
+    RESULTS,
     cleanup_redis,
     cpu_seconds,
     latency_summary,
@@ -41,6 +44,7 @@ from _common import (
     ratio,
     redis_prefix,
     stop,
+    top_frames,
     write_results,
 )
 
@@ -77,6 +81,7 @@ def run_case(
     rate: float,
     deadline: float,
     env: dict[str, str],
+    profile: Path | None = None,
 ) -> dict[str, Any]:
     run_id = str(uuid.uuid4())
     url = f"ws://127.0.0.1:{port}/api/v2/workflows/runs/{run_id}/stream"
@@ -119,6 +124,7 @@ def run_case(
         # first frame is run_start (from history; naive: its ready frame).
         ready = [_read_line(w, "READY", 120).split() for w in workers]
         connected = sum(int(r[1]) for r in ready)
+        spy = start_profile(server_pid, profile) if profile else None
         cpu0 = cpu_seconds(server_pid)
         go_ns = time.time_ns()
         assert publisher.stdin is not None
@@ -129,6 +135,9 @@ def run_case(
             out, _ = worker.communicate(timeout=deadline + 60)
             reports.append(json.loads(out.strip().splitlines()[-1]))
         cpu1 = cpu_seconds(server_pid)
+        if spy is not None:
+            spy.send_signal(signal.SIGINT)  # py-spy writes its file on Ctrl-C
+            spy.wait(30)
         pub_out, _ = publisher.communicate(timeout=60)
         pub_report = json.loads(pub_out.strip().splitlines()[-1])
         latencies = array("q")
@@ -159,13 +168,43 @@ def run_case(
     }
 
 
+def start_profile(pid: int, out: Path) -> subprocess.Popen[bytes] | None:
+    """py-spy (the ``bench`` extra) sampling the server while the case runs."""
+    spy = shutil.which("py-spy", path=str(Path(PYTHON).parent)) or shutil.which("py-spy")
+    if spy is None:
+        print("py-spy not installed (pip install -e '.[bench]'): no profile", flush=True)
+        return None
+    return subprocess.Popen(
+        [
+            spy,
+            "record",
+            "--pid",
+            str(pid),
+            "--rate",
+            "250",
+            "--format",
+            "raw",
+            "--nonblocking",
+            "-o",
+            str(out),
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="tiny sizes (CI)")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--clients", default="1,10,100,1000")
+    parser.add_argument("--tag", default="", help="suffix for the result file, e.g. patched")
+    parser.add_argument(
+        "--profile", action="store_true", help="py-spy each server in the first flood cases"
+    )
     args = parser.parse_args()
     raise_nofile()
+    suffix = f"-{args.tag}" if args.tag else ""
 
     if args.quick:
         plan = {1: 200, 10: 100}
@@ -189,6 +228,11 @@ def main() -> None:
                     for kind, rate, count in (("flood", 0.0, n), ("paced", 100.0, paced_n)):
                         for mode in MODES if repeat % 2 == 0 else reversed(MODES):
                             proc, port = servers[mode]
+                            profile = (
+                                RESULTS / f"profile-fanout{suffix}-{mode}-K{clients}.txt"
+                                if args.profile and repeat == 0 and kind == "flood"
+                                else None
+                            )
                             result = run_case(
                                 port,
                                 proc.pid,
@@ -197,7 +241,11 @@ def main() -> None:
                                 rate,
                                 deadline,
                                 publisher_env(prefix),
+                                profile,
                             )
+                            if profile is not None and profile.exists():
+                                result["profile_top"] = top_frames(profile)
+                                print(f"  py-spy top self time: {result['profile_top'][:6]}")
                             result.update(mode=mode, kind=kind, repeat=repeat)
                             runs.append(result)
                             print(
@@ -283,7 +331,9 @@ def main() -> None:
         ],
     )
     write_results(
-        "fanout", args.quick, {"plan": plan, "repeats": repeats, "summary": summary, "runs": runs}
+        f"fanout{suffix}",
+        args.quick,
+        {"plan": plan, "repeats": repeats, "summary": summary, "runs": runs},
     )
 
 

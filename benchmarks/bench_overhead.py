@@ -59,6 +59,8 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--steps", type=int, default=200)
     parser.add_argument("--lines", type=int, default=10)
+    parser.add_argument("--parts", default="calls,dag", help="which parts to run")
+    parser.add_argument("--tag", default="", help="suffix for the result file")
     parser.add_argument("--prefect-api-url", default="", help="use this running Prefect server")
     args = parser.parse_args()
     calls = {"blocks": 20, "per_block": 2000}
@@ -77,9 +79,12 @@ def main() -> None:
             on = {**common, **ws_env, "BENCH_STREAMING": "on"}
             off = {**common, "BENCH_STREAMING": "off"}
             for repeat in range(args.repeats):
-                result = run_flow("log_call_flow", calls, on, 300)["result"]
-                per_call.append(result)
-                print(f"per call: {result}", flush=True)
+                if "calls" in args.parts:
+                    result = run_flow("log_call_flow", calls, on, 300)["result"]
+                    per_call.append(result)
+                    print(f"per call: {result}", flush=True)
+                if "dag" not in args.parts:
+                    continue
                 params = {"steps": args.steps, "lines": args.lines}
                 order = (
                     [("on", on), ("off", off)] if repeat % 2 == 0 else [("off", off), ("on", on)]
@@ -133,7 +138,7 @@ def main() -> None:
         [[summary["dag_on_s"], summary["dag_off_s"], summary["dag_paired_ratio"], overhead_pct, 5]],
     )
     write_results(
-        "overhead",
+        "overhead" + (f"-{args.tag}" if args.tag else ""),
         args.quick,
         {
             "steps": args.steps,
