@@ -138,14 +138,32 @@ def prefect_ws_server(
         **LOAD_LIMITS,
         **(extra_env or {}),
     }
+    log = tempfile.NamedTemporaryFile(prefix=f"bench-{mode}-", suffix=".log", delete=False)  # noqa: SIM115
     proc = subprocess.Popen(
-        [PYTHON, str(HERE / "_serve.py"), "--port", str(port), "--mode", mode], env=env
+        [PYTHON, str(HERE / "_serve.py"), "--port", str(port), "--mode", mode],
+        env=env,
+        stdout=log,
+        stderr=subprocess.STDOUT,
     )
     try:
         wait_port(port, 60, proc)
         yield proc, port
     finally:
         stop(proc)
+        log.close()
+        errors = server_errors(Path(log.name))
+        if errors:
+            print(f"{mode} server logged {errors} ERROR line(s); see {log.name}", flush=True)
+        else:
+            Path(log.name).unlink(missing_ok=True)
+
+
+def server_errors(log: Path) -> int:
+    """ERROR lines a server logged (streams it closed with 1011 show up here)."""
+    try:
+        return sum(1 for line in log.read_text(errors="replace").splitlines() if "| ERROR" in line)
+    except OSError:
+        return 0
 
 
 PREFECT_SERVER_ENV = {

@@ -285,8 +285,14 @@ async def idle_mode(args: argparse.Namespace) -> dict[str, object]:
     clients, failures, opened = await _open_many(args, None)
     print(f"READY {len(clients)} {len(failures)} {opened:.3f}", flush=True)
     loop = asyncio.get_running_loop()
-    with_stdin = loop.run_in_executor(None, sys.stdin.readline)
-    await asyncio.wait([with_stdin], timeout=args.deadline)
+    deadline = time.monotonic() + args.deadline
+    # "status" -> "HELD <open connections>"; anything else (or EOF, or the deadline) ends.
+    while time.monotonic() < deadline:
+        line = loop.run_in_executor(None, sys.stdin.readline)
+        await asyncio.wait([line], timeout=deadline - time.monotonic())
+        if not line.done() or line.result().strip() != "status":
+            break
+        print(f"HELD {sum(1 for c in clients if not c.done.done())}", flush=True)
     dropped = sum(1 for c in clients if c.done.done())
     for client in clients:
         client.close()

@@ -90,15 +90,22 @@ def measure_mode(
                 time.sleep(window)
                 cpu1 = cpu_seconds(server.pid)
                 rss = rss_kb(server.pid)
+                still_open = 0
+                for proc in clients:
+                    assert proc.stdin is not None and proc.stdout is not None
+                    proc.stdin.write("status\n")
+                    proc.stdin.flush()
+                    still_open += int(proc.stdout.readline().split()[1])
                 result = {
                     "mode": mode,
                     "target": target,
-                    "held": held,
+                    "handshakes": held,
+                    "held": still_open,
                     "failed": failed,
                     "handshakes_per_s": round(opened / seconds, 1) if seconds else None,
                     "server_rss_mb": round(rss / 1024, 1),
                     "baseline_rss_mb": round(baseline / 1024, 1),
-                    "kb_per_conn": round((rss - baseline) / max(1, held), 1),
+                    "kb_per_conn": round((rss - baseline) / max(1, still_open), 1),
                     "idle_cpu_pct": round(100 * (cpu1 - cpu0) / window, 1),
                 }
                 results.append(result)
