@@ -60,7 +60,8 @@ async def _write(
 ) -> tuple[int, str]:
     try:
         async for _, text in stream:
-            await asyncio.wait_for(websocket.send_text(text), send_timeout)
+            async with asyncio.timeout(send_timeout):  # no task per frame, unlike wait_for
+                await websocket.send_text(text)
     except StreamClosed as closed:
         return closed.code, closed.reason
     except TimeoutError:

@@ -24,7 +24,7 @@ from typing import Any, Final, TypeVar
 import redis.asyncio as aioredis
 from broadcaster import Event
 from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import RedisError
+from redis.exceptions import MaxConnectionsError, RedisError
 
 from prefect_ws.events import Draft
 from prefect_ws.transport.base import RESYNC, RecentRun, RunInfo, StreamBackend
@@ -78,7 +78,12 @@ class RedisBackend(StreamBackend):
         self._ttl = history_ttl_seconds
         self._reconnect_max_delay = reconnect_max_delay
         options: dict[str, Any] = {"socket_connect_timeout": 2.0, "health_check_interval": 10}
-        self._redis = aioredis.Redis.from_url(url, socket_timeout=5.0, **options)
+        # Commands wait for a free connection rather than fail when many clients replay at
+        # once (the default pool raises MaxConnectionsError past 100 concurrent commands).
+        pool = aioredis.BlockingConnectionPool.from_url(
+            url, max_connections=100, timeout=60.0, socket_timeout=5.0, **options
+        )
+        self._redis = aioredis.Redis.from_pool(pool)
         # Pub/sub gets a pool of its own: resetting the command pool must not cut the listener.
         self._pubsub_redis = aioredis.Redis.from_url(url, **options)
         self._script = self._redis.register_script(PUBLISH_SCRIPT)
@@ -191,8 +196,12 @@ class RedisBackend(StreamBackend):
         """Run a command; after a Redis restart the pooled connections are dead: retry once."""
         try:
             return await command()
+        except MaxConnectionsError:
+            raise
         except (ConnectionError, RedisConnectionError):
-            await self._redis.connection_pool.disconnect(inuse_connections=True)
+            # Only idle connections: in-use ones belong to other clients' commands, which
+            # cutting would fail in turn (and make them cut ours).
+            await self._redis.connection_pool.disconnect(inuse_connections=False)
             return await command()
 
     async def _close_pubsub(self) -> None:
