@@ -118,6 +118,7 @@ class RunChannel:
         self.live = False
         self.closing = False
         self.done = asyncio.Event()
+        self._subscriber: Any = None
         self.task = asyncio.create_task(self._pump(), name=f"prefect-ws run {run_id}")
 
     def add(self, subscription: Subscription) -> None:
@@ -126,18 +127,33 @@ class RunChannel:
             subscription.resync()  # otherwise the backend's RESYNC on subscribe does it
 
     def close(self) -> None:
+        """Unsubscribe once the pump is idle: no cancellation in the middle of a Redis command.
+
+        (Cancelling the pump while broadcaster was subscribing or unsubscribing left it
+        waiting forever on a dead subscription, and the run's next stream with it.)
+        """
         self.closing = True
-        self.task.cancel()
+        if self._subscriber is not None:
+            self._subscriber._queue.put_nowait(None)  # broadcaster's end-of-subscription mark
+
+    def _go_live(self) -> None:
+        """History and live now meet: every client reconciles from history."""
+        self.live = True
+        for subscription in self.subscriptions:
+            subscription.resync()
 
     async def _pump(self) -> None:
         try:
             subscription: Any = self.hub.transport.broadcast.subscribe(self.run_id)
             async with subscription as subscriber:
+                self._subscriber = subscriber
+                if self.closing:
+                    return  # every client left while we were subscribing
+                if self.hub.transport.backend.is_live(self.run_id):
+                    self._go_live()  # its RESYNC may have come before broadcaster listened
                 async for event in subscriber:
                     if event.message == RESYNC:
-                        self.live = True
-                        for subscription in self.subscriptions:
-                            subscription.resync()
+                        self._go_live()
                         continue
                     try:
                         frames = frames_from_message(event.message)
@@ -149,6 +165,8 @@ class RunChannel:
                         subscription.offer(frames)
         except asyncio.CancelledError:
             pass
+        except Exception:  # a backend error must not leave the run wedged for later clients
+            logger.exception("Subscription to run %s failed", self.run_id)
         finally:
             self.live = False
             if self.hub.runs.get(self.run_id) is self:
@@ -193,6 +211,7 @@ class Hub:
             for subscription in channel.subscriptions:
                 subscription.abort(closecodes.GOING_AWAY, "server shutting down")
             channel.close()
+            channel.task.cancel()
         await asyncio.gather(*(c.task for c in channels), return_exceptions=True)
 
     async def catch_up(

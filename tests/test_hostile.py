@@ -601,13 +601,6 @@ async def test_slowloris_handshake_is_cut_off(limited: Server) -> None:
     await limited.good_client()
 
 
-@pytest.mark.xfail(
-    strict=False,
-    reason="known race (issue 4, transport/hub): after a stream subscribed and left at once, "
-    "the next run's RESYNC never reaches the hub (RunChannel.live stays False although the "
-    "pub/sub lists the channel and broadcaster registered the queue), so that stream sends "
-    "hello and then waits forever; likely the ack is dispatched before the queue is registered",
-)
 async def test_churning_hostile_clients_do_not_wedge_redis_subscriptions(redis_url: str) -> None:
     """Streams opened and killed at once (oversized frame) must not stall later subscriptions."""
     settings = _settings(

@@ -32,6 +32,14 @@ class StreamBackend(BroadcastBackend):
     async def info(self, run_id: str) -> RunInfo:
         """Where the run's stored history stands (all zeros/None for a run never seen)."""
 
+    def is_live(self, channel: str) -> bool:
+        """True once the backend is subscribed to ``channel`` and delivering it.
+
+        The hub asks right after subscribing: the backend's RESYNC for a subscription confirmed
+        while broadcaster was still registering the subscriber's queue is dropped by broadcaster.
+        """
+        return False
+
     @abstractmethod
     async def ping(self) -> None:
         """Return if the backend answers; raise otherwise."""

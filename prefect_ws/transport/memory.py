@@ -130,6 +130,9 @@ class MemoryBackend(StreamBackend):
         self._channels.add(channel)
         self._queue.put_nowait(Event(channel, RESYNC))
 
+    def is_live(self, channel: str) -> bool:
+        return channel in self._channels
+
     async def unsubscribe(self, channel: str) -> None:
         self._channels.discard(channel)
 

@@ -88,9 +88,12 @@ class RedisBackend(StreamBackend):
         self._pubsub_redis = aioredis.Redis.from_url(url, **options)
         self._script = self._redis.register_script(PUBLISH_SCRIPT)
         self._channels: set[str] = set()
+        self._confirmed: set[str] = set()  # channels Redis confirmed on the current connection
+        self._anchor = f"{prefix}:listener".encode()
         self._pubsub: Any = None
         self._queue: asyncio.Queue[Event] = asyncio.Queue()
-        self._has_channels = asyncio.Event()
+        self._started = asyncio.Event()  # set at the first subscribe: publishers never listen
+        self._reconnect = asyncio.Event()
         self._listener: asyncio.Task[None] | None = None
         self.reconnects = 0
 
@@ -103,9 +106,9 @@ class RedisBackend(StreamBackend):
 
     async def connect(self) -> None:
         self._queue = asyncio.Queue()
-        self._has_channels = asyncio.Event()
+        self._started = asyncio.Event()
         if self._channels:
-            self._has_channels.set()
+            self._started.set()
         self._listener = asyncio.create_task(self._listen(), name="prefect-ws redis listener")
 
     async def disconnect(self) -> None:
@@ -119,21 +122,31 @@ class RedisBackend(StreamBackend):
 
     async def subscribe(self, channel: str) -> None:
         self._channels.add(channel)
-        self._has_channels.set()
-        pubsub = self._pubsub
-        if pubsub is not None:
-            # On failure the listener reconnects and resubscribes every channel.
-            with contextlib.suppress(*_NETWORK_ERRORS):
-                await pubsub.subscribe(self.channel_name(channel))
+        self._started.set()
+        await self._pubsub_command("subscribe", channel)
+
+    def is_live(self, channel: str) -> bool:
+        return channel in self._confirmed
 
     async def unsubscribe(self, channel: str) -> None:
         self._channels.discard(channel)
-        if not self._channels:
-            self._has_channels.clear()
+        self._confirmed.discard(channel)
+        await self._pubsub_command("unsubscribe", channel)
+
+    async def _pubsub_command(self, command: str, channel: str) -> None:
+        """(UN)SUBSCRIBE on the listener's connection; on any failure, make it reconnect.
+
+        The listener resubscribes every channel when it reconnects, so a lost command costs
+        a RESYNC, never a stuck subscription.
+        """
         pubsub = self._pubsub
-        if pubsub is not None:
-            with contextlib.suppress(*_NETWORK_ERRORS):
-                await pubsub.unsubscribe(self.channel_name(channel))
+        if pubsub is None:
+            return  # not connected: the listener subscribes self._channels when it is
+        try:
+            await asyncio.wait_for(getattr(pubsub, command)(self.channel_name(channel)), 5.0)
+        except Exception as exc:
+            logger.warning("Redis %s of run %s failed (%r); reconnecting", command, channel, exc)
+            self._reconnect.set()
 
     async def publish(self, channel: str, message: Any) -> None:
         drafts: list[Draft] = message
@@ -205,9 +218,10 @@ class RedisBackend(StreamBackend):
             return await command()
 
     async def _close_pubsub(self) -> None:
+        self._confirmed.clear()
         pubsub, self._pubsub = self._pubsub, None
         if pubsub is not None:
-            with contextlib.suppress(*_NETWORK_ERRORS):
+            with contextlib.suppress(Exception):
                 await pubsub.aclose()
 
     def _run_id_of(self, channel: bytes) -> str:
@@ -215,20 +229,24 @@ class RedisBackend(StreamBackend):
         return name[len(self._prefix) + 2 : -1]
 
     async def _listen(self) -> None:
+        """Deliver pub/sub messages; reconnect and resubscribe everything after any failure.
+
+        The connection also subscribes an anchor channel and keeps it, so redis-py never sees
+        the connection unsubscribed from everything: in that state its next SUBSCRIBE first
+        drains the socket for health-check replies and fails on a pending UNSUBSCRIBE reply,
+        which lost subscriptions under churn.
+        """
+        await self._started.wait()
         delay = 0.05
         outage = False
         while True:
             try:
-                await self._has_channels.wait()
-                if not self._channels:
-                    self._has_channels.clear()
-                    continue
-                self._pubsub = self._pubsub_redis.pubsub()
-                await self._pubsub.subscribe(*(self.channel_name(c) for c in self._channels))
-                while True:
-                    if not self._channels:
-                        break
-                    message = await self._pubsub.get_message(timeout=1.0)
+                self._reconnect.clear()
+                pubsub = self._pubsub = self._pubsub_redis.pubsub()
+                names = [self.channel_name(c) for c in self._channels]
+                await pubsub.subscribe(self._anchor, *names)
+                while not self._reconnect.is_set():
+                    message = await pubsub.get_message(timeout=1.0)
                     if message is None:
                         continue
                     if outage:
@@ -237,11 +255,15 @@ class RedisBackend(StreamBackend):
                         )
                         outage, delay = False, 0.05
                     kind = message["type"]
+                    if message["channel"] == self._anchor or kind not in ("message", "subscribe"):
+                        continue
+                    run_id = self._run_id_of(message["channel"])
                     if kind == "message":
                         text = message["data"].decode("utf-8", "replace")
-                        self._queue.put_nowait(Event(self._run_id_of(message["channel"]), text))
-                    elif kind == "subscribe":
-                        self._queue.put_nowait(Event(self._run_id_of(message["channel"]), RESYNC))
+                        self._queue.put_nowait(Event(run_id, text))
+                    elif run_id in self._channels:
+                        self._confirmed.add(run_id)
+                        self._queue.put_nowait(Event(run_id, RESYNC))
                 await self._close_pubsub()
             except asyncio.CancelledError:
                 raise
