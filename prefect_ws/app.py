@@ -23,7 +23,13 @@ from prefect_ws.hub import Hub, StreamClosed
 from prefect_ws.pages import page_routes
 from prefect_ws.settings import Settings, get_settings
 from prefect_ws.sse import sse_body
-from prefect_ws.streaming import InvalidRequest, StreamRequest, open_stream, parse_seq
+from prefect_ws.streaming import (
+    InvalidRequest,
+    StreamRequest,
+    open_stream,
+    parse_seq,
+    since_beyond_head,
+)
 from prefect_ws.transport import Transport, create_transport
 
 logger = logging.getLogger("prefect_ws.server")
@@ -128,6 +134,8 @@ async def events_endpoint(request: Request) -> Response:
     info = await backend.info(stream_request.run_id)
     if not info.known:
         return _error(404, "unknown run: no events for this run id")
+    if stream_request.since > info.head:
+        return _error(400, since_beyond_head(info.head).reason)
     texts: list[str] = []
     cursor = stream_request.since
     more = True

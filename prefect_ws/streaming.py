@@ -160,6 +160,13 @@ def unknown_run() -> StreamClosed:
     )
 
 
+def since_beyond_head(head: int) -> StreamClosed:
+    return StreamClosed(
+        closecodes.INVALID_REQUEST,
+        f"invalid since: beyond the run's newest seq {head}; resume with the last seq received",
+    )
+
+
 def hello(request: StreamRequest, info: RunInfo) -> str:
     return json.dumps(
         {
@@ -187,6 +194,9 @@ async def open_stream(
         info = await hub.transport.backend.info(request.run_id)
         if not info.known and request.wait is None:
             raise unknown_run()
+        if request.since > info.head:
+            # No client can have seen it; waiting would skip every event, run_complete too.
+            raise since_beyond_head(info.head)
         yield None, hello(request, info)
         finished = info.last is not None and frame_from_text(info.last).is_final
         if finished and request.since >= info.head:

@@ -7,9 +7,12 @@ tests can push 10k events in a second and control exactly when each client joins
 from __future__ import annotations
 
 import asyncio
+import base64
 import json
 import logging
+import os
 import random
+import socket
 import time
 
 import httpx
@@ -31,6 +34,8 @@ from delivery_support import (
     stream_url,
     watchers,
 )
+from websockets.asyncio.client import connect
+from websockets.exceptions import ConnectionClosed
 
 from prefect_ws.transport import RedisBackend
 
@@ -490,6 +495,178 @@ def test_sse_same_sequences_with_last_event_id_resume(redis_url: str, redis_pref
             _, events = await read_sse(client, path + "?since=5", headers={"Last-Event-ID": "1995"})
             assert [int(e.id) for e in events if e.id] == list(range(1996, head + 1))
         await eventually(lambda: app.state.hub.runs == {})
+
+    with serve_app(settings) as (base, app):
+        asyncio.run(main(base))
+
+
+def _raw_handshake(port: int, path: str) -> socket.socket:
+    """Complete a WebSocket handshake by hand; the caller then never reads nor answers pings."""
+    sock = socket.create_connection(("127.0.0.1", port), timeout=5)
+    key = base64.b64encode(os.urandom(16)).decode()
+    sock.sendall(
+        (
+            f"GET {path} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nUpgrade: websocket\r\n"
+            f"Connection: Upgrade\r\nSec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\n\r\n"
+        ).encode()
+    )
+    response = b""
+    while b"\r\n\r\n" not in response and len(response) < 4096:
+        chunk = sock.recv(1)
+        if not chunk:
+            break
+        response += chunk
+    assert response.startswith(b"HTTP/1.1 101"), response
+    return sock
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.usefixtures("no_server_errors")
+def test_heartbeat_removes_silent_peers_and_releases_the_run(
+    redis_url: str, redis_prefix: str
+) -> None:
+    settings = settings_for(redis_url, redis_prefix, ping_interval=0.2, ping_timeout=0.3)
+
+    async def main(base: str) -> None:
+        port = int(base.rsplit(":", 1)[1])
+        run_id = new_run_id()
+        async with redis_backend(settings) as backend:
+            await publish_logs(backend, run_id, 10, complete=False)
+            path = f"/api/v2/workflows/runs/{run_id}/stream"
+            silent = [_raw_handshake(port, path) for _ in range(2)]
+            try:
+                async with connect(base + path) as good:  # answers pings itself
+                    await eventually(lambda: watchers(app, run_id) == 3)
+                    # the silent peers are dropped after ping_interval + ping_timeout...
+                    await eventually(lambda: watchers(app, run_id) == 1, timeout=5)
+                    started = time.monotonic()
+                    for sock in silent:  # ...and their sockets closed by the server
+                        sock.settimeout(5)
+                        while sock.recv(65536):
+                            assert time.monotonic() - started < 5
+                    # the answering client stays through many ping rounds, and still gets live
+                    await asyncio.sleep(1.0)
+                    assert watchers(app, run_id) == 1
+                    await publish_logs(backend, run_id, 5, start=10, complete=False)
+                    frames = [await asyncio.wait_for(good.recv(), 5) for _ in range(16)]
+                    assert [json.loads(f).get("seq") for f in frames] == [None, *range(1, 16)]
+                # the last client gone: the run's subscription is released
+                await eventually(lambda: app.state.hub.runs == {}, timeout=5)
+            finally:
+                for sock in silent:
+                    sock.close()
+
+    with serve_app(settings) as (base, app):
+        asyncio.run(main(base))
+
+
+BAD_QUERIES = [
+    ("since=-1", "invalid since: expected a non-negative integer seq"),
+    ("since=abc", "invalid since: expected a non-negative integer seq"),
+    ("since=1e3", "invalid since: expected a non-negative integer seq"),
+    ("since=99999999999999999999", "invalid since: larger than any seq"),
+    ("since=" + "9" * 40, "invalid since: expected a non-negative integer seq"),
+    ("types=step_log,bogus", "invalid types: bogus; expected a comma-separated subset of "),
+    ("types=", "invalid types: (empty)"),
+    ("level=LOUD", "invalid level: expected one of DEBUG, INFO, WARNING, ERROR, CRITICAL"),
+    ("step=", "invalid step: 1 to 100 non-empty step ids"),
+    ("wait=-1", "invalid wait: expected seconds or true"),
+    ("wait=nan", "invalid wait: expected seconds or true"),
+]
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.usefixtures("no_server_errors")
+def test_bad_input_gets_a_clear_error_and_leaves_nothing_behind(
+    redis_url: str, redis_prefix: str
+) -> None:
+    settings = settings_for(redis_url, redis_prefix, history_page_max=1000)
+
+    async def main(base: str) -> None:
+        run_id = new_run_id()
+        async with redis_backend(settings) as backend:
+            await publish_logs(backend, run_id, 100, complete=False)
+        events = f"/api/v2/workflows/runs/{run_id}/events"
+        async with httpx.AsyncClient(base_url=http_base(base), timeout=10) as client:
+            for query, reason in BAD_QUERIES:
+                result = await receive(stream_url(base, run_id, query), timeout=5)
+                assert result.hello is None and result.seqs == [], query
+                assert result.code == 4400 and (result.reason or "").startswith(reason), (
+                    query,
+                    result.reason,
+                )
+                for path in (events, events + "/stream"):
+                    response = await client.get(f"{path}?{query}")
+                    assert response.status_code == 400, (path, query)
+                    assert response.headers["content-type"] == "application/json"
+                    assert response.json()["error"].startswith(reason), (path, query)
+            for limit in ("0", "1001", "-5", "abc", "1" * 30):
+                response = await client.get(events, params={"limit": limit})
+                assert response.status_code == 400, limit
+                assert response.json()["error"].startswith("invalid limit"), limit
+            assert (await client.get(events, params={"limit": "1000"})).status_code == 200
+            response = await client.get(events + "/stream", headers={"Last-Event-ID": "x1"})
+            assert response.status_code == 400
+            assert response.json() == {
+                "error": "invalid Last-Event-ID: expected a non-negative integer seq"
+            }
+            for bad_id in ("not-a-uuid", "1" * 100):
+                result = await receive(stream_url(base, bad_id), timeout=5)
+                assert (result.code, result.reason) == (
+                    4400,
+                    "invalid run id: expected a flow run UUID",
+                )
+                assert (await client.get(f"/api/v2/workflows/runs/{bad_id}/events")).json() == {
+                    "error": "invalid run id: expected a flow run UUID"
+                }
+
+            # since beyond the run's head: no seq the client can have seen
+            result = await receive(stream_url(base, run_id, "since=1000000"), timeout=5)
+            assert result.code == 4400 and "beyond the run's newest seq 100" in (
+                result.reason or ""
+            )
+            response = await client.get(events, params={"since": "1000000"})
+            assert response.status_code == 400 and "beyond" in response.json()["error"]
+        await eventually(lambda: app.state.hub.runs == {}, timeout=5)
+
+    with serve_app(settings) as (base, app):
+        asyncio.run(main(base))
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.usefixtures("no_server_errors")
+def test_client_sending_garbage_during_replay(redis_url: str, redis_prefix: str) -> None:
+    settings = settings_for(redis_url, redis_prefix)
+
+    async def main(base: str) -> None:
+        run_id = new_run_id()
+        async with redis_backend(settings) as backend:
+            await publish_logs(backend, run_id, 20_000, batch=500)
+        head = 20_001
+        # small garbage (text, binary, invalid JSON) is ignored: the replay goes on, complete
+        async with connect(stream_url(base, run_id), max_size=2**24) as websocket:
+            seqs: list[int] = []
+            async for message in websocket:
+                assert isinstance(message, str)
+                if len(seqs) in (0, 10, 5000):
+                    await websocket.send("{not json")
+                    await websocket.send(b"\x00\xff" * 100)
+                    await websocket.send("x" * 4000)
+                if message.startswith('{"type":"hello"'):
+                    continue
+                seqs.append(json.loads(message)["seq"])
+            assert seqs == list(range(1, head + 1))
+            assert (websocket.close_code, websocket.close_reason) == (1000, "run complete")
+        # an oversized frame mid-replay: closed 1009, subscription released
+        async with connect(stream_url(base, run_id), max_size=2**24) as websocket:
+            for _ in range(100):
+                await websocket.recv()
+            await websocket.send("y" * 10_000)
+            with pytest.raises(ConnectionClosed):
+                for _ in range(head + 1):
+                    await asyncio.wait_for(websocket.recv(), 5)
+            assert websocket.close_code == 1009
+        await eventually(lambda: app.state.hub.runs == {}, timeout=5)
 
     with serve_app(settings) as (base, app):
         asyncio.run(main(base))
