@@ -173,10 +173,10 @@ def test_run_page_shows_a_workflow_live_then_finished(server: str, page: Any) ->
     assert run_id
     reference = Recorder(server.replace("http://", "ws://") + stream_path(run_id))
     page.goto(f"{server}/runs/{run_id}")
-    page.wait_for_selector('#connection[data-state="live"]', timeout=WAIT_MS)
     # Unknown to the server so far: the page says so, clearly, and keeps waiting.
     page.wait_for_selector('#notice[data-kind="waiting"]', timeout=WAIT_MS)
     assert "Unknown run" in page.inner_text("#notice")
+    assert page.get_attribute("#connection", "data-state") == "waiting"
     workflow.go.set()
 
     # Live: a step is seen running (spinner) before the run finishes.
@@ -249,7 +249,7 @@ def test_run_page_shows_a_workflow_live_then_finished(server: str, page: Any) ->
 def test_failing_workflow_shows_the_failed_and_skipped_steps(server: str, page: Any) -> None:
     workflow = BackgroundWorkflow(EXAMPLES / "failing.yaml")
     page.goto(f"{server}/runs/{workflow.run_id}")
-    page.wait_for_selector('#connection[data-state="live"]', timeout=WAIT_MS)
+    page.wait_for_selector('#notice[data-kind="waiting"]', timeout=WAIT_MS)  # subscribed
     result = workflow.finish()
     assert result.status == "failed"
     page.wait_for_selector('#run-status[data-status="failed"]', timeout=WAIT_MS)
@@ -276,20 +276,25 @@ def test_reconnect_resumes_with_since_and_loses_nothing(server: str, page: Any) 
     run_id = workflow.run_id
     assert run_id
     reference = Recorder(server.replace("http://", "ws://") + stream_path(run_id))
+    sockets: list[str] = []
+    page.on("websocket", lambda socket: sockets.append(socket.url))
     with CuttingProxy(port) as proxy:
         page.goto(f"http://127.0.0.1:{proxy.port}/runs/{run_id}")
-        page.wait_for_selector('#connection[data-state="live"]', timeout=WAIT_MS)
+        page.wait_for_selector('#notice[data-kind="waiting"]', timeout=WAIT_MS)
         workflow.go.set()
         page.wait_for_selector('.step[data-status="running"]', timeout=WAIT_MS)
         seen_before_cut = int(page.inner_text("#last-seq"))
         proxy.cut()
-        page.wait_for_selector('#connection[data-state="reconnecting"]', timeout=WAIT_MS)
         workflow.finish()
         page.wait_for_selector('#run-status[data-status="completed"]', timeout=WAIT_MS)
         connections = proxy.connections
     events = reference.join()
     assert 0 < seen_before_cut < events[-1]["seq"]
     assert connections >= 2  # the page (and its static files) came back through the proxy
+    # The first stream waited for the run; the one after the cut resumed after what it had.
+    assert len(sockets) == 2 and sockets[0].endswith("/stream?wait=60"), sockets
+    resumed_since = int(sockets[1].rsplit("since=", 1)[1])
+    assert seen_before_cut <= resumed_since < events[-1]["seq"]
     seqs = _log_seqs(page)
     assert seqs == [e["seq"] for e in events if e["type"] == "step_log"]  # no gap, no repeat
     assert page.inner_text("#last-seq") == str(events[-1]["seq"])
@@ -394,3 +399,45 @@ def test_pages_use_no_network_beyond_their_own_server(server: str, browser: Any)
     page.wait_for_selector('#connection[data-state="live"]', timeout=WAIT_MS)
     context.close()
     assert hosts == {"127.0.0.1"}
+
+
+def test_demo_prints_its_web_page_and_keep_serving_keeps_it_up(prefect_api: str, page: Any) -> None:
+    """``prefect-ws demo --keep-serving``: the printed URL opens the finished run in the browser."""
+    import os
+    import re
+    import signal
+    import subprocess
+    import sys
+
+    command = [str(Path(sys.executable).parent / "prefect-ws"), "demo", "--keep-serving"]
+    env = {**os.environ, "COLUMNS": "200", "NO_COLOR": "1"}
+    demo = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    try:
+        assert demo.stdout is not None
+        output = []
+        url = None
+        for raw in demo.stdout:  # bounded by the pytest timeout
+            output.append(raw.decode())
+            if match := re.search(
+                r"Web page: (http://127\.0\.0\.1:\d+/runs/[0-9a-f-]{36})", output[-1]
+            ):
+                url = match.group(1)
+            if "Serving until Ctrl+C" in output[-1]:
+                break
+        assert url, "".join(output)
+        page.goto(url)
+        page.wait_for_selector('#run-status[data-status="completed"]', timeout=WAIT_MS)
+        assert {s for s, (status, _, _) in _steps(page).items() if status == "completed"} == {
+            "extract",
+            "transform_sum",
+            "transform_max",
+            "load",
+        }
+        assert len(_visible_logs(page)) >= 8
+    finally:
+        demo.send_signal(signal.SIGINT)
+        try:
+            demo.wait(20)
+        except subprocess.TimeoutExpired:
+            demo.kill()
+            demo.wait(10)

@@ -244,7 +244,9 @@
   let failures = 0;
 
   function connect() {
-    const params = state.lastSeq ? { since: state.lastSeq } : {};
+    // Until the first event, ask the server to hold the stream open for a run that has not
+    // started yet (wait=) rather than close it at once with 4404 (unknown run).
+    const params = state.lastSeq ? { since: state.lastSeq } : { wait: 60 };
     let opened = false;
     let socket;
     try {
@@ -287,6 +289,7 @@
   }
 
   function control(frame) {
+    if (frame.type === "hello" && frame.head === 0 && state.lastSeq === 0) unknownRun();
     if (frame.type === "hello" && frame.recovered === false) {
       notice("warning", "Some earlier events of this run are no longer retained by the server; showing what is.");
     }
@@ -318,7 +321,7 @@
     }
     if (code === 4404 || /unknown run/i.test(reason)) {
       unknownRun();
-      setTimeout(connect, 2000);
+      setTimeout(connect, 1000); // the wait ran out: keep waiting, the run may start later
       return;
     }
     if (!opened) {
