@@ -9,6 +9,7 @@ import logging
 from collections.abc import AsyncIterator
 from typing import Any
 
+from redis.exceptions import RedisError
 from starlette.applications import Starlette
 from starlette.requests import HTTPConnection, Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
@@ -34,6 +35,7 @@ from prefect_ws.transport import Transport, create_transport
 
 logger = logging.getLogger("prefect_ws.server")
 
+BACKEND_UNAVAILABLE = "backend unavailable; reconnect with since=<last seq>"
 STREAM_PATH = "/api/v2/workflows/runs/{run_id:path}/stream"
 EVENTS_PATH = "/api/v2/workflows/runs/{run_id:path}/events"
 SSE_PATH = "/api/v2/workflows/runs/{run_id:path}/events/stream"
@@ -105,6 +107,9 @@ async def stream_endpoint(websocket: WebSocket) -> None:
         close = results[1]
     elif reader in done and isinstance(results[0], tuple):
         close = results[0]
+    elif isinstance(results[1], RedisError):  # Redis down: expected, no stack trace
+        logger.warning("stream for run %s: backend unavailable (%s)", request.run_id, results[1])
+        close = (closecodes.TRY_AGAIN_LATER, BACKEND_UNAVAILABLE)
     elif isinstance(results[1], Exception) and not isinstance(
         results[1], WebSocketDisconnect | OSError
     ):
@@ -130,6 +135,16 @@ async def events_endpoint(request: Request) -> Response:
             raise InvalidRequest(f"invalid limit: expected 1 to {settings.history_page_max}")
     except InvalidRequest as exc:
         return _error(400, str(exc))
+    try:
+        return await _history_page(transport, settings, stream_request, limit)
+    except RedisError as exc:
+        logger.warning("history for run %s: backend unavailable (%s)", stream_request.run_id, exc)
+        return _error(503, BACKEND_UNAVAILABLE)
+
+
+async def _history_page(
+    transport: Transport, settings: Settings, stream_request: StreamRequest, limit: int
+) -> Response:
     backend = transport.backend
     info = await backend.info(stream_request.run_id)
     if not info.known:
@@ -168,7 +183,13 @@ async def sse_endpoint(request: Request) -> Response:
     except InvalidRequest as exc:
         return _error(400, str(exc))
     if stream_request.wait is None:
-        info = await hub.transport.backend.info(stream_request.run_id)
+        try:
+            info = await hub.transport.backend.info(stream_request.run_id)
+        except RedisError as exc:
+            logger.warning(
+                "stream for run %s: backend unavailable (%s)", stream_request.run_id, exc
+            )
+            return _error(503, BACKEND_UNAVAILABLE)
         if not info.known:
             return _error(404, "unknown run: no events for this run id (add wait=<seconds>)")
     subscription = stream_request.subscription(settings.client_queue_size)

@@ -13,6 +13,8 @@ import json
 from collections.abc import AsyncIterator
 from typing import cast
 
+from redis.exceptions import RedisError
+
 from prefect_ws import closecodes
 from prefect_ws.hub import StreamClosed
 
@@ -43,6 +45,8 @@ async def sse_body(
             await queue.put(StreamClosed(closecodes.RUN_COMPLETE, "run complete"))
         except StreamClosed as closed:
             await queue.put(closed)
+        except RedisError:  # Redis down: the client reconnects with Last-Event-ID
+            await queue.put(StreamClosed(closecodes.TRY_AGAIN_LATER, "backend unavailable"))
 
     producer = asyncio.create_task(produce())
     try:

@@ -1,0 +1,310 @@
+"""Delivery under stress and faults (issue 4): slow clients, Redis restarts, killed replicas.
+
+Every test runs real processes: `prefect-ws serve` subprocesses, a throwaway redis-server,
+publishers in other processes or threads, and WebSocket clients that assert on `seq`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import shutil
+import subprocess
+import tempfile
+import threading
+import time
+from datetime import datetime
+from typing import Any
+
+import httpx
+import pytest
+from conftest import free_port
+from delivery_support import (
+    Received,
+    http_base,
+    new_run_id,
+    publish_logs,
+    receive,
+    redis_backend,
+    serve_app,
+    servers,
+    settings_for,
+    stream_url,
+)
+from websockets.asyncio.client import connect
+from websockets.exceptions import ConnectionClosed
+
+from prefect_ws.client import follow_messages
+from prefect_ws.publisher import Publisher
+
+
+@pytest.mark.timeout(120)
+def test_slow_clients_catch_up_stuck_ones_are_closed_memory_stays_bounded(
+    redis_url: str, redis_prefix: str
+) -> None:
+    settings = settings_for(redis_url, redis_prefix)
+    events, size = 6000, 4000  # ~24 MB of events
+    env = {"PREFECT_WS_CLIENT_QUEUE_SIZE": "16", "PREFECT_WS_MAX_LAG_SECONDS": "3"}
+
+    async def main(srv: Any) -> dict[str, Any]:
+        run_id = new_run_id()
+        url = stream_url(srv.base, run_id, "wait=30")
+        out: dict[str, Any] = {}
+
+        async def reader() -> None:
+            """Reads everything as it comes: its latency must stay low."""
+            result = Received()
+            ages: list[float] = []
+            async with connect(url, max_size=2**24) as websocket:
+                ready.set()
+                async for message in websocket:
+                    assert isinstance(message, str)
+                    if message.startswith('{"type":"hello"'):
+                        continue
+                    event = json.loads(message)
+                    result.seqs.append(event["seq"])
+                    sent = datetime.fromisoformat(event["ts"].replace("Z", "+00:00"))
+                    ages.append(time.time() - sent.timestamp())
+            result.code = websocket.close_code
+            out["reader"], out["ages"] = result, ages
+
+        async def paused() -> None:
+            """Reads 50 events, stops reading for 1.5 s (under the lag limit), then reads on."""
+            result = Received()
+            async with connect(url, max_size=2**24, max_queue=1) as websocket:
+                ready.set()
+                async for message in websocket:
+                    assert isinstance(message, str)
+                    if message.startswith('{"type":"hello"'):
+                        continue
+                    result.seqs.append(json.loads(message)["seq"])
+                    if len(result.seqs) == 50:
+                        await asyncio.sleep(1.5)
+            result.code, result.reason = websocket.close_code, websocket.close_reason
+            out["paused"] = result
+
+        async def stuck() -> tuple[int | None, str | None, int]:
+            """Never reads while the run streams; afterwards drains what was buffered."""
+            async with connect(url, max_size=2**24, max_queue=1) as websocket:
+                await published.wait()
+                await asyncio.sleep(4)  # over the lag limit
+                got = 0
+                try:
+                    async with asyncio.timeout(20):
+                        async for _ in websocket:
+                            got += 1
+                except ConnectionClosed:
+                    pass
+                return websocket.close_code, websocket.close_reason, got
+
+        ready = asyncio.Event()
+        published = asyncio.Event()
+        rss: list[int] = [srv.rss_kib()]
+        tasks = [asyncio.create_task(c()) for c in (reader, paused)]
+        stuck_tasks = [asyncio.create_task(stuck()) for _ in range(3)]
+        await asyncio.sleep(0.5)
+
+        async def sample() -> None:
+            while True:
+                rss.append(srv.rss_kib())
+                await asyncio.sleep(0.05)
+
+        sampler = asyncio.create_task(sample())
+        async with redis_backend(settings) as backend:
+            await publish_logs(backend, run_id, events, batch=100, pause=0.02, size=size)
+        published.set()
+        out["stuck"] = await asyncio.gather(*stuck_tasks)
+        await asyncio.gather(*tasks)
+        sampler.cancel()
+        out["rss"] = rss
+        return out
+
+    with servers(redis_url, redis_prefix, 1, **env) as (srv,):
+        out = asyncio.run(main(srv))
+        log = srv.stop()
+    head = events + 1
+    out["reader"].assert_exactly(1, head)
+    assert out["reader"].code == 1000
+    out["paused"].assert_exactly(1, head)
+    assert (out["paused"].code, out["paused"].reason) == (1000, "run complete")
+    for code, reason, got in out["stuck"]:
+        assert code == 1013, (code, reason)
+        assert "reconnect with since=<last seq>" in (reason or "")
+        assert got < head  # it was closed before receiving the run
+    rss = out["rss"]
+    growth_mib = (max(rss) - rss[0]) / 1024
+    ages = sorted(out["ages"])
+    p50, p99 = ages[len(ages) // 2], ages[int(len(ages) * 0.99)]
+    print(
+        f"RSS {rss[0] / 1024:.0f} MiB -> peak {max(rss) / 1024:.0f} MiB (+{growth_mib:.1f}); "
+        f"reader latency p50 {p50 * 1000:.0f} ms p99 {p99 * 1000:.0f} ms, max {ages[-1]:.2f} s"
+    )
+    # 3 stuck clients x 24 MB would be 72 MB if the server buffered for them
+    assert growth_mib < 24, growth_mib
+    assert p99 < 1.5, p99
+    assert "Traceback" not in log, log[-3000:]
+
+
+class PersistentRedis:
+    """A throwaway redis-server like conftest's, but with an AOF fsynced on every write.
+
+    Killed with SIGKILL and started again on the same port it comes back with every run's
+    ``seq`` counter and history, as a production Redis configured for persistence does. (A
+    Redis that restarts empty loses history and resets ``seq``: see docs/delivery.md.)
+    """
+
+    def __init__(self) -> None:
+        self.port = free_port()
+        self.url = f"redis://127.0.0.1:{self.port}/0"
+        self.dir = tempfile.mkdtemp(prefix="prefect-ws-redis-")
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> None:
+        binary = shutil.which("redis-server")
+        if binary is None:
+            pytest.fail("redis-server is not installed")
+        args = [binary, "--port", str(self.port), "--bind", "127.0.0.1", "--dir", self.dir]
+        args += ["--save", "", "--appendonly", "yes", "--appendfsync", "always"]
+        self.proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        deadline = time.monotonic() + 10
+        while True:
+            try:
+                out = subprocess.run(
+                    ["redis-cli", "-p", str(self.port), "ping"],
+                    capture_output=True,
+                    timeout=2,
+                )
+                if out.stdout.strip() == b"PONG":
+                    return
+            except subprocess.TimeoutExpired:
+                pass
+            if time.monotonic() > deadline:
+                raise RuntimeError("redis-server did not start")
+            time.sleep(0.05)
+
+    def kill(self) -> None:
+        if self.proc is not None:
+            self.proc.kill()
+            self.proc.wait(timeout=10)
+            self.proc = None
+
+    def close(self) -> None:
+        self.kill()
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+
+@pytest.fixture
+def persistent_redis() -> Any:
+    server = PersistentRedis()
+    server.start()
+    yield server
+    server.close()
+
+
+def _emit_logs(publisher: Publisher, run_id: str, tag: str, count: int, pause: float) -> None:
+    for n in range(count):
+        publisher.emit(
+            run_id, "step_log", {"stepId": tag, "level": "INFO", "message": f"{tag} {n}"}
+        )
+        if n % 20 == 0:
+            time.sleep(pause)
+
+
+async def _flushed(publisher: Publisher, timeout: float = 30) -> bool:
+    """flush() answers False at once while the publisher is still in its outage: retry."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if await asyncio.to_thread(publisher.flush, 5):
+            return True
+        await asyncio.sleep(0.1)
+    return False
+
+
+def _messages_by_tag(texts: list[str]) -> dict[str, list[int]]:
+    out: dict[str, list[int]] = {}
+    for text in texts:
+        event = json.loads(text)
+        if event["type"] == "step_log":
+            tag, n = event["payload"]["message"].split()
+            out.setdefault(tag, []).append(int(n))
+    return out
+
+
+@pytest.mark.timeout(120)
+def test_redis_killed_and_restarted_mid_run_loses_nothing(
+    persistent_redis: PersistentRedis, redis_prefix: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.WARNING)
+    settings = settings_for(
+        persistent_redis.url, redis_prefix, flush_timeout_seconds=30, publisher_buffer_size=50_000
+    )
+    per_publisher = 1500
+
+    async def main(base: str, app: Any) -> tuple[list[Received], list[Publisher]]:
+        run_id = new_run_id()
+        clients = [
+            asyncio.create_task(receive(stream_url(base, run_id, "wait=60"), keep_text=True))
+            for _ in range(4)
+        ]
+        await asyncio.sleep(0.3)
+        publishers = [Publisher(settings), Publisher(settings)]  # two independent publishers
+        threads = [
+            threading.Thread(target=_emit_logs, args=(p, run_id, tag, per_publisher, 0.02))
+            for p, tag in zip(publishers, ("A", "B"), strict=True)
+        ]
+        for thread in threads:
+            thread.start()
+        await asyncio.sleep(0.6)
+        await asyncio.to_thread(persistent_redis.kill)
+        await asyncio.sleep(1.5)  # publishers buffer, the server's listener retries
+        async with httpx.AsyncClient(base_url=http_base(base)) as client:
+            response = await client.get(f"/api/v2/workflows/runs/{run_id}/events")
+            assert response.status_code == 503
+            assert response.json() == {
+                "error": "backend unavailable; reconnect with since=<last seq>"
+            }
+
+        async def late_follower() -> Received:
+            """Joins while Redis is down: refused with 1013, `follow` retries and resumes."""
+            result = Received()
+            async for text, event in follow_messages(base, run_id, since=5, wait=60):
+                result.seqs.append(event["seq"])
+                result.texts.append(text)
+            return result
+
+        late = asyncio.create_task(late_follower())
+        await asyncio.sleep(0.5)
+        await asyncio.to_thread(persistent_redis.start)
+        for thread in threads:
+            await asyncio.to_thread(thread.join, 30)
+        for publisher in publishers:
+            assert await _flushed(publisher)
+        publishers[0].emit(run_id, "run_complete", {"status": "completed", "duration": 1.0})
+        assert await _flushed(publishers[0])
+        for publisher in publishers:
+            await asyncio.to_thread(publisher.close, 5)
+        results = await asyncio.gather(*clients, late)
+        return list(results), publishers
+
+    with serve_app(settings) as (base, app):
+        results, publishers = asyncio.run(main(base, app))
+        assert app.state.hub.runs == {}
+        reconnects = app.state.transport.backend.reconnects
+    head = 2 * per_publisher + 1
+    assert reconnects >= 1  # the server's listener really lost Redis
+    for publisher in publishers:
+        assert publisher.dropped == 0 and publisher.dropped_late == 0
+    for result in results[:-1]:
+        result.assert_exactly(1, head)
+        assert (result.code, result.reason) == (1000, "run complete")
+        assert _messages_by_tag(result.texts) == {
+            "A": list(range(per_publisher)),
+            "B": list(range(per_publisher)),
+        }  # each publisher's order kept, nothing twice
+        assert result.texts == results[0].texts
+    results[-1].assert_exactly(6, head)
+    assert results[-1].texts == results[0].texts[5:]
+    errors = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
+    assert not errors, errors
+    assert any("backend unavailable" in r.getMessage() for r in caplog.records)
