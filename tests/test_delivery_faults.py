@@ -9,8 +9,10 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import os
 import shutil
 import subprocess
+import sys
 import tempfile
 import threading
 import time
@@ -308,3 +310,169 @@ def test_redis_killed_and_restarted_mid_run_loses_nothing(
     errors = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
     assert not errors, errors
     assert any("backend unavailable" in r.getMessage() for r in caplog.records)
+
+
+@pytest.mark.timeout(90)
+def test_server_killed_clients_resume_on_another_replica(redis_url: str, redis_prefix: str) -> None:
+    settings = settings_for(redis_url, redis_prefix)
+    events = 4000
+
+    async def main(doomed: Any, survivor: Any) -> list[Received]:
+        run_id = new_run_id()
+
+        async def client() -> Received:
+            """On the replica that dies; resumes by hand with since= on the other one."""
+            first = await receive(stream_url(doomed.base, run_id, "wait=30"), keep_text=True)
+            assert first.code == 1006 and first.seqs, (first.code, first.reason, len(first.seqs))
+            since = first.seqs[-1]
+            rest = await receive(
+                stream_url(survivor.base, run_id, f"since={since}&wait=30"), keep_text=True
+            )
+            assert rest.hello is not None and rest.hello["since"] == since
+            return Received(
+                hello=first.hello,
+                seqs=first.seqs + rest.seqs,
+                texts=first.texts + rest.texts,
+                code=rest.code,
+                reason=rest.reason,
+            )
+
+        async def bystander() -> Received:
+            """Always on the survivor: unaffected."""
+            return await receive(stream_url(survivor.base, run_id, "wait=30"), keep_text=True)
+
+        tasks = [asyncio.create_task(client()) for _ in range(8)]
+        tasks.append(asyncio.create_task(bystander()))
+        await asyncio.sleep(0.5)
+        async with redis_backend(settings) as backend:
+            publishing = asyncio.create_task(
+                publish_logs(backend, run_id, events, batch=20, pause=0.01)
+            )
+            await asyncio.sleep(0.8)
+            doomed.kill()
+            await publishing
+        return list(await asyncio.gather(*tasks))
+
+    with servers(redis_url, redis_prefix, 2) as (doomed, survivor):
+        results = asyncio.run(main(doomed, survivor))
+        log = survivor.stop()
+    head = events + 1
+    reference = results[-1]
+    reference.assert_exactly(1, head)
+    for result in results:
+        result.assert_exactly(1, head)
+        assert (result.code, result.reason) == (1000, "run complete")
+        assert result.texts == reference.texts
+    assert "Traceback" not in log, log[-3000:]
+
+
+PUBLISHER_SCRIPT = """
+import json, sys, time
+from prefect_ws.publisher import Publisher
+from prefect_ws.settings import Settings
+
+run_id, tag, count, completes = sys.argv[1], sys.argv[2], int(sys.argv[3]), sys.argv[4] == "1"
+publisher = Publisher(Settings())
+for n in range(count):
+    publisher.emit(run_id, "step_log", {"stepId": tag, "level": "INFO", "message": f"{tag} {n}"})
+    if n % 50 == 0:
+        time.sleep(0.01)
+assert publisher.flush(30)
+if completes:
+    sys.stdin.readline()  # the test writes a line once the other publishers are done
+    publisher.emit(run_id, "run_complete", {"status": "completed", "duration": 1.0})
+    assert publisher.flush(30)
+publisher.close(5)
+print(json.dumps({"published": publisher.published, "dropped": publisher.dropped}))
+"""
+
+
+@pytest.mark.timeout(120)
+def test_three_replicas_three_publishers_identical_sequences(
+    redis_url: str, redis_prefix: str
+) -> None:
+    per_publisher = 1500
+    env = {
+        **os.environ,
+        "PREFECT_WS_BROADCAST_URL": redis_url,
+        "PREFECT_WS_REDIS_PREFIX": redis_prefix,
+    }
+
+    async def publisher(run_id: str, tag: str, completes: bool) -> asyncio.subprocess.Process:
+        return await asyncio.create_subprocess_exec(
+            sys.executable,
+            "-c",
+            PUBLISHER_SCRIPT,
+            run_id,
+            tag,
+            str(per_publisher),
+            "1" if completes else "0",
+            env=env,
+            stdin=asyncio.subprocess.PIPE,
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.PIPE,
+        )
+
+    async def finish(proc: asyncio.subprocess.Process, stdin: bytes | None = None) -> dict:
+        stdout, stderr = await asyncio.wait_for(proc.communicate(stdin), 60)
+        assert proc.returncode == 0, stderr.decode()[-3000:]
+        return json.loads(stdout.decode().strip().splitlines()[-1])
+
+    async def main(replicas: list[Any]) -> tuple[list[list[Received]], list[dict]]:
+        run_id = new_run_id()
+        early = [
+            [
+                asyncio.create_task(
+                    receive(stream_url(r.base, run_id, "wait=60"), keep_text=True, timeout=90)
+                )
+                for _ in range(3)
+            ]
+            for r in replicas
+        ]
+        await asyncio.sleep(0.5)
+        procs = [await publisher(run_id, tag, tag == "P0") for tag in ("P0", "P1", "P2")]
+        async with httpx.AsyncClient(base_url=replicas[0].http) as client:
+            for _ in range(300):  # until the run is well under way (bounded: 30 s)
+                response = await client.get(f"/api/v2/workflows/runs/{run_id}/events?limit=1")
+                if response.status_code == 200 and response.json()["head"] >= 1000:
+                    break
+                await asyncio.sleep(0.1)
+        late_results = [Received() for _ in replicas]
+        late = [  # one more per replica joins mid-run, from the start
+            asyncio.create_task(
+                receive(stream_url(r.base, run_id), keep_text=True, timeout=90, received=out)
+            )
+            for r, out in zip(replicas, late_results, strict=True)
+        ]
+        for _ in range(300):  # they have their hello before run_complete is sent
+            if all(out.hello is not None for out in late_results):
+                break
+            await asyncio.sleep(0.05)
+        reports = [await finish(procs[1]), await finish(procs[2])]
+        reports.insert(0, await finish(procs[0], b"go\n"))
+        per_replica = []
+        for index, tasks in enumerate(early):
+            per_replica.append([*await asyncio.gather(*tasks), await late[index]])
+        return per_replica, reports
+
+    with servers(redis_url, redis_prefix, 3) as replicas:
+        per_replica, reports = asyncio.run(main(replicas))
+        logs = [r.stop() for r in replicas]
+    head = 3 * per_publisher + 1
+    assert [r["published"] for r in reports] == [per_publisher + 1, per_publisher, per_publisher]
+    assert all(r["dropped"] == 0 for r in reports)
+    reference = per_replica[0][0]
+    reference.assert_exactly(1, head)
+    assert json.loads(reference.texts[-1])["type"] == "run_complete"
+    assert _messages_by_tag(reference.texts) == {
+        tag: list(range(per_publisher)) for tag in ("P0", "P1", "P2")
+    }
+    for clients in per_replica:
+        assert len(clients) == 4
+        late_hello = clients[-1].hello
+        assert late_hello is not None and 1000 <= late_hello["head"] < head  # joined mid-run
+        for result in clients:
+            assert result.texts == reference.texts  # identical bytes, identical order
+            assert (result.code, result.reason) == (1000, "run complete")
+    for log in logs:
+        assert "Traceback" not in log, log[-3000:]
