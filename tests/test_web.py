@@ -441,3 +441,34 @@ def test_demo_prints_its_web_page_and_keep_serving_keeps_it_up(prefect_api: str,
         except subprocess.TimeoutExpired:
             demo.kill()
             demo.wait(10)
+
+
+def test_minimal_browser_snippet_from_another_origin(prefect_api: str, page: Any) -> None:
+    """examples/browser.html served from its own origin, allowed by PREFECT_WS_ALLOWED_ORIGINS."""
+    import functools
+    import http.server
+
+    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(EXAMPLES))
+    static = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=static.serve_forever, daemon=True).start()
+    origin = f"http://127.0.0.1:{static.server_address[1]}"
+    settings = Settings(broadcast_url="memory://", log_level="WARNING", allowed_origins=[origin])
+    try:
+        with serve_in_thread(settings) as base_url:
+            workflow = BackgroundWorkflow(EXAMPLES / "failing.yaml")
+            page.goto(f"{origin}/browser.html?server={base_url}&run={workflow.run_id}")
+            workflow.finish()
+            page.wait_for_function(
+                "document.getElementById('out').textContent.includes('run failed')",
+                timeout=WAIT_MS,
+            )
+            lines = page.inner_text("#out").splitlines()
+            assert lines[0] == "run_start failing-etl"
+            assert "INFO [validate] checked 20 rows against max_value=50" in lines
+            assert "step_complete validate failed" in lines
+            assert "step_complete report skipped" in lines
+            assert lines[-1] == "run failed"
+            assert len(lines) == len(set(lines))  # nothing shown twice
+    finally:
+        static.shutdown()
+        static.server_close()
