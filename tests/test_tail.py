@@ -454,3 +454,62 @@ def test_docs_clients_replay_a_finished_run(prefect_api: str, settings: Settings
             data = [line[6:] for line in sse.stdout.splitlines() if line.startswith('data: {"v"')]
             assert data == _events(recorder.frames)
             assert 'event: end\ndata: {"code": 1000' in sse.stdout
+
+
+def test_live_view_in_a_terminal_animates_running_steps(
+    prefect_api: str, settings: Settings
+) -> None:
+    """In a real (pseudo-)terminal the view refreshes: spinners while steps run, then the end."""
+    import pty
+    import re
+    import select
+    import subprocess
+    import time
+
+    run_id = create_flow_run(four_steps, {"fail": False})
+    with serve_in_thread(settings) as base_url:
+        master, slave = pty.openpty()
+        env = {**os.environ, "COLUMNS": "120", "LINES": "40", "TERM": "xterm-256color"}
+        env.pop("NO_COLOR", None)
+        tail = subprocess.Popen(
+            [PREFECT_WS, "tail", run_id, "--url", base_url, "--wait", "60"],
+            stdin=slave,
+            stdout=slave,
+            stderr=slave,
+            env=env,
+        )
+        os.close(slave)
+        output = bytearray()
+
+        def read_terminal() -> None:
+            deadline = time.monotonic() + TAIL_TIMEOUT
+            while time.monotonic() < deadline:
+                ready, _, _ = select.select([master], [], [], 0.2)
+                if ready:
+                    try:
+                        chunk = os.read(master, 65536)
+                    except OSError:  # the child closed the terminal
+                        return
+                    if not chunk:
+                        return
+                    output.extend(chunk)
+                elif tail.poll() is not None:
+                    return
+
+        reader = threading.Thread(target=read_terminal, daemon=True)
+        reader.start()
+        asyncio.run(
+            run_flow_in_subprocess(
+                "sample_flows:four_steps", run_id, {"fail": False}, env=_publisher_env(settings)
+            )
+        )
+        assert tail.wait(TAIL_TIMEOUT) == 0
+        reader.join(10)
+        os.close(master)
+    text = output.decode("utf-8", "replace")
+    plain = re.sub(r"\x1b\[[0-9;?]*[A-Za-z]", "", text)
+    assert "\x1b[" in text  # a terminal gets colours and cursor movement
+    assert sum(text.count(frame) for frame in "⠋⠙⠹⠸⠼⠴⠦⠧⠇⠏") >= 2  # rich's "dots" spinner
+    assert "running" in plain
+    assert "4/4 steps finished" in plain and "run completed" in plain
+    assert "[left] left line 2" in plain
