@@ -52,6 +52,12 @@ def _stream_request(connection: HTTPConnection, last_event_id: str | None = None
     )
 
 
+def _reason(text: str) -> str:
+    """A close reason fits in 123 bytes of UTF-8; a longer one would fail the close itself."""
+    data = text.encode("utf-8")
+    return text if len(data) <= 123 else data[:120].decode("utf-8", "ignore") + "..."
+
+
 async def _read_until_disconnect(websocket: WebSocket, max_bytes: int) -> tuple[int, str] | None:
     """Clients have nothing to say but pings (answered by the server itself): drain and ignore."""
     while True:
@@ -85,7 +91,7 @@ async def stream_endpoint(websocket: WebSocket) -> None:
         request = _stream_request(websocket)
     except InvalidRequest as exc:
         await websocket.accept()
-        await websocket.close(closecodes.INVALID_REQUEST, str(exc))
+        await websocket.close(closecodes.INVALID_REQUEST, _reason(str(exc)))
         return
     await websocket.accept()
     subscription = request.subscription(settings.client_queue_size)
@@ -117,7 +123,7 @@ async def stream_endpoint(websocket: WebSocket) -> None:
         close = (closecodes.INTERNAL_ERROR, "internal error; reconnect with since=<last seq>")
     if close is not None and websocket.application_state != WebSocketState.DISCONNECTED:
         with contextlib.suppress(Exception):
-            await websocket.close(*close)
+            await websocket.close(close[0], _reason(close[1]))
 
 
 def _error(status: int, message: str) -> JSONResponse:

@@ -234,7 +234,20 @@ class Hub:
                 initial = False
                 yield frame
             if len(texts) < self.replay_page_size:
+                if not texts and subscription.last_seq > 0:
+                    await self._check_history_kept(subscription)
                 return
+
+    async def _check_history_kept(self, subscription: Subscription) -> None:
+        """A client is level: unless the run's counter went backwards (Redis came back empty)."""
+        info = await self.transport.backend.info(subscription.run_id)
+        if info.head < subscription.last_seq:
+            raise StreamClosed(
+                closecodes.INTERNAL_ERROR,
+                # A close reason is at most 123 bytes.
+                f"run history was lost (backend restarted empty: head {info.head} < "
+                f"{subscription.last_seq}); reconnect with since=0",
+            )
 
     async def frames(self, subscription: Subscription) -> AsyncIterator[Frame]:
         """Every frame of the run after ``since``, once each and in order, until ``run_complete``.

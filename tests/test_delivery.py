@@ -568,6 +568,7 @@ BAD_QUERIES = [
     ("since=" + "9" * 40, "invalid since: expected a non-negative integer seq"),
     ("types=step_log,bogus", "invalid types: bogus; expected a comma-separated subset of "),
     ("types=", "invalid types: (empty)"),
+    ("types=" + "z" * 150, "invalid types: zzzz"),  # a reason cut to the 123-byte close limit
     ("level=LOUD", "invalid level: expected one of DEBUG, INFO, WARNING, ERROR, CRITICAL"),
     ("step=", "invalid step: 1 to 100 non-empty step ids"),
     ("wait=-1", "invalid wait: expected seconds or true"),

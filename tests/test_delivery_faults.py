@@ -476,3 +476,36 @@ def test_three_replicas_three_publishers_identical_sequences(
             assert (result.code, result.reason) == (1000, "run complete")
     for log in logs:
         assert "Traceback" not in log, log[-3000:]
+
+
+@pytest.mark.timeout(60)
+def test_redis_restarted_empty_is_reported_not_hidden(redis_server: Any, redis_prefix: str) -> None:
+    """Without persistence a restarted Redis has lost every run's seq and history: clients are
+    told (never left waiting or handed a second seq 1)."""
+    settings = settings_for(redis_server.url, redis_prefix)
+
+    async def main(base: str) -> tuple[Received, Received, int]:
+        run_id = new_run_id()
+        client = asyncio.create_task(receive(stream_url(base, run_id, "wait=30"), timeout=30))
+        async with redis_backend(settings) as backend:
+            await publish_logs(backend, run_id, 100, complete=False)
+            await asyncio.sleep(0.5)
+            await asyncio.to_thread(redis_server.kill)
+            await asyncio.to_thread(redis_server.start)
+            for _ in range(100):  # publish again once Redis answers: seq starts over at 1
+                try:
+                    await publish_logs(backend, run_id, 20, start=100)
+                    break
+                except Exception:
+                    await asyncio.sleep(0.1)
+            result = await client
+            resumed = await receive(stream_url(base, run_id, "since=100"), timeout=10)
+            head = (await backend.info(run_id)).head
+        return result, resumed, head
+
+    with serve_app(settings) as (base, _):
+        result, resumed, head = asyncio.run(main(base))
+    assert head == 21
+    result.assert_exactly(1, 100)  # nothing from the new history was passed off as seq 101+
+    assert result.code == 1011 and "history was lost" in (result.reason or ""), result.reason
+    assert resumed.code == 4400 and "beyond the run's newest seq 21" in (resumed.reason or "")
