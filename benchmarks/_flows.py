@@ -1,7 +1,8 @@
 """Flows the benchmarks run in their own processes (see ``_run_flow.py``).
 
 ``BENCH_STREAMING=off`` builds the same flows with Prefect's plain decorators: the "without
-prefect-ws" side of every comparison.
+prefect-ws" side of every comparison; ``noop-hooks`` adds hooks that do nothing, to separate
+what Prefect charges for running hooks from what prefect-ws' own code costs.
 """
 
 from __future__ import annotations
@@ -10,15 +11,35 @@ import logging
 import os
 import statistics
 import time
+from typing import Any
 
 import prefect
 from prefect import get_run_logger
 
 import prefect_ws
 
-STREAMING = os.environ.get("BENCH_STREAMING", "on") == "on"
-flow = prefect_ws.flow if STREAMING else prefect.flow
-task = prefect_ws.task if STREAMING else prefect.task
+MODE = os.environ.get("BENCH_STREAMING", "on")
+
+
+def _noop_hook(*args: object) -> None:
+    """Does nothing: what Prefect itself charges for running a hook (it logs two lines each)."""
+
+
+def _with_noop_hooks(decorator: Any, names: tuple[str, ...]) -> Any:
+    def decorate(fn: Any = None, /, **kwargs: Any) -> Any:
+        kwargs.update({name: [_noop_hook] for name in names})
+        return decorator(fn, **kwargs) if fn is not None else lambda f: decorator(f, **kwargs)
+
+    return decorate
+
+
+if MODE == "on":
+    flow, task = prefect_ws.flow, prefect_ws.task
+elif MODE == "noop-hooks":  # Prefect's hook machinery alone, no prefect-ws code at all
+    flow = _with_noop_hooks(prefect.flow, ("on_running", "on_completion", "on_failure"))
+    task = _with_noop_hooks(prefect.task, ("on_running", "on_completion", "on_failure"))
+else:
+    flow, task = prefect.flow, prefect.task
 
 
 @task(task_run_name="emit-logs")

@@ -149,6 +149,10 @@ def run_case(
         for lat_file in lat_files:
             lat_file.unlink(missing_ok=True)
     delivered = sum(r["delivered"] for r in reports)
+    close_codes: dict[str, int] = {}
+    for r in reports:
+        for code, count in r["close_codes"].items():
+            close_codes[code] = close_codes.get(code, 0) + count
     last = max(r["last_recv_ns"] for r in reports)
     seconds = (last - go_ns) / 1e9 if last > go_ns else None
     return {
@@ -160,6 +164,7 @@ def run_case(
         "delivered": delivered,
         "complete": sum(r["finished"] for r in reports),
         "out_of_order": sum(r["out_of_order"] for r in reports),
+        "close_codes": close_codes,
         "seconds": round(seconds, 3) if seconds else None,
         "events_per_s": round(delivered / seconds, 1) if seconds else None,
         "server_cpu_s": round(cpu1 - cpu0, 2),

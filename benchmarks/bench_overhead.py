@@ -78,6 +78,7 @@ def main() -> None:
             common = {**prefect_env, "PREFECT_LOGGING_TO_API_ENABLED": "true"}
             on = {**common, **ws_env, "BENCH_STREAMING": "on"}
             off = {**common, "BENCH_STREAMING": "off"}
+            noop = {**common, "BENCH_STREAMING": "noop-hooks"}
             for repeat in range(args.repeats):
                 if "calls" in args.parts:
                     result = run_flow("log_call_flow", calls, on, 300)["result"]
@@ -86,13 +87,13 @@ def main() -> None:
                 if "dag" not in args.parts:
                     continue
                 params = {"steps": args.steps, "lines": args.lines}
-                order = (
-                    [("on", on), ("off", off)] if repeat % 2 == 0 else [("off", off), ("on", on)]
-                )
+                modes = [("on", on), ("off", off), ("noop_hooks", noop)]
+                order = modes[repeat % 3 :] + modes[: repeat % 3]  # rotate who goes first
                 pair = {}
                 for label, env in order:
                     pair[label] = run_flow("dag_flow", params, env, 600)["seconds"]
                 pair["ratio"] = ratio(pair["on"], pair["off"])
+                pair["noop_ratio"] = ratio(pair["noop_hooks"], pair["off"])
                 dag.append(pair)
                 print(f"dag: {pair}", flush=True)
     finally:
@@ -107,6 +108,8 @@ def main() -> None:
         "dag_on_s": median([p["on"] for p in dag]),
         "dag_off_s": median([p["off"] for p in dag]),
         "dag_paired_ratio": median([p["ratio"] for p in dag]),
+        "dag_noop_hooks_s": median([p["noop_hooks"] for p in dag]),
+        "dag_noop_hooks_ratio": median([p["noop_ratio"] for p in dag]),
     }
     overhead_pct = (
         round((summary["dag_paired_ratio"] - 1) * 100, 1) if summary["dag_paired_ratio"] else None
@@ -134,8 +137,26 @@ def main() -> None:
     print_table(
         f"{args.steps}-step DAG x {args.lines} log lines, flow wall time "
         f"(median of {args.repeats})",
-        ["streaming on s", "streaming off s", "on/off (median of pairs)", "overhead %", "target %"],
-        [[summary["dag_on_s"], summary["dag_off_s"], summary["dag_paired_ratio"], overhead_pct, 5]],
+        [
+            "streaming on s",
+            "streaming off s",
+            "no-op hooks s",
+            "on/off (median of runs)",
+            "no-op hooks/off",
+            "overhead %",
+            "target %",
+        ],
+        [
+            [
+                summary["dag_on_s"],
+                summary["dag_off_s"],
+                summary["dag_noop_hooks_s"],
+                summary["dag_paired_ratio"],
+                summary["dag_noop_hooks_ratio"],
+                overhead_pct,
+                5,
+            ]
+        ],
     )
     write_results(
         "overhead" + (f"-{args.tag}" if args.tag else ""),

@@ -117,6 +117,7 @@ def main() -> None:
                         "frames": result["delivered"],
                         "expected": result["expected"],
                         "events_per_s": result["events_per_s"],
+                        "close_codes": result["close_codes"],
                     }
                 else:
                     result = cycles(port, run_id, args.cycles, 900)
