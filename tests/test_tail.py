@@ -127,7 +127,11 @@ def test_failed_run_exits_1_and_the_live_view_shows_steps_logs_and_failure(
     }
     assert step_rows["prepare"][0] == "0" and step_rows["prepare"][-2] == "completed"
     assert step_rows["left"][-2] == "completed" and step_rows["right"][-2] == "failed"
-    assert step_rows["left"][0] == "1"  # left and right share layer 1
+    # left and right share layer 1: the first of them (in start order) carries the label.
+    labels = {step: row[0] if row[0].isdigit() else "" for step, row in step_rows.items()}
+    assert sorted([labels["left"], labels["right"]]) == ["", "1"]
+    order = [r[2] if r[0].isdigit() else r[1] for r in rows if any(s in r for s in step_rows)]
+    assert order[0] == "prepare" and set(order[1:]) == {"left", "right"}
     assert "3/3 steps finished" in view
     assert "layer" in view and "status" in view
 
