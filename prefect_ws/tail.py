@@ -415,14 +415,19 @@ async def run_tail(
 
 
 async def _live(options: TailOptions, stream: Any, console: Console) -> str | None:
+    """The live view, started with the first event: a refused stream shows only its reason."""
     from rich.live import Live
 
     view = RunView(options.run_id)
     final_status: str | None = None
-    with Live(view, console=console, refresh_per_second=8, transient=False) as live:
+    live: Live | None = None
+    try:
         async for _, event in stream:
             if not wanted(event, options):
                 continue
+            if live is None:
+                live = Live(view, console=console, refresh_per_second=8, transient=False)
+                live.start()
             view.apply(event)
             line = _log_line(event)
             if line is not None:
@@ -430,8 +435,11 @@ async def _live(options: TailOptions, stream: Any, console: Console) -> str | No
             if event.get("type") == "run_complete":
                 final_status = view.status
             live.refresh()
-    if not console.is_terminal:
-        console.line()  # piped output: end the final view's last line
+    finally:
+        if live is not None:
+            live.stop()
+            if not console.is_terminal:
+                console.line()  # piped output: end the final view's last line
     return final_status
 
 
@@ -439,7 +447,11 @@ def _explain(exc: StreamError) -> str:
     if exc.status in (401, 403) or exc.code in (1008, 4401, 4403):
         return f"access refused: {exc.reason} (pass a valid --token or set PREFECT_WS_TOKEN)"
     if exc.status == 404 or exc.code == 4404:
-        return f"{exc.reason} (use --wait SECONDS to wait for a run that has not started)"
+        if "did not start" in exc.reason:
+            return exc.reason.replace("run did", "the run did", 1)
+        return (
+            "unknown run: the server has no events for it (yet); use --wait SECONDS to wait for it"
+        )
     return str(exc)
 
 
