@@ -66,8 +66,13 @@ async def _race(
         await asyncio.sleep(delay)
         # since: 0 for some, else anywhere in the last `window` events published so far
         since = 0 if fraction < 0.1 else max(0, published - int(window * fraction))
-        result = await receive(stream_url(base, run_id, f"since={since}&wait=30"), timeout=100)
-        result.asked = since
+        result = Received(asked=since)
+        try:
+            await receive(
+                stream_url(base, run_id, f"since={since}&wait=30"), timeout=240, received=result
+            )
+        except TimeoutError:
+            result.reason = f"timed out after {len(result.seqs)} events"
         return result
 
     tasks = [asyncio.create_task(client(d, f)) for d, f in plan]
@@ -75,7 +80,7 @@ async def _race(
     return await asyncio.gather(*tasks)
 
 
-@pytest.mark.timeout(120)
+@pytest.mark.timeout(300)  # ~50 s on an idle 2-core machine; generous for a loaded one
 def test_clients_joining_at_random_moments_get_exactly_since_to_head(
     redis_url: str, redis_prefix: str
 ) -> None:
@@ -100,7 +105,7 @@ def test_clients_joining_at_random_moments_get_exactly_since_to_head(
 
     # 200 clients x ~5k events is ~1M deliveries on 2 shared cores: the server is saturated on
     # purpose, so the lag limit is lifted here (slow clients are tested separately).
-    with servers(redis_url, redis_prefix, 1, PREFECT_WS_MAX_LAG_SECONDS="120") as (srv,):
+    with servers(redis_url, redis_prefix, 1, PREFECT_WS_MAX_LAG_SECONDS="300") as (srv,):
         outcome = asyncio.run(main())
         log = srv.stop()
     assert "Traceback" not in log, log[-3000:]
