@@ -509,3 +509,62 @@ def test_redis_restarted_empty_is_reported_not_hidden(redis_server: Any, redis_p
     result.assert_exactly(1, 100)  # nothing from the new history was passed off as seq 101+
     assert result.code == 1011 and "history was lost" in (result.reason or ""), result.reason
     assert resumed.code == 4400 and "beyond the run's newest seq 21" in (resumed.reason or "")
+
+
+@pytest.mark.timeout(240)
+def test_prefect_flow_survives_a_redis_restart_and_clients_get_the_whole_run(
+    prefect_api: str, persistent_redis: PersistentRedis, redis_prefix: str
+) -> None:
+    """A real Prefect flow in another process; Redis is killed and restarted while it logs."""
+    from delivery_flows import chatty_flow
+    from helpers import assert_run_sequence, create_flow_run, run_flow_in_subprocess
+
+    settings = settings_for(persistent_redis.url, redis_prefix)
+    lines = 300
+    run_id = create_flow_run(chatty_flow, {"lines": lines, "pause": 0.1})
+    env = {
+        "PREFECT_WS_BROADCAST_URL": persistent_redis.url,
+        "PREFECT_WS_REDIS_PREFIX": redis_prefix,
+        "PREFECT_WS_FLUSH_TIMEOUT_SECONDS": "30",
+    }
+
+    async def main(base: str) -> tuple[list[Received], dict]:
+        clients = [
+            asyncio.create_task(
+                receive(stream_url(base, run_id, "wait=120"), keep_text=True, timeout=180)
+            )
+            for _ in range(3)
+        ]
+        flow = asyncio.create_task(
+            run_flow_in_subprocess(
+                "delivery_flows:chatty_flow",
+                run_id,
+                {"lines": lines, "pause": 0.1},
+                env=env,
+                timeout=180,
+            )
+        )
+        async with redis_backend(settings) as backend:
+            for _ in range(600):  # until the flow is logging (bounded: 60 s)
+                if flow.done() or (await backend.info(run_id)).head >= 30:
+                    break
+                await asyncio.sleep(0.1)
+        assert not flow.done(), "the flow finished before Redis could be killed"
+        await asyncio.to_thread(persistent_redis.kill)
+        await asyncio.sleep(1.0)
+        await asyncio.to_thread(persistent_redis.start)
+        report = await flow
+        return list(await asyncio.gather(*clients)), report
+
+    with serve_app(settings) as (base, app):
+        results, report = asyncio.run(main(base))
+        assert app.state.hub.runs == {}
+        assert app.state.transport.backend.reconnects >= 1  # the server did lose Redis
+    assert "cannot publish" in report["stderr"]  # ...and so did the flow's publisher
+    assert report["state"] == "COMPLETED" and report["result"] == lines
+    assert "not published" not in report["stderr"]  # the publisher dropped nothing
+    expected = {None: ["chatty flow starts"], "chatty": [f"chatty line {i}" for i in range(lines)]}
+    for result in results:
+        assert (result.code, result.reason) == (1000, "run complete")
+        assert result.texts == results[0].texts
+        assert_run_sequence([json.loads(t) for t in result.texts], expected)
