@@ -228,8 +228,11 @@ def test_hello_frame_and_recovered_when_history_was_trimmed(
 
             # a run not started yet, waited for: head 0, first null
             waiting_id = new_run_id()
-            waiting = asyncio.create_task(receive(stream_url(base, waiting_id, "wait=10")))
-            await eventually(lambda: waiting_id in app.state.hub.runs)
+            early_out = Received()
+            waiting = asyncio.create_task(
+                receive(stream_url(base, waiting_id, "wait=10"), received=early_out)
+            )
+            await eventually(lambda: early_out.hello is not None)  # joined before the start
             await publish_logs(backend, waiting_id, 5)
             early = await waiting
             assert early.hello == {
@@ -249,7 +252,7 @@ def test_hello_frame_and_recovered_when_history_was_trimmed(
                 assert (page["first"], page["head"], page["recovered"]) == (first, head, False)
                 assert page["events"][0]["seq"] == first
 
-    with serve_app(settings) as (base, app):
+    with serve_app(settings) as (base, _):
         asyncio.run(main(base))
 
 
@@ -472,14 +475,14 @@ def test_sse_same_sequences_with_last_event_id_resume(redis_url: str, redis_pref
             filtered = asyncio.create_task(
                 read_sse(client, path + "?wait=10&types=step_log&step=right&level=WARNING")
             )
-            await eventually(lambda: watchers(app, run_id) >= 3)
+            await eventually(lambda: watchers(app, run_id) == 4)  # ws, sse, resumer, filtered
             await publish_logs(backend, run_id, 2000, batch=20, pause=0.003)
             head = 2001
             ws_result = await ws
             ws_result.assert_exactly(1, head)
             status, events = await sse_full
             assert status == 200
-            assert events[0].event == "hello" and json.loads(events[0].data)["head"] == 0
+            assert events[0].event == "hello" and json.loads(events[0].data)["since"] == 0
             data = [e for e in events if e.id is not None]
             assert [int(e.id) for e in data] == list(range(1, head + 1))  # type: ignore[arg-type]
             assert [e.data for e in data] == ws_result.texts  # the same bytes as WebSocket
