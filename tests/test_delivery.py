@@ -37,6 +37,7 @@ from delivery_support import (
 from websockets.asyncio.client import connect
 from websockets.exceptions import ConnectionClosed
 
+from prefect_ws.settings import Settings
 from prefect_ws.transport import RedisBackend
 
 
@@ -533,6 +534,7 @@ def _raw_handshake(port: int, path: str) -> socket.socket:
 def test_heartbeat_removes_silent_peers_and_releases_the_run(
     redis_url: str, redis_prefix: str
 ) -> None:
+    assert (Settings().ping_interval, Settings().ping_timeout) == (54.0, 30.0)  # the defaults
     settings = settings_for(redis_url, redis_prefix, ping_interval=0.2, ping_timeout=0.3)
 
     async def main(base: str) -> None:

@@ -568,3 +568,54 @@ def test_prefect_flow_survives_a_redis_restart_and_clients_get_the_whole_run(
         assert (result.code, result.reason) == (1000, "run complete")
         assert result.texts == results[0].texts
         assert_run_sequence([json.loads(t) for t in result.texts], expected)
+
+
+@pytest.mark.timeout(90)
+def test_client_fallen_behind_retained_history_is_closed_1013_and_resumes(
+    redis_url: str, redis_prefix: str
+) -> None:
+    settings = settings_for(
+        redis_url, redis_prefix, history_maxlen=100, client_queue_size=16, max_lag_seconds=60
+    )
+    events, size = 3000, 4000  # ~12 MB: more than the socket buffers hold
+
+    async def main(base: str) -> tuple[list[int], int | None, str | None, Received, int]:
+        run_id = new_run_id()
+        seqs: list[int] = []
+        async with (
+            redis_backend(settings) as backend,
+            connect(stream_url(base, run_id, "wait=30"), max_size=2**24, max_queue=1) as ws,
+        ):
+            await asyncio.sleep(0.3)
+            await publish_logs(backend, run_id, 10, size=size, complete=False)
+            async for message in ws:  # read hello and the first 10, then stop reading
+                assert isinstance(message, str)
+                if not message.startswith('{"type":"hello"'):
+                    seqs.append(json.loads(message)["seq"])
+                    if len(seqs) == 10:
+                        break
+            await publish_logs(backend, run_id, events, start=10, size=size, batch=50)
+            first = (await backend.info(run_id)).first
+            assert first is not None and first > 1000
+            try:
+                async with asyncio.timeout(30):
+                    async for message in ws:  # reading again: what was in flight, then 1013
+                        seqs.append(json.loads(message)["seq"])
+            except ConnectionClosed:
+                pass
+            code, reason = ws.close_code, ws.close_reason
+        resumed = await receive(stream_url(base, run_id, f"since={seqs[-1]}"), timeout=30)
+        return seqs, code, reason, resumed, first
+
+    with serve_app(settings) as (base, app):
+        seqs, code, reason, resumed, first = asyncio.run(main(base))
+        assert app.state.hub.runs == {}
+    head = events + 11
+    assert seqs == list(range(1, len(seqs) + 1)) and len(seqs) < first - 1  # in order, no gap
+    assert code == 1013, (code, reason)
+    assert reason == (
+        f"events after seq {seqs[-1]} are no longer retained; reconnect with since=<last seq>"
+    )
+    hello = resumed.hello
+    assert hello is not None and hello["recovered"] is False and hello["first"] == first
+    resumed.assert_exactly(first, head)
