@@ -478,3 +478,46 @@ def test_minimal_browser_snippet_from_another_origin(prefect_api: str, page: Any
     finally:
         static.shutdown()
         static.server_close()
+
+
+def test_a_long_run_replays_quickly_and_completely(server: str, page: Any) -> None:
+    """5,000 log lines replayed into the page: all of them, in order, in bounded time."""
+    import time
+
+    from prefect_ws.events import encode
+    from prefect_ws.transport.memory import MemoryBackend
+
+    run_id, lines = str(uuid.uuid4()), 5000
+
+    async def publish() -> None:
+        backend = MemoryBackend("memory://")
+        await backend.connect()
+        drafts = [
+            encode(
+                run_id, "run_start", {"flowName": "long", "flowRunName": "l", "layers": [["a"]]}
+            ),
+            encode(run_id, "step_start", {"stepId": "a", "layer": 0, "attempt": 1}),
+            *(
+                encode(run_id, "step_log", {"stepId": "a", "level": "INFO", "message": f"line {i}"})
+                for i in range(lines)
+            ),
+            encode(run_id, "step_complete", {"stepId": "a", "status": "completed", "duration": 1}),
+            encode(run_id, "run_complete", {"status": "completed", "duration": 2.0}),
+        ]
+        for start in range(0, len(drafts), 500):
+            await backend.publish(run_id, drafts[start : start + 500])
+        await backend.disconnect()
+
+    publisher = threading.Thread(target=lambda: asyncio.run(publish()))
+    publisher.start()
+    publisher.join(30)
+    started = time.monotonic()
+    page.goto(f"{server}/runs/{run_id}")
+    page.wait_for_selector('#run-status[data-status="completed"]', timeout=WAIT_MS)
+    elapsed = time.monotonic() - started
+    assert page.inner_text("#log-count") == f"{lines} lines"
+    messages = page.evaluate(
+        "() => [...document.querySelectorAll('.log-message')].map(m => m.textContent)"
+    )
+    assert messages == [f"line {i}" for i in range(lines)]
+    assert elapsed < 20, f"replaying {lines} lines took {elapsed:.1f} s"

@@ -85,6 +85,7 @@
         addLog(event);
         break;
       case "run_complete":
+        flushLogs(); // every line is on the page when the run shows as finished
         state.status = String(payload.status);
         state.duration = typeof payload.duration === "number" ? payload.duration : null;
         state.error = payload.error || null;
@@ -203,24 +204,53 @@
     return !text || line.dataset.search.includes(text);
   }
 
+  // Lines are built as events arrive and put on the page once per animation frame: a replay of
+  // thousands of lines costs one layout, not one per line.
+  let pendingLines = [];
+  let flushScheduled = false;
+
   function addLog(event) {
     const payload = event.payload || {};
     const level = String(payload.level || "INFO").toUpperCase();
     const step = payload.stepId === null || payload.stepId === undefined ? "" : String(payload.stepId);
     const message = String(payload.message ?? "");
-    const nearBottom = logs.scrollHeight - logs.scrollTop - logs.clientHeight < 40;
     const line = el("div", { class: "log-line", "data-level": level, "data-step": step, "data-seq": event.seq });
     line.dataset.search = (message + " " + step).toLowerCase();
     line.append(el("span", { class: "log-time" }, clock(event.ts)));
     line.append(el("span", { class: "log-level" }, level));
     line.append(el("span", { class: "log-step" }, step || "flow"));
     line.append(el("span", { class: "log-message" }, message));
-    line.hidden = !visible(line);
-    logs.append(line);
+    pendingLines.push(line);
     state.logCount += 1;
-    while (logs.childElementCount > MAX_LOG_LINES) logs.firstElementChild.remove();
+    if (pendingLines.length >= 5000) flushLogs(); // a hidden tab gets no frames: stay bounded
+    else if (!flushScheduled) {
+      flushScheduled = true;
+      requestAnimationFrame(flushLogs);
+    }
+  }
+
+  function flushLogs() {
+    flushScheduled = false;
+    if (!pendingLines.length) return;
+    const nearBottom = logs.scrollHeight - logs.scrollTop - logs.clientHeight < 40;
+    const fragment = document.createDocumentFragment();
+    let anyVisible = false;
+    for (const line of pendingLines.slice(-MAX_LOG_LINES)) {
+      line.hidden = !visible(line);
+      anyVisible = anyVisible || !line.hidden;
+      fragment.append(line);
+    }
+    pendingLines = [];
+    logs.append(fragment);
+    const excess = logs.childElementCount - MAX_LOG_LINES;
+    if (excess > 0) {
+      const range = document.createRange();
+      range.setStartBefore(logs.firstElementChild);
+      range.setEndAfter(logs.children[excess - 1]);
+      range.deleteContents();
+    }
     document.getElementById("log-count").textContent = state.logCount + " lines";
-    if (filters.autoscroll.checked && (nearBottom || !line.hidden)) logs.scrollTop = logs.scrollHeight;
+    if (filters.autoscroll.checked && (nearBottom || anyVisible)) logs.scrollTop = logs.scrollHeight;
   }
 
   function applyFilters() {
