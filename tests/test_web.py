@@ -521,3 +521,65 @@ def test_a_long_run_replays_quickly_and_completely(server: str, page: Any) -> No
     )
     assert messages == [f"line {i}" for i in range(lines)]
     assert elapsed < 20, f"replaying {lines} lines took {elapsed:.1f} s"
+
+
+def test_runs_list_over_redis_is_newest_first_with_status_and_capped(
+    redis_url: str, redis_prefix: str
+) -> None:
+    """The index's JSON over redis://: the publish script keeps a capped recent-runs set."""
+    import redis as redis_sync
+
+    from prefect_ws.events import encode
+    from prefect_ws.transport.redis import RedisBackend
+
+    settings = Settings(broadcast_url=redis_url, redis_prefix=redis_prefix, log_level="WARNING")
+    finished, running = str(uuid.uuid4()), str(uuid.uuid4())
+    filler = [str(uuid.uuid4()) for _ in range(1005)]
+
+    async def publish() -> None:
+        backend = RedisBackend(redis_url, prefix=redis_prefix)
+        for run in filler:  # older runs, beyond the cap of 1000
+            await backend.publish(run, [encode(run, "step_log", {"message": "x"})])
+        await backend.publish(
+            finished,
+            [
+                encode(finished, "run_start", {"flowName": "done-flow", "flowRunName": "a"}),
+                encode(finished, "run_complete", {"status": "failed", "duration": 1.5}),
+            ],
+        )
+        await backend.publish(
+            running,
+            [
+                encode(running, "run_start", {"flowName": "live-flow", "flowRunName": "b"}),
+                encode(running, "step_start", {"stepId": "s", "layer": 0, "attempt": 1}),
+            ],
+        )
+        await backend.disconnect()
+
+    asyncio.run(publish())
+    with serve_in_thread(settings) as base_url:
+        answer = httpx.get(f"{base_url.replace('ws://', 'http://')}/api/v2/workflows/runs?limit=2")
+    assert answer.status_code == 200
+    body = answer.json()
+    assert [r["runId"] for r in body["runs"]] == [running, finished]
+    live, done = body["runs"]
+    assert (live["flowName"], live["status"], live["seq"], live["duration"]) == (
+        "live-flow",
+        "running",
+        2,
+        None,
+    )
+    assert (done["flowName"], done["status"], done["seq"], done["duration"]) == (
+        "done-flow",
+        "failed",
+        2,
+        1.5,
+    )
+    assert body["active"] == 1
+    client = redis_sync.Redis.from_url(redis_url)
+    try:
+        assert client.zcard(f"{redis_prefix}:recent-runs") == 1000
+        assert client.ttl(f"{redis_prefix}:recent-runs") > 0
+    finally:
+        client.delete(*client.keys(f"{redis_prefix}*"))
+        client.close()
