@@ -11,7 +11,8 @@ Modes (``python benchmarks/_wsload.py --mode ...``):
   its first frame, then counts until each got ``run_complete`` (or a close) or ``--deadline``.
   Latencies go to ``--lat-out`` as raw int64 nanoseconds.
 - ``idle``: ``--count`` connections (URL may hold ``{uuid}``: a distinct run per connection),
-  prints ``READY ok failed seconds``, holds them until a line arrives on stdin or the deadline.
+  prints ``READY ok failed seconds``, answers ``status`` on stdin with ``HELD n`` and holds
+  them until another line arrives or the deadline.
 - ``cycle``: ``--count`` connect / first frame / close cycles, ``--concurrency`` at a time.
 Every mode ends by printing one JSON line.
 """
@@ -33,6 +34,7 @@ from urllib.parse import urlsplit
 _SEQ = b'"seq":'
 _T = b'"t":'
 _FINAL = b'"type":"run_complete"'
+_START = b'"type":"run_start"'
 
 
 class WSClient(asyncio.Protocol):
@@ -59,6 +61,7 @@ class WSClient(asyncio.Protocol):
         self.buffer = bytearray()
         self.upgraded = False
         self.frames = 0
+        self.events = 0
         self.last_seq = 0
         self.out_of_order = 0
         self.close_code: int | None = None
@@ -146,18 +149,23 @@ class WSClient(asyncio.Protocol):
         self.frames += 1
         self.last_recv_ns = now
         if self.frames == 1:
+            # The first frame of any kind (prefect-ws' hello, the naive server's ready, or an
+            # older server's run_start) means the stream is set up.
             self.first_ns = now
             if not self.ready.done():
                 self.ready.set_result(None)
-            return
         at = buffer.find(_SEQ, start, end)
-        if at >= 0:
-            at += 6
-            stop = buffer.find(b",", at, end)
-            seq = int(buffer[at:stop])
-            if seq != self.last_seq + 1 and self.last_seq:
-                self.out_of_order += 1
-            self.last_seq = seq
+        if at < 0:
+            return  # a control frame (hello, ready): not an event
+        at += 6
+        stop = buffer.find(b",", at, end)
+        seq = int(buffer[at:stop])
+        if seq != self.last_seq + 1 and self.last_seq:
+            self.out_of_order += 1
+        self.last_seq = seq
+        if buffer.find(_START, start, end) >= 0:
+            return  # stored before the clients joined: not part of what is measured
+        self.events += 1
         if self.latencies is not None:
             at = buffer.find(_T, start, end)
             if at >= 0:
@@ -272,7 +280,7 @@ async def stream_mode(args: argparse.Namespace) -> dict[str, object]:
         "failure_sample": failures[:3],
         "finished": len(done),
         "unfinished": len(pending),
-        "delivered": sum(max(0, c.frames - 1) for c in clients),
+        "delivered": sum(c.events for c in clients),
         "out_of_order": sum(c.out_of_order for c in clients),
         "first_recv_ns": min((c.first_ns for c in clients if c.first_ns), default=0),
         "last_recv_ns": max((c.last_recv_ns for c in clients), default=0),

@@ -212,7 +212,7 @@ def main() -> None:
     suffix = f"-{args.tag}" if args.tag else ""
 
     if args.quick:
-        plan = {1: 200, 10: 100}
+        plan = {10: 100}
         repeats, paced_n, deadline = 1, 20, 30.0
     else:
         counts = [int(c) for c in args.clients.split(",")]

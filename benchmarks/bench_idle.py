@@ -48,7 +48,8 @@ def measure_mode(
             time.sleep(1.0)
             baseline = rss_kb(server.pid)
             held = 0
-            url = f"ws://127.0.0.1:{port}/api/v2/workflows/runs/{{uuid}}/stream"
+            # wait=: the run has not started yet (without it a newer server closes with 4404).
+            url = f"ws://127.0.0.1:{port}/api/v2/workflows/runs/{{uuid}}/stream?wait=3600"
             for target in counts:
                 batch, opened, failed, seconds = [], 0, 0, 0.0
                 started = time.perf_counter()
@@ -136,7 +137,7 @@ def main() -> None:
     args = parser.parse_args()
     counts = [int(c) for c in args.counts.split(",")]
     if args.quick:
-        counts, args.settle, args.window = [50, 100], 0.3, 0.5
+        counts, args.settle, args.window = [100], 0.3, 0.5
     raise_nofile()
 
     results = []

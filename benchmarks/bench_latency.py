@@ -91,7 +91,8 @@ async def one_run(
     ours: list[int] = []
     theirs: list[int] = []
     ours_ready, theirs_ready = asyncio.Event(), asyncio.Event()
-    stream_url = f"{base_url}/api/v2/workflows/runs/{run_id}/stream"
+    # wait=: the flow has not started yet (without it a newer server closes with 4404).
+    stream_url = f"{base_url}/api/v2/workflows/runs/{run_id}/stream?wait=120"
     watchers = [
         asyncio.create_task(watch_prefect_ws(stream_url, ours, ours_ready)),
         asyncio.create_task(watch_prefect(run_id, lines, theirs, theirs_ready)),

@@ -38,7 +38,18 @@ def create_naive_app(settings: Settings) -> Starlette:
         async with broadcast.subscribe(run_id) as subscriber:
 
             async def announce() -> None:
-                await asyncio.wait_for(subscribed.wait(), 10)
+                # The backend's RESYNC marks the subscription confirmed; newer backends also
+                # answer is_live() (broadcaster drops a RESYNC that beats the queue's creation).
+                is_live = getattr(transport.backend, "is_live", None)
+                deadline = asyncio.get_running_loop().time() + 10
+                while not subscribed.is_set():
+                    if is_live is not None and is_live(run_id):
+                        subscribed.set()
+                    elif asyncio.get_running_loop().time() > deadline:
+                        raise TimeoutError("subscription not confirmed")
+                    else:
+                        with contextlib.suppress(TimeoutError):
+                            await asyncio.wait_for(subscribed.wait(), 0.02)
                 await websocket.send_text('{"type":"ready"}')
 
             ready = asyncio.create_task(announce())
