@@ -13,16 +13,19 @@ from __future__ import annotations
 import asyncio
 import atexit
 import contextlib
+import itertools
 import logging
 import os
 import threading
 import time
+import uuid
 from collections import OrderedDict, deque
 from typing import Any
 
 from prefect_ws.events import Draft, encode
 from prefect_ws.settings import Settings, get_settings
 from prefect_ws.transport import Transport, create_transport
+from prefect_ws.transport.base import Batch
 
 logger = logging.getLogger("prefect_ws.publisher")
 
@@ -52,6 +55,8 @@ class Publisher:
         self._stopping = False
         self._finished: OrderedDict[str, None] = OrderedDict()
         self.outage = False
+        self._id = uuid.uuid4().hex  # with a batch number, makes a retried batch a no-op
+        self._batches = itertools.count(1)
         self.published = 0
         self.dropped = 0  # log events refused while the buffer was full
         self.dropped_late = 0  # events of a run after its run_complete
@@ -124,6 +129,8 @@ class Publisher:
                 loop.call_soon_threadsafe(wake.set)
 
     def _forget_after_fork(self) -> None:
+        self._id = uuid.uuid4().hex  # a child must not reuse its parent's batch keys
+        self._batches = itertools.count(1)
         self._thread = None
         self._loop = None
         self._wake = None
@@ -194,9 +201,11 @@ class Publisher:
         self, transport: Transport, run_id: str, drafts: list[Draft]
     ) -> None:
         delay = 0.05
+        batch = Batch(drafts)
+        batch.key = (self._id, next(self._batches))  # the same key on every retry
         while True:
             try:
-                await transport.broadcast.publish(run_id, drafts)
+                await transport.broadcast.publish(run_id, batch)
             except Exception as exc:
                 if not self.outage:
                     self.outage = True

@@ -619,3 +619,39 @@ def test_client_fallen_behind_retained_history_is_closed_1013_and_resumes(
     hello = resumed.hello
     assert hello is not None and hello["recovered"] is False and hello["first"] == first
     resumed.assert_exactly(first, head)
+
+
+def test_a_batch_sent_again_after_a_lost_reply_is_stored_once(
+    redis_url: str, redis_prefix: str
+) -> None:
+    """The publisher retries a batch whose reply it lost; the script must not store it twice."""
+    from prefect_ws.events import encode
+    from prefect_ws.transport.base import Batch
+
+    settings = settings_for(redis_url, redis_prefix)
+
+    async def main() -> tuple[list[int], list[str]]:
+        run_id = new_run_id()
+        async with redis_backend(settings) as backend:
+
+            def batch(number: int, publisher: str, *messages: str) -> Batch:
+                out = Batch(encode(run_id, "step_log", {"message": m}) for m in messages)
+                out.key = (publisher, number)
+                return out
+
+            await backend.publish(run_id, batch(1, "p1", "a", "b"))
+            await backend.publish(run_id, batch(1, "p1", "a", "b"))  # the retry: a no-op
+            await backend.publish(run_id, batch(1, "p2", "x"))  # another publisher's first
+            await backend.publish(run_id, batch(2, "p1", "c"))
+            await backend.publish(run_id, batch(2, "p1", "c"))
+            await backend.publish(run_id, batch(1, "p1", "a", "b"))  # an older one: a no-op
+            await backend.publish(run_id, [encode(run_id, "step_log", {"message": "plain"})])
+            texts = await backend.history(run_id, 0, 100)
+            head = (await backend.info(run_id)).head
+        events = [json.loads(t) for t in texts]
+        assert head == len(events)
+        return [e["seq"] for e in events], [e["payload"]["message"] for e in events]
+
+    seqs, messages = asyncio.run(main())
+    assert seqs == [1, 2, 3, 4, 5]
+    assert messages == ["a", "b", "x", "c", "plain"]

@@ -16,6 +16,8 @@ from typing import Final
 
 from broadcaster import BroadcastBackend
 
+from prefect_ws.events import Draft
+
 RESYNC: Final = ""
 
 
@@ -50,6 +52,14 @@ class StreamBackend(BroadcastBackend):
         Not abstract so that a backend without a run index still serves streams.
         """
         return []
+
+
+class Batch(list[Draft]):
+    """Drafts published together. ``key`` = (publisher id, batch number, increasing per
+    publisher) lets a backend store a batch once when the publisher retries it after losing
+    the reply (the script ran, the connection died). Plain lists are published as they come."""
+
+    key: tuple[str, int] | None = None
 
 
 @dataclass(frozen=True, slots=True)

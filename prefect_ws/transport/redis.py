@@ -34,13 +34,23 @@ logger = logging.getLogger("prefect_ws.transport")
 # KEYS[1] sequence counter, KEYS[2] history stream, KEYS[3] recent-runs index (sorted set).
 # ARGV[1] pub/sub channel, ARGV[2] MAXLEN, ARGV[3] TTL seconds, then (head, tail) pairs.
 PUBLISH_SCRIPT: Final = """
-local n = (#ARGV - 3) / 2
+if ARGV[4] ~= '' then
+  -- A batch a publisher sends again (its reply was lost) is stored once: KEYS[4] maps each
+  -- publisher id to the number of its newest stored batch for this run.
+  local stored = tonumber(redis.call('HGET', KEYS[4], ARGV[4]) or '0')
+  if stored >= tonumber(ARGV[5]) then
+    return tonumber(redis.call('GET', KEYS[1]) or '0')
+  end
+  redis.call('HSET', KEYS[4], ARGV[4], ARGV[5])
+  redis.call('EXPIRE', KEYS[4], ARGV[3])
+end
+local n = (#ARGV - 5) / 2
 local last = redis.call('INCRBY', KEYS[1], n)
 local seq = last - n
 local out = {}
 for i = 0, n - 1 do
   seq = seq + 1
-  local text = ARGV[4 + 2 * i] .. seq .. ARGV[5 + 2 * i]
+  local text = ARGV[6 + 2 * i] .. seq .. ARGV[7 + 2 * i]
   redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[2], seq .. '-0', 'd', text)
   out[i + 1] = text
 end
@@ -152,11 +162,13 @@ class RedisBackend(StreamBackend):
         drafts: list[Draft] = message
         if not drafts:
             return
+        key: tuple[str, int] | None = getattr(message, "key", None)  # see Batch
         args: list[Any] = [self.channel_name(channel), self._maxlen, self._ttl]
+        args += [key[0], key[1]] if key is not None else ["", 0]
         for draft in drafts:
             args.append(draft.head)
             args.append(draft.tail)
-        keys = [*self._keys(channel), self._recent_key]
+        keys = [*self._keys(channel), self._recent_key, f"{self._prefix}:{{{channel}}}:batches"]
         await self._once_more_on_stale_connection(lambda: self._script(keys=keys, args=args))
 
     async def next_published(self) -> Event:
