@@ -556,7 +556,9 @@ def test_runs_list_over_redis_is_newest_first_with_status_and_capped(
         )
         await backend.disconnect()
 
-    asyncio.run(publish())
+    publisher = threading.Thread(target=lambda: asyncio.run(publish()))  # Playwright owns
+    publisher.start()  # this thread's event loop while the module's browser is open
+    publisher.join(60)
     with serve_in_thread(settings) as base_url:
         answer = httpx.get(f"{base_url.replace('ws://', 'http://')}/api/v2/workflows/runs?limit=2")
     assert answer.status_code == 200
