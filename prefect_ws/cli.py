@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
+from typing import Any
 
 import typer
 from pydantic import ValidationError
+
+from prefect_ws.settings import Settings
 
 app = typer.Typer(
     name="prefect-ws",
@@ -17,9 +20,7 @@ app = typer.Typer(
 )
 
 
-def _settings(**overrides: object):  # type: ignore[no-untyped-def]
-    from prefect_ws.settings import Settings
-
+def _settings(**overrides: Any) -> Settings:
     try:
         return Settings(**{k: v for k, v in overrides.items() if v is not None})
     except ValidationError as exc:
@@ -36,7 +37,9 @@ def _settings(**overrides: object):  # type: ignore[no-untyped-def]
 @app.command()
 def serve(
     host: str = typer.Option(None, help="Address to bind [default: PREFECT_WS_HOST or 127.0.0.1]."),
-    port: int = typer.Option(None, min=0, max=65535, help="Port [default: PREFECT_WS_PORT or 8000]."),
+    port: int = typer.Option(
+        None, min=0, max=65535, help="Port [default: PREFECT_WS_PORT or 8000]."
+    ),
     broadcast_url: str = typer.Option(
         None, help="memory:// or redis://host:port/db [default: PREFECT_WS_BROADCAST_URL]."
     ),
@@ -156,3 +159,7 @@ def tail(
 
 def main() -> None:
     sys.exit(app())
+
+
+if __name__ == "__main__":
+    main()
