@@ -123,3 +123,58 @@ def assert_run_sequence(
                     f"log of {step} after step_complete"
                 )
     assert logs == expected_logs
+
+
+def emit_small_run(publisher: Any, run_id: str, logs: int = 3) -> None:
+    """Queue a complete run on ``publisher``: run_start, ``logs`` flow-level lines, run_complete."""
+    publisher.emit(
+        run_id,
+        "run_start",
+        {
+            "flowName": "small",
+            "flowRunId": run_id,
+            "flowRunName": "calm-cat",
+            "parameters": {},
+            "layers": None,
+        },
+    )
+    for i in range(logs):
+        publisher.emit(
+            run_id,
+            "step_log",
+            {
+                "stepId": None,
+                "taskRunId": None,
+                "level": "INFO",
+                "message": f"line {i}",
+                "logger": "prefect.flow_runs",
+            },
+        )
+    publisher.emit(
+        run_id,
+        "run_complete",
+        {
+            "status": "completed",
+            "duration": 0.1,
+            "steps": {"completed": 0, "failed": 0, "skipped": 0, "cancelled": 0},
+            "failedSteps": [],
+            "error": None,
+        },
+    )
+
+
+def redis_history(
+    redis_url: str, prefix: str, run_id: str, limit: int = 100_000
+) -> list[dict[str, Any]]:
+    """Every stored event of a run, read straight from Redis."""
+    from prefect_ws.transport import RedisBackend
+
+    async def read() -> list[str]:
+        backend = RedisBackend(redis_url, prefix=prefix)
+        await backend.connect()
+        try:
+            return await backend.history(run_id, 0, limit)
+        finally:
+            await backend.disconnect()
+
+    return [json.loads(text) for text in asyncio.run(read())]

@@ -17,6 +17,7 @@ from typing import Any
 
 import httpx
 import pytest
+from helpers import emit_small_run
 from websockets.asyncio.client import connect
 from websockets.exceptions import ConnectionClosed, InvalidStatus
 
@@ -39,40 +40,7 @@ def publish_run(settings: Settings, logs: int = 3, run_id: str | None = None) ->
     """A complete small run in the backend's history, for good clients to replay."""
     run_id = run_id or str(uuid.uuid4())
     publisher = Publisher(settings)
-    publisher.emit(
-        run_id,
-        "run_start",
-        {
-            "flowName": "hostile",
-            "flowRunId": run_id,
-            "flowRunName": "calm-cat",
-            "parameters": {},
-            "layers": None,
-        },
-    )
-    for i in range(logs):
-        publisher.emit(
-            run_id,
-            "step_log",
-            {
-                "stepId": None,
-                "taskRunId": None,
-                "level": "INFO",
-                "message": f"line {i}",
-                "logger": "prefect.flow_runs",
-            },
-        )
-    publisher.emit(
-        run_id,
-        "run_complete",
-        {
-            "status": "completed",
-            "duration": 0.1,
-            "steps": {"completed": 0, "failed": 0, "skipped": 0, "cancelled": 0},
-            "failedSteps": [],
-            "error": None,
-        },
-    )
+    emit_small_run(publisher, run_id, logs)
     assert publisher.flush(10), "publishing the fixture run failed"
     publisher.close()
     return run_id

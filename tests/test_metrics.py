@@ -7,6 +7,7 @@ import uuid
 
 import httpx
 import pytest
+from helpers import emit_small_run
 from prometheus_client.parser import text_string_to_metric_families
 from test_hostile import ADMIN, KEYS, WAIT, read_stream, refusal, stream_url
 from websockets.asyncio.client import connect
@@ -37,50 +38,13 @@ def delta(after: Samples, before: Samples, name: str, **labels: str) -> float:
     return after.get(key, 0.0) - before.get(key, 0.0)
 
 
-def emit_run(publisher: Publisher, run_id: str, logs: int) -> None:
-    publisher.emit(
-        run_id,
-        "run_start",
-        {
-            "flowName": "m",
-            "flowRunId": run_id,
-            "flowRunName": "m",
-            "parameters": {},
-            "layers": None,
-        },
-    )
-    for i in range(logs):
-        publisher.emit(
-            run_id,
-            "step_log",
-            {
-                "stepId": None,
-                "taskRunId": None,
-                "level": "INFO",
-                "message": f"line {i}",
-                "logger": "prefect.flow_runs",
-            },
-        )
-    publisher.emit(
-        run_id,
-        "run_complete",
-        {
-            "status": "completed",
-            "duration": 0.1,
-            "steps": {"completed": 0, "failed": 0, "skipped": 0, "cancelled": 0},
-            "failedSteps": [],
-            "error": None,
-        },
-    )
-
-
 async def test_metrics_follow_scripted_traffic() -> None:
     settings = Settings(
         broadcast_url="memory://", api_keys=KEYS, max_connections_per_ip=3, limit_loopback=True
     )
     publisher = Publisher(settings)
     finished = str(uuid.uuid4())
-    emit_run(publisher, finished, logs=3)  # 5 events in history
+    emit_small_run(publisher, finished, logs=3)  # 5 events in history
     assert publisher.flush(10)
     with serve_in_thread(settings) as base:
         http = base.replace("ws://", "http://", 1)
@@ -105,7 +69,7 @@ async def test_metrics_follow_scripted_traffic() -> None:
             ]
             assert (await refusal(stream_url(base, live), additional_headers=ADMIN))[0] == 429
             await asyncio.sleep(0.2)  # all three subscribed and caught up
-            emit_run(publisher, live, logs=10)
+            emit_small_run(publisher, live, logs=10)
             assert publisher.flush(10)
             received = [m async for m in ws if m.startswith('{"v":')]  # events, not hello
             for other in held:

@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import asyncio
 import json
 import os
 import subprocess
 import sys
 from pathlib import Path
 
-from prefect_ws.transport import RedisBackend
+from helpers import redis_history
 
 TESTS = Path(__file__).resolve().parent
 
@@ -23,18 +22,6 @@ def _run_plain_flow(extra_env: dict[str, str]) -> subprocess.CompletedProcess[st
         text=True,
         timeout=90,
     )
-
-
-def _history(redis_url: str, prefix: str, run_id: str) -> list[dict]:
-    async def read() -> list[str]:
-        backend = RedisBackend(redis_url, prefix=prefix)
-        await backend.connect()
-        try:
-            return await backend.history(run_id, 0, 1000)
-        finally:
-            await backend.disconnect()
-
-    return [json.loads(t) for t in asyncio.run(read())]
 
 
 def test_plugin_streams_logs_of_a_flow_that_never_imports_prefect_ws(
@@ -51,7 +38,7 @@ def test_plugin_streams_logs_of_a_flow_that_never_imports_prefect_ws(
     assert result.returncode == 0, result.stderr[-3000:]
     run_id = json.loads(result.stdout.strip().splitlines()[-1])["run_id"]
 
-    events = _history(redis_url, redis_prefix, run_id)
+    events = redis_history(redis_url, redis_prefix, run_id)
     logs = [
         (e["payload"]["stepId"], e["payload"]["level"], e["payload"]["message"]) for e in events
     ]
@@ -78,7 +65,7 @@ def test_without_the_plugin_switch_nothing_is_streamed(
     result = _run_plain_flow({**env_without, "PREFECT_PLUGINS_ENABLED": "false"})
     assert result.returncode == 0, result.stderr[-3000:]
     run_id = json.loads(result.stdout.strip().splitlines()[-1])["run_id"]
-    assert _history(redis_url, redis_prefix, run_id) == []
+    assert redis_history(redis_url, redis_prefix, run_id) == []
 
 
 def test_plugin_leaves_a_users_own_logging_config_alone(tmp_path: Path) -> None:

@@ -2,33 +2,19 @@
 
 from __future__ import annotations
 
-import asyncio
-import json
 import logging
 import threading
 import time
 
 import pytest
 from conftest import free_port
+from helpers import redis_history
 from sample_flows import four_steps
 
 from prefect_ws.publisher import Publisher, reset_publisher
 from prefect_ws.settings import Settings
-from prefect_ws.transport import RedisBackend
 
 RUN = "7d0e9a3e-0b7a-4d43-8d5b-6f3f2a8e1c01"
-
-
-def _history(redis_url: str, prefix: str, run_id: str = RUN) -> list[dict]:
-    async def read() -> list[str]:
-        backend = RedisBackend(redis_url, prefix=prefix)
-        await backend.connect()
-        try:
-            return await backend.history(run_id, 0, 100_000)
-        finally:
-            await backend.disconnect()
-
-    return [json.loads(t) for t in asyncio.run(read())]
 
 
 def test_each_threads_order_is_kept(redis_url: str, redis_prefix: str) -> None:
@@ -47,7 +33,7 @@ def test_each_threads_order_is_kept(redis_url: str, redis_prefix: str) -> None:
     assert publisher.flush(10)
     publisher.close()
 
-    events = _history(redis_url, redis_prefix)
+    events = redis_history(redis_url, redis_prefix, RUN)
     assert [e["seq"] for e in events] == list(range(1, 2002))
     assert events[-1]["type"] == "run_complete"
     for thread in range(4):
@@ -66,7 +52,10 @@ def test_events_after_run_complete_are_not_published(redis_url: str, redis_prefi
     publisher.emit(RUN, "step_log", {"message": "straggler"})
     assert publisher.flush(10)
     publisher.close()
-    assert [e["type"] for e in _history(redis_url, redis_prefix)] == ["step_log", "run_complete"]
+    assert [e["type"] for e in redis_history(redis_url, redis_prefix, RUN)] == [
+        "step_log",
+        "run_complete",
+    ]
     assert publisher.dropped_late == 1
 
 
