@@ -59,9 +59,11 @@ def run_demo(keep_serving: bool = False) -> int:
         if watcher is not None:
             watcher.join(timeout=30)
         run_id = result.run_id
-        console.print(f"\nReplay it any time: websocat '{stream_url(base_url, run_id)}'")
+        console.print(f"\nReplay it: websocat '{stream_url(base_url, run_id)}'")
         console.print(f"Web page: {base_url.replace('ws://', 'http://', 1)}/runs/{run_id}")
-        if keep_serving:
+        if not keep_serving:
+            console.print("(this server stops now: `prefect-ws demo --keep-serving` keeps both up)")
+        else:
             console.print("Serving until Ctrl+C ...")
             try:
                 while True:

@@ -195,7 +195,7 @@ def test_demo_runs_the_packaged_diamond_through_the_runner(prefect_api: str) -> 
         "load completed",
         "run completed",
         "steps: 4 completed",
-        "Replay it any time",
+        "Replay it: websocat",
     ):
         assert fragment in out, (fragment, out)
     assert out.index("run id:") < out.index("extract started") < out.index("load completed")
