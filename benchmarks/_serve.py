@@ -12,12 +12,28 @@ Settings come from ``PREFECT_WS_*`` variables. Raises its own fd limit first.
 from __future__ import annotations
 
 import argparse
+import os
 import resource
+import threading
+import time
 
 import uvicorn
 
 
+def _exit_with_parent() -> None:
+    """A benchmark killed hard (SIGKILL, a test timeout) cannot stop us: notice and go."""
+    parent = os.getppid()
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(1.0)
+        os._exit(0)
+
+    threading.Thread(target=watch, name="parent-watch", daemon=True).start()
+
+
 def main() -> None:
+    _exit_with_parent()
     _soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
     parser = argparse.ArgumentParser()
