@@ -53,7 +53,7 @@ def _error_of(state: Any) -> str:
 
 
 # -- flow hooks ------------------------------------------------------------------------------
-def _on_flow_running(flow: Any, flow_run: Any, state: Any) -> None:
+def prefect_ws_run_running(flow: Any, flow_run: Any, state: Any) -> None:
     install_log_handler()
     run_id = str(flow_run.id)
     _begin(run_id)
@@ -101,7 +101,7 @@ def _flow_finisher(status: str) -> Any:
 
 
 # -- task hooks ------------------------------------------------------------------------------
-def _on_task_running(task: Any, task_run: Any, state: Any) -> None:
+def prefect_ws_step_running(task: Any, task_run: Any, state: Any) -> None:
     if task_run.flow_run_id is None:
         return  # a task called outside any flow run has no stream
     install_log_handler()
@@ -158,7 +158,7 @@ _on_step_failed = _task_finisher("failed")
 def flow_hooks() -> dict[str, list[Any]]:
     """Hook lists for ``@flow(**prefect_ws.flow_hooks())`` or ``flow.with_options(...)``."""
     return {
-        "on_running": [_on_flow_running],
+        "on_running": [prefect_ws_run_running],
         "on_completion": [_on_run_completed],
         "on_failure": [_on_run_failed],
         "on_cancellation": [_on_run_cancelled],
@@ -169,7 +169,7 @@ def flow_hooks() -> dict[str, list[Any]]:
 def task_hooks() -> dict[str, list[Any]]:
     """Hook lists for ``@task(**prefect_ws.task_hooks())`` or ``task.with_options(...)``."""
     return {
-        "on_running": [_on_task_running],
+        "on_running": [prefect_ws_step_running],
         "on_completion": [_on_step_completed],
         "on_failure": [_on_step_failed],
     }

@@ -15,6 +15,7 @@ import logging
 import time
 from collections import deque
 from collections.abc import AsyncIterator
+from itertools import islice
 from typing import Any, Final
 
 from prefect_ws import closecodes, metrics
@@ -22,6 +23,9 @@ from prefect_ws.events import Frame, frame_from_text, frames_from_message
 from prefect_ws.transport import RESYNC, Transport
 
 logger = logging.getLogger("prefect_ws.hub")
+
+
+RECENT_FRAMES: Final = 1024  # per active run: ~250 KB of ~250-byte events
 
 
 class _Resync:
@@ -63,7 +67,9 @@ class Subscription:
     def offer(self, frames: list[Frame]) -> None:
         """Called by the run's pump for every live message; never blocks."""
         queue = self._queue
-        if len(queue) + len(frames) > self._queue_size:
+        # One message is always taken whole when the client is level: a publisher's batch may
+        # exceed the queue, and treating it as overflow sent every client to history.
+        if queue and len(queue) + len(frames) > self._queue_size:
             # Overflow: drop the backlog and fetch it from history when the client can take it.
             queue.clear()
             queue.append(RESYNC_MARK)
@@ -115,6 +121,8 @@ class RunChannel:
         self.hub = hub
         self.run_id = run_id
         self.subscriptions: set[Subscription] = set()
+        # The newest live frames: a client a little behind catches up from here, not Redis.
+        self.recent: deque[Frame] = deque(maxlen=RECENT_FRAMES)
         self.live = False
         self.closing = False
         self.done = asyncio.Event()
@@ -138,6 +146,7 @@ class RunChannel:
 
     def _go_live(self) -> None:
         """History and live now meet: every client reconciles from history."""
+        self.recent.clear()  # events may have been missed before this point
         self.live = True
         for subscription in self.subscriptions:
             subscription.resync()
@@ -161,6 +170,10 @@ class RunChannel:
                         logger.warning("Ignoring a malformed message on run %s", self.run_id)
                         continue
                     metrics.received(len(frames))
+                    recent = self.recent
+                    if recent and frames[0].seq != recent[-1].seq + 1:
+                        recent.clear()  # a gap: the ring only ever holds a contiguous range
+                    recent.extend(frames)
                     for subscription in self.subscriptions:
                         subscription.offer(frames)
         except asyncio.CancelledError:
@@ -217,7 +230,15 @@ class Hub:
     async def catch_up(
         self, subscription: Subscription, *, initial: bool = False
     ) -> AsyncIterator[Frame]:
-        """Frames after ``subscription.last_seq`` from history, page by page."""
+        """Frames after ``subscription.last_seq``: from the run's recent frames when they reach
+        back far enough, else from the backend's history, page by page."""
+        channel = self.runs.get(subscription.run_id)
+        recent = channel.recent if channel is not None else None
+        wanted = subscription.last_seq + 1
+        if recent and not initial and recent[0].seq <= wanted <= recent[-1].seq:
+            for frame in list(islice(recent, wanted - recent[0].seq, None)):
+                yield frame
+            return
         backend = self.transport.backend
         while True:
             texts = await backend.history(

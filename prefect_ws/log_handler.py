@@ -61,6 +61,24 @@ class PrefectWsHandler(logging.Handler):
             self.handleError(record)
 
 
+_OUR_HOOKS: Final = "'prefect_ws_"  # every hook of ours is named prefect_ws_*
+
+
+def _not_about_our_hooks(record: logging.LogRecord) -> bool:
+    """Drop Prefect's "Running hook '...'" / "Hook '...' finished" lines about our own hooks.
+
+    Prefect logs two INFO lines around every hook call, through every handler (console, API):
+    for our hooks that is four lines of plumbing per step, and most of a small step's overhead
+    (measured in docs/benchmarks.md). Lines about the user's own hooks stay.
+    """
+    message = record.msg
+    return not (
+        isinstance(message, str)
+        and message.startswith(("Running hook '", "Hook '"))
+        and _OUR_HOOKS in message
+    )
+
+
 def install_log_handler() -> PrefectWsHandler:
     """Attach one handler to Prefect's run loggers (idempotent).
 
@@ -70,6 +88,8 @@ def install_log_handler() -> PrefectWsHandler:
     handler: PrefectWsHandler | None = None
     for name in RUN_LOGGERS:
         logger = logging.getLogger(name)
+        if _not_about_our_hooks not in logger.filters:
+            logger.addFilter(_not_about_our_hooks)
         existing = next((h for h in logger.handlers if isinstance(h, PrefectWsHandler)), None)
         if existing is None:
             handler = handler or PrefectWsHandler()

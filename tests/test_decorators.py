@@ -30,7 +30,7 @@ def test_every_decorator_form_returns_prefect_objects_with_our_hooks() -> None:
 
     for flow in (bare, called, named, direct):
         assert isinstance(flow, prefect.Flow)
-        assert [h.__name__ for h in flow.on_running_hooks] == ["_on_flow_running"]
+        assert [h.__name__ for h in flow.on_running_hooks] == ["prefect_ws_run_running"]
         assert flow.on_completion_hooks[-1].__name__ == "prefect_ws_run_completed"
         assert flow.on_failure_hooks[-1].__name__ == "prefect_ws_run_failed"
         assert flow.on_crashed_hooks[-1].__name__ == "prefect_ws_run_crashed"
