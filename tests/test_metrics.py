@@ -12,6 +12,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from test_hostile import ADMIN, KEYS, WAIT, read_stream, refusal, stream_url
 from websockets.asyncio.client import connect
 
+from prefect_ws.metrics import LATENCY_SAMPLE
 from prefect_ws.publisher import Publisher
 from prefect_ws.server import serve_in_thread
 from prefect_ws.settings import Settings
@@ -93,7 +94,8 @@ async def test_metrics_follow_scripted_traffic() -> None:
     assert delta(after, before, "prefect_ws_events_received_total") == 12
     assert delta(after, before, "prefect_ws_replays_total") >= 2
     observed = delta(after, before, "prefect_ws_delivery_latency_seconds_count")
-    assert observed == 12 * 3
+    # One live delivery in LATENCY_SAMPLE is timed; where the sampling starts depends on history.
+    assert observed in (12 * 3 // LATENCY_SAMPLE, 12 * 3 // LATENCY_SAMPLE + 1)
     assert delta(after, before, "prefect_ws_delivery_latency_seconds_bucket", le="1.0") == observed
     assert after[("prefect_ws_backend_reconnects_total", ())] == 0
     assert not any(
