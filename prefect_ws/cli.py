@@ -43,7 +43,9 @@ def serve(
     broadcast_url: str = typer.Option(
         None, help="memory:// or redis://host:port/db [default: PREFECT_WS_BROADCAST_URL]."
     ),
-    ssl_certfile: str = typer.Option(None, help="TLS certificate (PEM): serve wss:// and https://."),
+    ssl_certfile: str = typer.Option(
+        None, help="TLS certificate (PEM): serve wss:// and https://."
+    ),
     ssl_keyfile: str = typer.Option(None, help="TLS private key (PEM) for --ssl-certfile."),
     insecure: bool = typer.Option(
         False, "--insecure", help="Allow a non-loopback address without authentication."
@@ -147,7 +149,13 @@ def tail(
 
     try:
         options = make_options(
-            run_id, url=url, since=since, types=types, steps=step, level=level, token=token,
+            run_id,
+            url=url,
+            since=since,
+            types=types,
+            steps=step,
+            level=level,
+            token=token,
             json=json_lines,
             wait=wait,
         )

@@ -1,4 +1,4 @@
-"""Run a flow in this process for an existing flow run: ``python run_flow.py module:flow RUN_ID [JSON]``.
+"""Run a flow for an existing flow run: ``python run_flow.py module:flow RUN_ID [JSON]``.
 
 Prints one JSON line with the final state type. Used to run flows in a separate process.
 """
