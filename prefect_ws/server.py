@@ -12,7 +12,7 @@ from typing import Any
 import uvicorn
 
 from prefect_ws.app import create_app
-from prefect_ws.guard import handshake_timeout_protocol
+from prefect_ws.guard import MAX_HEADER_BYTES, handshake_timeout_protocol
 from prefect_ws.settings import Settings
 from prefect_ws.wsprotocol import PrefectWsProtocol
 
@@ -38,6 +38,10 @@ def uvicorn_config(settings: Settings, *, host: str, port: int, **overrides: Any
         "timeout_graceful_shutdown": 5,
         # h11 with a deadline for request headers (slowloris): prefect_ws.guard
         "http": handshake_timeout_protocol(settings.handshake_timeout),
+        # Let h11 finish parsing header blocks well past the guard's limit, so the guard answers
+        # 431 with a reason; h11 would otherwise cut a header block that arrives in pieces once
+        # 16 KiB are buffered (400, and a reset over the unread rest).
+        "h11_max_incomplete_event_size": 4 * MAX_HEADER_BYTES,
     }
     options.update(overrides)
     return uvicorn.Config(create_app(settings), **options)
