@@ -19,12 +19,13 @@ import ipaddress
 import json
 import re
 import time
-import uuid
 import weakref
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Final, Protocol
 from urllib.parse import parse_qsl, urlencode
+
+from prefect_ws.events import canonical_run_id
 
 if TYPE_CHECKING:
     from prefect_ws.settings import Settings
@@ -95,7 +96,10 @@ def normalize_scope(run_id: str) -> str:
     """``*`` or the canonical form of a flow run UUID; :class:`ValueError` otherwise."""
     if run_id == ADMIN_SCOPE:
         return ADMIN_SCOPE
-    return str(uuid.UUID(run_id))
+    canonical = canonical_run_id(run_id)
+    if canonical is None:
+        raise ValueError(f"not a flow run UUID: {run_id[:80]!r}")
+    return canonical
 
 
 def parse_ttl(text: str) -> float:

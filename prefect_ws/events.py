@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import time
+import uuid
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any, Final, Literal
@@ -37,6 +38,20 @@ def _dumps(value: Any) -> str:
     # Parameters and log messages are user data: anything not JSON-native is shown as text
     # rather than breaking the stream.
     return json.dumps(value, separators=(",", ":"), ensure_ascii=False, default=str)
+
+
+def canonical_run_id(raw: str) -> str | None:
+    """A run id is a Prefect flow run UUID: its canonical form, or None for anything else.
+
+    Length-capped before parsing so hostile input costs nothing; every entry point (stream,
+    pages, guard, tokens, ``tail``) uses this one check.
+    """
+    if len(raw) > 64:
+        return None
+    try:
+        return str(uuid.UUID(raw))
+    except ValueError:
+        return None
 
 
 def utc_timestamp(epoch: float | None = None) -> str:

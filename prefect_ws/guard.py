@@ -24,7 +24,6 @@ import json
 import logging
 import re
 import time
-import uuid
 from collections import Counter
 from collections.abc import Callable, Collection
 from contextvars import ContextVar
@@ -53,6 +52,7 @@ from prefect_ws.auth import (
     is_loopback,
     strip_credentials,
 )
+from prefect_ws.events import canonical_run_id
 from prefect_ws.settings import Settings
 
 RUN_PATH: Final = re.compile(r"^/api/v2/workflows/runs/(?P<run>[^/]*)(?P<rest>/.*)?$")
@@ -89,15 +89,6 @@ def _headers(scope: Scope) -> dict[str, str]:
     for name, value in scope.get("headers", []):
         result.setdefault(name.decode("latin-1").lower(), value.decode("latin-1"))
     return result
-
-
-def _canonical_run(raw: str) -> str | None:
-    if len(raw) > 64:
-        return None
-    try:
-        return str(uuid.UUID(raw))
-    except ValueError:
-        return None
 
 
 class Guard:
@@ -204,7 +195,7 @@ class Guard:
             ]
         match = RUN_PATH.match(path)
         raw_run = match.group("run")[:200] if match else None  # logged: bounded
-        run = _canonical_run(raw_run) if raw_run is not None else None
+        run = canonical_run_id(raw_run) if raw_run is not None else None
         streaming = kind == "websocket" or path.endswith(SSE_SUFFIX)
         ip = scope["client"][0] if scope.get("client") else "-"
         principal: Principal | None = None

@@ -10,7 +10,6 @@ from __future__ import annotations
 import asyncio
 import html
 import json
-import uuid
 from datetime import UTC, datetime
 from functools import lru_cache
 from pathlib import Path
@@ -21,6 +20,7 @@ from starlette.responses import HTMLResponse, JSONResponse, Response
 from starlette.routing import BaseRoute, Mount, Route
 from starlette.staticfiles import StaticFiles
 
+from prefect_ws.events import canonical_run_id
 from prefect_ws.transport import Transport
 from prefect_ws.transport.base import RecentRun
 
@@ -84,11 +84,8 @@ def _base_path(request: Request) -> str:
 
 async def run_page(request: Request) -> Response:
     raw = request.path_params["run_id"]
-    try:
-        if len(raw) > 64:
-            raise ValueError
-        run_id = str(uuid.UUID(raw))
-    except ValueError:
+    run_id = canonical_run_id(raw)
+    if run_id is None:
         shown = raw if len(raw) <= 80 else raw[:80] + "…"
         return _error_page(
             400, "Invalid run id", f"{shown!r} is not a flow run id: expected a UUID."

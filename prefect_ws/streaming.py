@@ -11,13 +11,12 @@ from __future__ import annotations
 import asyncio
 import json
 import math
-import uuid
 from collections.abc import AsyncIterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Final
 
 from prefect_ws import closecodes
-from prefect_ws.events import EVENT_TYPES, Frame, frame_from_text
+from prefect_ws.events import EVENT_TYPES, Frame, canonical_run_id, frame_from_text
 from prefect_ws.hub import Hub, StreamClosed, Subscription
 from prefect_ws.transport import RunInfo
 
@@ -33,12 +32,10 @@ class InvalidRequest(ValueError):
 
 def parse_run_id(raw: str) -> str:
     """The canonical form of a run id (a Prefect flow run UUID), or :class:`InvalidRequest`."""
-    if len(raw) > 64:
+    run_id = canonical_run_id(raw)
+    if run_id is None:
         raise InvalidRequest("invalid run id: expected a flow run UUID")
-    try:
-        return str(uuid.UUID(raw))
-    except ValueError:
-        raise InvalidRequest("invalid run id: expected a flow run UUID") from None
+    return run_id
 
 
 def parse_seq(raw: str | None, name: str = "since") -> int:

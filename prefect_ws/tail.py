@@ -12,7 +12,6 @@ from __future__ import annotations
 import asyncio
 import sys
 import time
-import uuid
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any, Final, TextIO
@@ -26,7 +25,7 @@ from rich.text import Text
 
 from prefect_ws.client import StreamError, follow_messages
 from prefect_ws.console import STATUS_STYLES, render_event
-from prefect_ws.events import EVENT_TYPES
+from prefect_ws.events import EVENT_TYPES, canonical_run_id
 
 # Exit codes: a script can tell a failed run from a refused or unreachable stream.
 EXIT_COMPLETED: Final = 0
@@ -81,12 +80,10 @@ def parse_base_url(raw: str) -> str:
 
 
 def parse_run_id(raw: str) -> str:
-    try:
-        if len(raw) > 64:
-            raise ValueError
-        return str(uuid.UUID(raw))
-    except ValueError:
-        raise UsageError(f"invalid RUN_ID {raw[:80]!r}: expected a flow run UUID") from None
+    run_id = canonical_run_id(raw)
+    if run_id is None:
+        raise UsageError(f"invalid RUN_ID {raw[:80]!r}: expected a flow run UUID")
+    return run_id
 
 
 def parse_types(values: list[str]) -> tuple[str, ...]:
