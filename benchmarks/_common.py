@@ -127,8 +127,14 @@ def prefect_ws_server(
     *,
     mode: str = "prefect-ws",
     extra_env: dict[str, str] | None = None,
+    loop: str = "asyncio",
 ) -> Iterator[tuple[subprocess.Popen[bytes], int]]:
-    """``benchmarks/_serve.py`` in a child process; yields (process, port)."""
+    """``benchmarks/_serve.py`` in a child process; yields (process, port).
+
+    ``loop`` is uvicorn's ``--loop``. The scripts pass ``asyncio`` unless told otherwise: with
+    uvloop installed (the ``bench`` extra) uvicorn's ``auto`` would pick it, and the numbers
+    would stop being comparable with earlier runs.
+    """
     port = free_port()
     env = {
         **os.environ,
@@ -140,7 +146,7 @@ def prefect_ws_server(
     }
     log = tempfile.NamedTemporaryFile(prefix=f"bench-{mode}-", suffix=".log", delete=False)  # noqa: SIM115
     proc = subprocess.Popen(
-        [PYTHON, str(HERE / "_serve.py"), "--port", str(port), "--mode", mode],
+        [PYTHON, str(HERE / "_serve.py"), "--port", str(port), "--mode", mode, "--loop", loop],
         env=env,
         stdout=log,
         stderr=subprocess.STDOUT,
@@ -230,6 +236,19 @@ def _wait_http(url: str, timeout: float, proc: subprocess.Popen[Any]) -> None:
     raise RuntimeError(f"{url} did not answer within {timeout} s")
 
 
+LOOPS = ("asyncio", "uvloop")
+
+
+def add_loop_option(parser: Any) -> None:
+    """``--loop``: the event loop of every server a script starts (prefect-ws and baseline)."""
+    parser.add_argument(
+        "--loop",
+        choices=LOOPS,
+        default="asyncio",
+        help="server event loop, for prefect-ws and the baseline alike (uvloop: the bench extra)",
+    )
+
+
 # -- statistics -------------------------------------------------------------------------------
 def percentile(sorted_values: Sequence[float], p: float) -> float | None:
     """Nearest-rank percentile of an already sorted sequence."""
@@ -274,6 +293,8 @@ def versions() -> dict[str, str]:
         "websockets",
         "redis",
         "broadcaster",
+        "uvloop",
+        "orjson",
     ):
         with contextlib.suppress(metadata.PackageNotFoundError):
             found[name] = metadata.version(name)

@@ -1,13 +1,13 @@
 """Idle connections: RSS per connection, handshakes/s and idle CPU for 1k/5k/10k clients.
 
-    .venv/bin/python benchmarks/bench_idle.py [--quick] [--counts 1000,5000,10000]
+    .venv/bin/python benchmarks/bench_idle.py [--quick] [--counts 1000,5000,10000] [--loop uvloop]
 
 One server process at a time (Redis backend): ``prefect-ws`` as ``prefect-ws serve`` runs it
 (websockets-sansio, permessage-deflate off) vs the same app under uvicorn's defaults (``ws=auto``,
 deflate on). Clients (``_wsload.py --mode idle``, up to 5000 per process) offer permessage-deflate
 as browsers do, and each watches a run of its own: the worst case, one backend subscription and
 one run channel per connection. Counts are cumulative; RSS is read from /proc after a settle
-time, idle CPU over a quiet window.
+time, idle CPU over a quiet window. ``--loop`` picks both servers' event loop (default asyncio).
 """
 
 from __future__ import annotations
@@ -21,6 +21,7 @@ from _common import (
     HERE,
     PYTHON,
     REDIS_URL,
+    add_loop_option,
     cleanup_redis,
     cpu_seconds,
     prefect_ws_server,
@@ -38,13 +39,13 @@ MODES = ("prefect-ws", "uvicorn-defaults")
 
 
 def measure_mode(
-    mode: str, counts: list[int], settle: float, window: float
+    mode: str, counts: list[int], settle: float, window: float, loop: str = "asyncio"
 ) -> list[dict[str, Any]]:
     prefix = redis_prefix("idle")
     results = []
     clients: list[subprocess.Popen[str]] = []
     try:
-        with prefect_ws_server(REDIS_URL, prefix, mode=mode) as (server, port):
+        with prefect_ws_server(REDIS_URL, prefix, mode=mode, loop=loop) as (server, port):
             time.sleep(1.0)
             baseline = rss_kb(server.pid)
             held = 0
@@ -134,6 +135,7 @@ def main() -> None:
     parser.add_argument("--counts", default="1000,5000,10000")
     parser.add_argument("--settle", type=float, default=3.0)
     parser.add_argument("--window", type=float, default=5.0)
+    add_loop_option(parser)
     args = parser.parse_args()
     counts = [int(c) for c in args.counts.split(",")]
     if args.quick:
@@ -142,7 +144,7 @@ def main() -> None:
 
     results = []
     for mode in MODES:
-        results += measure_mode(mode, counts, args.settle, args.window)
+        results += measure_mode(mode, counts, args.settle, args.window, args.loop)
     rows = []
     for target in counts:
         ours = next(r for r in results if r["mode"] == "prefect-ws" and r["target"] == target)
@@ -164,7 +166,8 @@ def main() -> None:
                 ]
             )
     print_table(
-        "Idle connections, one server process, a run per connection (Redis backend)",
+        f"Idle connections, one server process, a run per connection (Redis backend, "
+        f"{args.loop} loop)",
         [
             "target",
             "server",
@@ -178,7 +181,8 @@ def main() -> None:
         ],
         rows,
     )
-    write_results("idle", args.quick, {"counts": counts, "results": results})
+    name = "idle" if args.loop == "asyncio" else f"idle-{args.loop}"
+    write_results(name, args.quick, {"loop": args.loop, "counts": counts, "results": results})
 
 
 if __name__ == "__main__":
