@@ -9,7 +9,9 @@ publisher's ``time.time_ns()``, for latency).
 Modes (``python benchmarks/_wsload.py --mode ...``):
 - ``stream``: ``--count`` connections to one URL; prints ``READY ok failed`` when every one has
   its first frame, then counts until each got ``run_complete`` (or a close) or ``--deadline``.
-  Latencies go to ``--lat-out`` as raw int64 nanoseconds.
+  Latencies go to ``--lat-out`` as raw int64 nanoseconds. With ``{uuid}`` in the URL and
+  ``--per-run C``, connection ``i`` watches run ``uuid.UUID(int=uuid_base + i // C)``: C clients
+  on each of ``count / C`` runs.
 - ``idle``: ``--count`` connections (URL may hold ``{uuid}``: a distinct run per connection),
   prints ``READY ok failed seconds``, answers ``status`` on stdin with ``HELD n`` and holds
   them until another line arrives or the deadline.
@@ -223,8 +225,8 @@ async def open_client(
     return client
 
 
-def _url_for(template: str, index: int, base: int) -> str:
-    return template.replace("{uuid}", str(uuid.UUID(int=base + index)))
+def _url_for(template: str, index: int, base: int, per_run: int = 1) -> str:
+    return template.replace("{uuid}", str(uuid.UUID(int=base + index // per_run)))
 
 
 async def _open_many(
@@ -239,7 +241,7 @@ async def _open_many(
             try:
                 clients.append(
                     await open_client(
-                        _url_for(args.url, index, args.uuid_base),
+                        _url_for(args.url, index, args.uuid_base, args.per_run),
                         deflate=args.deflate,
                         latencies=latencies,
                         wait_frame=args.mode != "idle",
@@ -251,8 +253,10 @@ async def _open_many(
     started = time.perf_counter()
     # The first connection alone, then the rest: broadcaster's subscribe() races when many
     # first subscribers of one channel arrive at once (the naive baseline would lose them).
-    await one(0)
-    await asyncio.gather(*(one(i) for i in range(1, args.count)))
+    # With several clients per run: the first client of every run, then the others.
+    firsts = range(0, args.count, args.per_run) if args.per_run > 1 else range(min(1, args.count))
+    await asyncio.gather(*(one(i) for i in firsts))
+    await asyncio.gather(*(one(i) for i in range(args.count) if i not in firsts))
     return clients, failures, time.perf_counter() - started
 
 
@@ -358,6 +362,9 @@ def main() -> None:
         "--deflate", action="store_true", help="offer permessage-deflate, as browsers do"
     )
     parser.add_argument("--uuid-base", type=int, default=1)
+    parser.add_argument(
+        "--per-run", type=int, default=1, help="clients per run id with {uuid} in the URL"
+    )
     parser.add_argument("--lat-out", default="")
     args = parser.parse_args()
     mode = {"stream": stream_mode, "idle": idle_mode, "cycle": cycle_mode}[args.mode]

@@ -1,6 +1,7 @@
-"""Fan-out: delivered events/s and latency for 1..1000 clients on one run, prefect-ws vs naive.
+"""Fan-out: delivered events/s and latency, 1..1000 clients on one run and 100 runs x 10 clients.
 
-    .venv/bin/python benchmarks/bench_fanout.py [--quick] [--repeats 3]
+    .venv/bin/python benchmarks/bench_fanout.py [--quick] [--repeats 3] [--loop asyncio|uvloop]
+    .venv/bin/python benchmarks/bench_fanout.py --clients none --multi-run 100x10  # that case only
 
 Both servers run side by side on the Redis backend (``prefect-ws``: one backend subscription per
 run and a bounded queue per client; ``naive``: one broadcaster subscription and unbounded queue
@@ -11,6 +12,11 @@ processes (``_wsload.py``) connect and get their first frame, then the publisher
 measures delivered events/s (first publish -> last frame at the last client); ``paced`` emits
 100 events/s and measures publish -> receive latency. Medians over repetitions; ratio =
 prefect-ws / naive from the same repetitions.
+
+``--multi-run RxC`` (default ``100x10``; ``--quick``: 3x2) adds the issue's many-runs case:
+C clients on each of R runs, one publisher process emitting to all R runs in round-robin order
+(N events per run), clients in one or two processes. Flood as above; paced at 10 events/s per
+run. ``--loop`` picks the event loop of both servers (default asyncio).
 """
 
 from __future__ import annotations
@@ -34,6 +40,7 @@ from _common import (
     PYTHON,
     REDIS_URL,
     RESULTS,
+    add_loop_option,
     cleanup_redis,
     cpu_seconds,
     latency_summary,
@@ -82,11 +89,32 @@ def run_case(
     deadline: float,
     env: dict[str, str],
     profile: Path | None = None,
+    runs: int = 1,
 ) -> dict[str, Any]:
-    run_id = str(uuid.uuid4())
-    url = f"ws://127.0.0.1:{port}/api/v2/workflows/runs/{run_id}/stream"
+    """One case: ``clients`` clients on each of ``runs`` runs, ``n`` events per run.
+
+    ``rate`` is the publisher's total rate over all runs (0: flood). With ``runs > 1`` one
+    publisher process emits to every run in round-robin order, and the clients (1 or 2
+    processes, split by run) watch run ids ``uuid.UUID(int=base + i)``.
+    """
+    total = clients * runs
+    if runs == 1:
+        run_id = str(uuid.uuid4())
+        publish = ["--run-id", run_id]
+        url = f"ws://127.0.0.1:{port}/api/v2/workflows/runs/{run_id}/stream"
+        shares = [(0, total // 2), (0, total - total // 2)] if total >= 500 else [(0, total)]
+    else:
+        base = uuid.uuid4().int >> 8  # fresh ids per case, far from overflowing 128 bits
+        publish = ["--runs", str(runs), "--uuid-base", str(base)]
+        url = f"ws://127.0.0.1:{port}/api/v2/workflows/runs/{{uuid}}/stream"
+        first_half = runs // 2 if total >= 500 else 0
+        shares = [
+            (base + start, count * clients)
+            for start, count in ((0, first_half), (first_half, runs - first_half))
+            if count
+        ]
     publisher = subprocess.Popen(
-        [PYTHON, str(HERE / "_publish.py"), "--run-id", run_id, "--n", str(n), "--rate", str(rate)],
+        [PYTHON, str(HERE / "_publish.py"), *publish, "--n", str(n), "--rate", str(rate)],
         stdin=subprocess.PIPE,
         stdout=subprocess.PIPE,
         text=True,
@@ -96,8 +124,7 @@ def run_case(
     lat_files: list[Path] = []
     try:
         _read_line(publisher, "STARTED", 60)
-        per_process = [clients // 2, clients - clients // 2] if clients >= 500 else [clients]
-        for count in per_process:
+        for uuid_base, count in shares:
             lat_file = Path(tempfile.mkstemp(prefix="fanout-lat-")[1])
             lat_files.append(lat_file)
             workers.append(
@@ -111,6 +138,10 @@ def run_case(
                         url,
                         "--count",
                         str(count),
+                        "--per-run",
+                        str(clients),
+                        "--uuid-base",
+                        str(uuid_base),
                         "--deadline",
                         str(deadline),
                         "--lat-out",
@@ -156,11 +187,13 @@ def run_case(
     last = max(r["last_recv_ns"] for r in reports)
     seconds = (last - go_ns) / 1e9 if last > go_ns else None
     return {
-        "clients": clients,
+        "runs": runs,
+        "clients": total,
+        "clients_per_run": clients,
         "connected": connected,
         "n": n,
         "rate": rate,
-        "expected": clients * (n + 1),
+        "expected": total * (n + 1),
         "delivered": delivered,
         "complete": sum(r["finished"] for r in reports),
         "out_of_order": sum(r["out_of_order"] for r in reports),
@@ -198,43 +231,80 @@ def start_profile(pid: int, out: Path) -> subprocess.Popen[bytes] | None:
     )
 
 
+def parse_multi(spec: str) -> list[tuple[int, int]]:
+    """``"100x10,10x100"`` -> [(100, 10), (10, 100)] (runs x clients per run); ``none`` -> []."""
+    if spec.strip().lower() in ("", "none"):
+        return []
+    cases = []
+    for part in spec.split(","):
+        runs, _, clients = part.strip().lower().partition("x")
+        cases.append((int(runs), int(clients)))
+    return cases
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="tiny sizes (CI)")
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--clients", default="1,10,100,1000")
+    parser.add_argument(
+        "--clients",
+        default="1,10,100,1000",
+        help="client counts on one run; 'none' runs only the --multi-run cases",
+    )
+    parser.add_argument(
+        "--multi-run",
+        default="100x10",
+        help="RUNSxCLIENTS cases, comma-separated (CLIENTS on each of RUNS runs); 'none' skips",
+    )
     parser.add_argument("--tag", default="", help="suffix for the result file, e.g. patched")
     parser.add_argument(
         "--profile", action="store_true", help="py-spy each server in the first flood cases"
     )
+    add_loop_option(parser)
     args = parser.parse_args()
     raise_nofile()
     suffix = f"-{args.tag}" if args.tag else ""
+    if args.loop != "asyncio":
+        suffix += f"-{args.loop}"
+    single = args.clients.strip().lower() not in ("", "none")
 
+    # Cases: (runs, clients per run, flood events per run, paced events per run, paced rate).
+    # One run is paced at 100 events/s; several runs at 10 events/s each (100 runs: 1000/s in
+    # all, 10k frames/s at 10 clients per run, as much as one run to 100 clients at 100/s).
+    plan: list[tuple[int, int, int, int, float]] = []
     if args.quick:
-        plan = {10: 100}
-        repeats, paced_n, deadline = 1, 20, 30.0
+        if single:
+            plan.append((1, 10, 100, 20, 100.0))
+        if parse_multi(args.multi_run):
+            plan.append((3, 2, 100, 10, 30.0))  # the 100 x 10 case in miniature
+        repeats, deadline = 1, 30.0
     else:
-        counts = [int(c) for c in args.clients.split(",")]
         flood_n = {1: 20000, 10: 10000, 100: 2000, 1000: 300}
-        plan = {k: flood_n.get(k, max(200, 200_000 // k)) for k in counts}
-        repeats, paced_n, deadline = args.repeats, 200, 180.0
+        if single:
+            for k in (int(c) for c in args.clients.split(",")):
+                plan.append((1, k, flood_n.get(k, max(200, 200_000 // k)), 200, 100.0))
+        for r, c in parse_multi(args.multi_run):
+            plan.append((r, c, max(100, min(20000, 300_000 // (r * c))), 30, 10.0 * r))
+        repeats, deadline = args.repeats, 180.0
 
     prefix = redis_prefix("fanout")
-    runs: list[dict[str, Any]] = []
+    results: list[dict[str, Any]] = []
     try:
         with contextlib.ExitStack() as stack:
             servers = {
-                mode: stack.enter_context(prefect_ws_server(REDIS_URL, prefix, mode=mode))
+                mode: stack.enter_context(
+                    prefect_ws_server(REDIS_URL, prefix, mode=mode, loop=args.loop)
+                )
                 for mode in MODES
             }
             for repeat in range(repeats):
-                for clients, n in plan.items():
-                    for kind, rate, count in (("flood", 0.0, n), ("paced", 100.0, paced_n)):
+                for runs, clients, n, paced_n, paced_rate in plan:
+                    for kind, rate, count in (("flood", 0.0, n), ("paced", paced_rate, paced_n)):
                         for mode in MODES if repeat % 2 == 0 else reversed(MODES):
                             proc, port = servers[mode]
+                            label = f"K{clients}" if runs == 1 else f"R{runs}xK{clients}"
                             profile = (
-                                RESULTS / f"profile-fanout{suffix}-{mode}-K{clients}.txt"
+                                RESULTS / f"profile-fanout{suffix}-{mode}-{label}.txt"
                                 if args.profile and repeat == 0 and kind == "flood"
                                 else None
                             )
@@ -247,15 +317,16 @@ def main() -> None:
                                 deadline,
                                 publisher_env(prefix),
                                 profile,
+                                runs=runs,
                             )
                             if profile is not None and profile.exists():
                                 result["profile_top"] = top_frames(profile)
                                 print(f"  py-spy top self time: {result['profile_top'][:6]}")
                             result.update(mode=mode, kind=kind, repeat=repeat)
-                            runs.append(result)
+                            results.append(result)
                             print(
-                                f"{mode:>10} {kind:>5} K={clients:<5} n={count:<6} "
-                                f"{result['delivered']}/{result['expected']} "
+                                f"{mode:>10} {kind:>5} runs={runs:<4} K={clients:<5} "
+                                f"n={count:<6} {result['delivered']}/{result['expected']} "
                                 f"{result['events_per_s']} ev/s {result['latency']}",
                                 flush=True,
                             )
@@ -263,19 +334,29 @@ def main() -> None:
         cleanup_redis(prefix)
 
     summary = []
-    for clients in plan:
-        row: dict[str, Any] = {"clients": clients}
+    for runs, clients, n, paced_n, paced_rate in plan:
+
+        def select(mode: str, kind: str, runs: int = runs, k: int = clients) -> list[Any]:
+            return [
+                r
+                for r in results
+                if r["mode"] == mode
+                and r["kind"] == kind
+                and r["runs"] == runs
+                and r["clients_per_run"] == k
+            ]
+
+        row: dict[str, Any] = {
+            "case": f"{runs} x {clients}",
+            "runs": runs,
+            "clients_per_run": clients,
+            "clients": runs * clients,
+            "flood_n_per_run": n,
+            "paced_n_per_run": paced_n,
+            "paced_rate_per_run": paced_rate / runs,
+        }
         for mode in MODES:
-            flood = [
-                r
-                for r in runs
-                if r["mode"] == mode and r["kind"] == "flood" and r["clients"] == clients
-            ]
-            paced = [
-                r
-                for r in runs
-                if r["mode"] == mode and r["kind"] == "paced" and r["clients"] == clients
-            ]
+            flood, paced = select(mode, "flood"), select(mode, "paced")
             row[mode] = {
                 "flood_events_per_s": median([r["events_per_s"] for r in flood]),
                 "flood_p50_ms": median([r["latency"]["p50_ms"] for r in flood]),
@@ -287,41 +368,28 @@ def main() -> None:
             }
         ratios = [
             ratio(a["events_per_s"], b["events_per_s"])
-            for a, b in zip(
-                [
-                    r
-                    for r in runs
-                    if r["mode"] == "prefect-ws"
-                    and r["kind"] == "flood"
-                    and r["clients"] == clients
-                ],
-                [
-                    r
-                    for r in runs
-                    if r["mode"] == "naive" and r["kind"] == "flood" and r["clients"] == clients
-                ],
-                strict=False,
-            )
+            for a, b in zip(select("prefect-ws", "flood"), select("naive", "flood"), strict=False)
         ]
         row["throughput_ratio"] = median(ratios)
         summary.append(row)
 
     print_table(
-        f"Fan-out, one run, Redis backend (median of {repeats})",
+        f"Fan-out, Redis backend, {args.loop} loop (median of {repeats}; runs x clients per run; "
+        "paced: 100 ev/s on one run, 10 ev/s per run on several)",
         [
-            "clients",
+            "runs x clients",
             "server",
             "flood events/s",
             "flood p50 ms",
             "flood p99 ms",
-            "100/s p50 ms",
-            "100/s p99 ms",
+            "paced p50 ms",
+            "paced p99 ms",
             "all delivered",
             "ratio vs naive",
         ],
         [
             [
-                row["clients"],
+                row["case"],
                 mode,
                 row[mode]["flood_events_per_s"],
                 row[mode]["flood_p50_ms"],
@@ -338,7 +406,22 @@ def main() -> None:
     write_results(
         f"fanout{suffix}",
         args.quick,
-        {"plan": plan, "repeats": repeats, "summary": summary, "runs": runs},
+        {
+            "loop": args.loop,
+            "plan": [
+                {
+                    "runs": r,
+                    "clients_per_run": c,
+                    "flood_n_per_run": n,
+                    "paced_n_per_run": pn,
+                    "paced_rate_total": pr,
+                }
+                for r, c, n, pn, pr in plan
+            ],
+            "repeats": repeats,
+            "summary": summary,
+            "runs": results,
+        },
     )
 
 
