@@ -55,6 +55,39 @@ def test_redis_py_8_delivers_through_broadcaster(redis_url: str, redis_prefix: s
     ]
 
 
+def test_subscribes_while_the_listener_connects_are_not_lost(
+    redis_url: str, redis_prefix: str
+) -> None:
+    """Regression: a SUBSCRIBE sent while the listener's pub/sub connection was still opening
+    went out on a second connection that nobody reads; its run never went live (the first
+    stream of a fresh server hung, ~2 runs in 5 under load)."""
+
+    async def scenario() -> list[bool]:
+        outcomes = []
+        for attempt in range(30):
+            backend = RedisBackend(redis_url, prefix=redis_prefix)
+            await backend.connect()
+            first, second = f"{RUN}-a{attempt}", f"{RUN}-b{attempt}"
+            try:
+                await backend.subscribe(first)  # starts the listener, which starts connecting
+                for _ in range(attempt % 10):
+                    await asyncio.sleep(0)  # let it get to various points of connecting
+                await backend.subscribe(second)  # sent while it connects
+                await backend.unsubscribe(first)
+                # Confirmed in ~6 ms; before the fix, 1 s (a health-check reconnect) or never.
+                deadline = asyncio.get_running_loop().time() + 0.9
+                while not backend.is_live(second):
+                    if asyncio.get_running_loop().time() > deadline:
+                        break
+                    await asyncio.sleep(0.01)
+                outcomes.append(backend.is_live(second))
+            finally:
+                await backend.disconnect()
+        return outcomes
+
+    assert asyncio.run(scenario()) == [True] * 30
+
+
 def test_seq_is_atomic_across_concurrent_publishers(redis_url: str, redis_prefix: str) -> None:
     """Five publishers with their own connections, 200 events each: one order, no gap or repeat."""
 

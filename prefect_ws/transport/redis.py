@@ -229,6 +229,32 @@ class RedisBackend(StreamBackend):
             await self._redis.connection_pool.disconnect(inuse_connections=False)
             return await command()
 
+    async def _open_pubsub(self) -> None:
+        """Connect and subscribe the anchor and every channel, then publish the connection.
+
+        Until the first command has connected it, a redis-py ``PubSub`` has no connection, and
+        a second command sent meanwhile opens another one: a SUBSCRIBE sent there is confirmed
+        on a socket nobody reads, and its run never went live (seen when a stream opened while
+        the listener was connecting). So (un)subscribes wait for ``self._pubsub`` to be set,
+        and what changed while connecting is applied right after.
+        """
+        pubsub = self._pubsub_redis.pubsub()
+        try:
+            wanted = set(self._channels)
+            await pubsub.subscribe(self._anchor, *(self.channel_name(c) for c in wanted))
+            while wanted != self._channels:
+                added, removed = self._channels - wanted, wanted - self._channels
+                wanted = set(self._channels)
+                if added:
+                    await pubsub.subscribe(*(self.channel_name(c) for c in added))
+                if removed:
+                    await pubsub.unsubscribe(*(self.channel_name(c) for c in removed))
+        except BaseException:
+            with contextlib.suppress(Exception):
+                await pubsub.aclose()
+            raise
+        self._pubsub = pubsub
+
     async def _close_pubsub(self) -> None:
         self._confirmed.clear()
         pubsub, self._pubsub = self._pubsub, None
@@ -254,9 +280,8 @@ class RedisBackend(StreamBackend):
         while True:
             try:
                 self._reconnect.clear()
-                pubsub = self._pubsub = self._pubsub_redis.pubsub()
-                names = [self.channel_name(c) for c in self._channels]
-                await pubsub.subscribe(self._anchor, *names)
+                await self._open_pubsub()
+                pubsub = self._pubsub
                 while not self._reconnect.is_set():
                     message = await pubsub.get_message(timeout=1.0)
                     if message is None:
