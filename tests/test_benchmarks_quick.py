@@ -7,6 +7,7 @@ server (log stream flags on) started here, to stay well under a minute in total.
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import subprocess
@@ -51,8 +52,25 @@ def _result(name: str) -> dict:
 def test_fanout_quick(redis_url: str) -> None:
     _run("bench_fanout.py")
     data = _result("fanout")
+    assert data["loop"] == "asyncio"
     for row in data["summary"]:
         assert row["prefect-ws"]["all_delivered"], row  # prefect-ws loses nothing
+    # The many-runs case in miniature: 3 runs x 2 clients, one publisher for all runs.
+    multi = next(row for row in data["summary"] if row["runs"] > 1)
+    assert (multi["runs"], multi["clients_per_run"], multi["clients"]) == (3, 2, 6)
+    flood = [r for r in data["runs"] if r["runs"] == 3 and r["kind"] == "flood"]
+    assert flood and all(r["publisher"]["runs"] == 3 for r in flood)
+    assert all(r["latency"]["n"] > 0 for r in flood if r["mode"] == "prefect-ws")
+
+
+def test_fanout_uvloop_quick(redis_url: str) -> None:
+    """``--loop uvloop`` for both servers; ``--clients none``: only the many-runs case."""
+    pytest.importorskip("uvloop")
+    _run("bench_fanout.py", "--loop", "uvloop", "--clients", "none")
+    data = _result("fanout-uvloop")
+    assert data["loop"] == "uvloop"
+    assert [row["runs"] for row in data["summary"]] == [3]
+    assert data["summary"][0]["prefect-ws"]["all_delivered"]
 
 
 def test_idle_quick(redis_url: str) -> None:
@@ -66,6 +84,9 @@ def test_soak_quick(redis_url: str) -> None:
     phases = _result("soak")["phases"]
     events = next(p for p in phases if p["phase"] == "events")
     assert events["frames"] == events["expected"]
+    data = _result("soak")
+    assert data["total_cycles"] == 2 * data["cycles"]
+    assert data["frames_expected"] == events["expected"]
     assert all(p.get("failures", 0) == 0 for p in phases)
 
 
@@ -80,3 +101,13 @@ def test_overhead_quick(redis_url: str, bench_prefect_api: str) -> None:
     _run("bench_overhead.py", "--prefect-api-url", bench_prefect_api)
     summary = _result("overhead")["summary"]
     assert summary["handler_us"] is not None and summary["dag_on_s"] > 0
+
+
+def test_encode_quick() -> None:
+    _run("bench_encode.py")
+    results = _result("encode")["results"]
+    variants = {r["variant"] for r in results}
+    assert "encode, json" in variants
+    if importlib.util.find_spec("orjson") is not None:
+        assert "encode, orjson" in variants
+    assert all(r["median_us"] and r["median_us"] > 0 for r in results)
