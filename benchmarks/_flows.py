@@ -136,3 +136,60 @@ def log_calls(blocks: int, per_block: int) -> dict[str, float]:
 @flow(name="bench-log-calls")
 def log_call_flow(blocks: int = 20, per_block: int = 2000) -> dict[str, float]:
     return log_calls(blocks, per_block)
+
+
+def _hook_probe_tasks() -> dict[str, Any]:
+    """The same no-op task with no hooks, with prefect-ws' hooks, and with no-op hooks."""
+
+    def step() -> None:
+        """A task body; never called."""
+
+    return {
+        "none": prefect.task(step, name="probe-none"),
+        "ours": prefect_ws.task(step, name="probe-ours"),
+        "noop": prefect.task(
+            step,
+            name="probe-noop",
+            on_running=[_noop_hook],
+            on_completion=[_noop_hook],
+            on_failure=[_noop_hook],
+        ),
+    }
+
+
+@task(task_run_name="hook-cost")
+def hook_cost(calls: int, blocks: int) -> dict[str, float]:
+    """CPU us per task run that Prefect's ``call_hooks`` costs: on_running + on_completion.
+
+    Drives Prefect 3.9's own ``SyncTaskRunEngine.call_hooks`` (benchmark code only: it sets the
+    engine's ``task_run`` and ``logger`` by hand) on this task's real run and run logger, so the
+    hook log lines go through the real handlers (console, API, ours, our filter). Time is this
+    thread's CPU time (``time.thread_time``), min over ``blocks``: other threads and other
+    processes on the box do not count.
+    """
+    from prefect.context import TaskRunContext
+    from prefect.states import Completed, Running
+    from prefect.task_engine import SyncTaskRunEngine
+
+    context = TaskRunContext.get()
+    assert context is not None
+    running, completed = Running(), Completed()
+    results: dict[str, float] = {}
+    for label, probe in _hook_probe_tasks().items():
+        engine = SyncTaskRunEngine(task=probe)
+        engine.task_run = context.task_run
+        engine.logger = get_run_logger()  # type: ignore[assignment]
+        samples = []
+        for _ in range(blocks):
+            started = time.thread_time_ns()
+            for _ in range(calls):
+                engine.call_hooks(running)
+                engine.call_hooks(completed)
+            samples.append((time.thread_time_ns() - started) / calls / 1000)
+        results[f"{label}_us"] = round(min(samples), 1)
+    return results
+
+
+@flow(name="bench-hook-cost")
+def hook_cost_flow(calls: int = 300, blocks: int = 5) -> dict[str, float]:
+    return hook_cost(calls, blocks)

@@ -9,7 +9,13 @@
 2. A 200-step DAG (layers of 20, each layer waits for the previous) with 10 log lines per step,
    streaming on (``prefect_ws`` decorators, Redis backend) vs off (Prefect's decorators), each
    run in a fresh process, alternating on/off; the flow's wall time excludes start-up/imports
-   but includes the final flush of prefect-ws' events.
+   but includes the final flush of prefect-ws' events. Two more sides separate the costs:
+   ``on_memory`` (prefect-ws on, ``memory://`` backend: everything but the Redis round trips)
+   and ``noop_hooks`` (Prefect's decorators with hooks that do nothing: Prefect's own price for
+   running any state hook). Each run also reports its process CPU time and, with prefect-ws on,
+   how many round trips (batches) carried its events.
+3. ``hooks``: CPU us per task run of Prefect's ``call_hooks`` (on_running + on_completion) with
+   no hooks, prefect-ws' hooks and no-op hooks, on the task thread (``_flows.hook_cost``).
 """
 
 from __future__ import annotations
@@ -59,18 +65,32 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--steps", type=int, default=200)
     parser.add_argument("--lines", type=int, default=10)
-    parser.add_argument("--parts", default="calls,dag", help="which parts to run")
+    parser.add_argument("--parts", default="calls,dag,hooks", help="which parts to run")
+    parser.add_argument(
+        "--modes",
+        default="on,off,noop_hooks,on_memory",
+        help="DAG sides to run (on and off always run): more repeats in the same time",
+    )
     parser.add_argument("--tag", default="", help="suffix for the result file")
     parser.add_argument("--prefect-api-url", default="", help="use this running Prefect server")
+    parser.add_argument(
+        "--patched",
+        default="",
+        metavar="PATH",
+        help="DAG: also run the 'on' side with prefect_ws imported from PATH (a patched copy)",
+    )
     args = parser.parse_args()
     calls = {"blocks": 20, "per_block": 2000}
+    hook_calls = {"calls": 300, "blocks": 5}
     if args.quick:
         args.repeats, args.steps, args.lines = 1, 10, 2
         calls = {"blocks": 4, "per_block": 200}
+        hook_calls = {"calls": 20, "blocks": 2}
 
     prefix = redis_prefix("overhead")
     ws_env = {"PREFECT_WS_BROADCAST_URL": REDIS_URL, "PREFECT_WS_REDIS_PREFIX": prefix}
     per_call: list[dict[str, Any]] = []
+    hooks: list[dict[str, Any]] = []
     dag: list[dict[str, Any]] = []
     try:
         with prefect_server(args.prefect_api_url or None) as prefect_env:
@@ -79,21 +99,40 @@ def main() -> None:
             on = {**common, **ws_env, "BENCH_STREAMING": "on"}
             off = {**common, "BENCH_STREAMING": "off"}
             noop = {**common, "BENCH_STREAMING": "noop-hooks"}
+            on_memory = {**on, "PREFECT_WS_BROADCAST_URL": "memory://"}
             for repeat in range(args.repeats):
                 if "calls" in args.parts:
                     result = run_flow("log_call_flow", calls, on, 300)["result"]
                     per_call.append(result)
                     print(f"per call: {result}", flush=True)
+                if "hooks" in args.parts:
+                    result = run_flow("hook_cost_flow", hook_calls, on, 300)["result"]
+                    hooks.append(result)
+                    print(f"hooks: {result}", flush=True)
                 if "dag" not in args.parts:
                     continue
                 params = {"steps": args.steps, "lines": args.lines}
-                modes = [("on", on), ("off", off), ("noop_hooks", noop)]
-                order = modes[repeat % 3 :] + modes[: repeat % 3]  # rotate who goes first
-                pair = {}
-                for label, env in order:
-                    pair[label] = run_flow("dag_flow", params, env, 600)["seconds"]
+                sides = {"on": on, "off": off, "noop_hooks": noop, "on_memory": on_memory}
+                wanted = {"on", "off", *args.modes.split(",")}
+                modes = [(label, env) for label, env in sides.items() if label in wanted]
+                if args.patched:
+                    modes.append(("on_patched", {**on, "PYTHONPATH": args.patched}))
+                shift = repeat % len(modes)
+                pair: dict[str, Any] = {}
+                for label, env in modes[shift:] + modes[:shift]:  # rotate who goes first
+                    report = run_flow("dag_flow", params, env, 600)
+                    pair[label] = report["seconds"]
+                    pair[f"{label}_cpu"] = report["cpu_seconds"]
+                    if "batches" in report:
+                        pair[f"{label}_batches"] = report["batches"]
+                        pair[f"{label}_publisher_cpu"] = report.get("publisher_cpu_seconds")
                 pair["ratio"] = ratio(pair["on"], pair["off"])
-                pair["noop_ratio"] = ratio(pair["noop_hooks"], pair["off"])
+                pair["noop_ratio"] = ratio(pair.get("noop_hooks"), pair["off"])
+                pair["memory_ratio"] = ratio(pair.get("on_memory"), pair["off"])
+                pair["cpu_ratio"] = ratio(pair["on_cpu"], pair["off_cpu"])
+                if args.patched:
+                    pair["patched_ratio"] = ratio(pair["on_patched"], pair["off"])
+                    pair["patched_cpu_ratio"] = ratio(pair["on_patched_cpu"], pair["off_cpu"])
                 dag.append(pair)
                 print(f"dag: {pair}", flush=True)
     finally:
@@ -108,8 +147,23 @@ def main() -> None:
         "dag_on_s": median([p["on"] for p in dag]),
         "dag_off_s": median([p["off"] for p in dag]),
         "dag_paired_ratio": median([p["ratio"] for p in dag]),
-        "dag_noop_hooks_s": median([p["noop_hooks"] for p in dag]),
+        "dag_noop_hooks_s": median([p.get("noop_hooks") for p in dag]),
         "dag_noop_hooks_ratio": median([p["noop_ratio"] for p in dag]),
+        "dag_on_memory_s": median([p.get("on_memory") for p in dag]),
+        "dag_on_memory_ratio": median([p["memory_ratio"] for p in dag]),
+        "dag_on_cpu_s": median([p["on_cpu"] for p in dag]),
+        "dag_off_cpu_s": median([p["off_cpu"] for p in dag]),
+        "dag_cpu_ratio": median([p["cpu_ratio"] for p in dag]),
+        "dag_on_batches": median([p.get("on_batches") for p in dag]),
+        "dag_on_publisher_cpu_s": median([p.get("on_publisher_cpu") for p in dag]),
+        "dag_on_patched_s": median([p.get("on_patched") for p in dag]),
+        "dag_patched_ratio": median([p.get("patched_ratio") for p in dag]),
+        "dag_patched_cpu_ratio": median([p.get("patched_cpu_ratio") for p in dag]),
+        "dag_patched_batches": median([p.get("on_patched_batches") for p in dag]),
+        "dag_patched_publisher_cpu_s": median([p.get("on_patched_publisher_cpu") for p in dag]),
+        "hooks_none_us": median([h["none_us"] for h in hooks]),
+        "hooks_ours_us": median([h["ours_us"] for h in hooks]),
+        "hooks_noop_us": median([h["noop_us"] for h in hooks]),
     }
     overhead_pct = (
         round((summary["dag_paired_ratio"] - 1) * 100, 1) if summary["dag_paired_ratio"] else None
@@ -135,14 +189,25 @@ def main() -> None:
         ],
     )
     print_table(
+        f"Prefect's call_hooks per task run, on_running + on_completion, task thread CPU "
+        f"(median of {args.repeats} processes)",
+        ["no hooks us", "prefect-ws hooks us", "no-op hooks us"],
+        [[summary["hooks_none_us"], summary["hooks_ours_us"], summary["hooks_noop_us"]]],
+    )
+    print_table(
         f"{args.steps}-step DAG x {args.lines} log lines, flow wall time "
         f"(median of {args.repeats})",
         [
             "streaming on s",
             "streaming off s",
             "no-op hooks s",
+            "on, memory:// s",
             "on/off (median of runs)",
             "no-op hooks/off",
+            "on memory:///off",
+            "CPU on/off",
+            "on: round trips",
+            "on: publisher CPU s",
             "overhead %",
             "target %",
         ],
@@ -151,13 +216,38 @@ def main() -> None:
                 summary["dag_on_s"],
                 summary["dag_off_s"],
                 summary["dag_noop_hooks_s"],
+                summary["dag_on_memory_s"],
                 summary["dag_paired_ratio"],
                 summary["dag_noop_hooks_ratio"],
+                summary["dag_on_memory_ratio"],
+                summary["dag_cpu_ratio"],
+                summary["dag_on_batches"],
+                summary["dag_on_publisher_cpu_s"],
                 overhead_pct,
                 5,
             ]
         ],
     )
+    if args.patched:
+        print_table(
+            f"Same runs, the 'on' side with prefect_ws from {args.patched}",
+            [
+                "patched on s",
+                "patched on/off",
+                "patched CPU on/off",
+                "patched: round trips",
+                "patched: publisher CPU s",
+            ],
+            [
+                [
+                    summary["dag_on_patched_s"],
+                    summary["dag_patched_ratio"],
+                    summary["dag_patched_cpu_ratio"],
+                    summary["dag_patched_batches"],
+                    summary["dag_patched_publisher_cpu_s"],
+                ]
+            ],
+        )
     write_results(
         "overhead" + (f"-{args.tag}" if args.tag else ""),
         args.quick,
@@ -166,8 +256,10 @@ def main() -> None:
             "lines": args.lines,
             "calls": calls,
             "repeats": args.repeats,
+            "patched": args.patched or None,
             "summary": summary,
             "per_call": per_call,
+            "hooks": hooks,
             "dag": dag,
         },
     )
