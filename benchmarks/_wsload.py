@@ -253,9 +253,9 @@ async def _open_many(
     started = time.perf_counter()
     # The first connection alone, then the rest: broadcaster's subscribe() races when many
     # first subscribers of one channel arrive at once (the naive baseline would lose them).
-    # With several clients per run, then the first client of every other run, then the others
-    # (the naive server lost whole runs on a fresh start when all runs' first clients came
-    # at once).
+    # With several clients per run, then the first client of every other run, then the others.
+    # (Before 2c3a362 the first several-runs case on a fresh server lost whole runs, on both
+    # servers: subscribes sent while the Redis pub/sub connection opened went nowhere.)
     firsts = range(0, args.count, args.per_run) if args.per_run > 1 else range(min(1, args.count))
     await asyncio.gather(*(one(i) for i in firsts[:1]))
     await asyncio.gather(*(one(i) for i in firsts[1:]))

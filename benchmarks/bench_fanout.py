@@ -289,7 +289,6 @@ def main() -> None:
 
     prefix = redis_prefix("fanout")
     results: list[dict[str, Any]] = []
-    warmup: list[dict[str, Any]] = []
     try:
         with contextlib.ExitStack() as stack:
             servers = {
@@ -298,21 +297,6 @@ def main() -> None:
                 )
                 for mode in MODES
             }
-            # Warm-up, not measured: on a freshly started server the first several-runs case
-            # lost whole runs (prefect-ws: a run's clients got its hello and then nothing;
-            # naive: the same when every run's first client came at once). Kept in the JSON.
-            if any(runs > 1 for runs, *_ in plan):
-                for mode in MODES:
-                    proc, port = servers[mode]
-                    result = run_case(
-                        port, proc.pid, 2, 20, 0.0, 5.0, publisher_env(prefix), runs=3
-                    )
-                    warmup.append({"mode": mode, **result})
-                    print(
-                        f"{mode:>10} warm-up 3 runs x 2 clients: "
-                        f"{result['delivered']}/{result['expected']} delivered",
-                        flush=True,
-                    )
             for repeat in range(repeats):
                 for runs, clients, n, paced_n, paced_rate in plan:
                     for kind, rate, count in (("flood", 0.0, n), ("paced", paced_rate, paced_n)):
@@ -435,7 +419,6 @@ def main() -> None:
                 for r, c, n, pn, pr in plan
             ],
             "repeats": repeats,
-            "warmup": warmup,
             "summary": summary,
             "runs": results,
         },
