@@ -6,7 +6,6 @@ import asyncio
 import contextlib
 import json
 import logging
-import time
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -15,13 +14,14 @@ from starlette.applications import Starlette
 from starlette.requests import HTTPConnection, Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route, WebSocketRoute
-from starlette.websockets import WebSocket, WebSocketDisconnect, WebSocketState
+from starlette.types import Receive, Scope, Send
+from starlette.websockets import WebSocket, WebSocketDisconnect
 
 from prefect_ws import closecodes
 from prefect_ws.auth import schedule_expiry
-from prefect_ws.events import frame_from_text
+from prefect_ws.events import Frame, frame_from_text
 from prefect_ws.guard import protect
-from prefect_ws.hub import Hub, StreamClosed
+from prefect_ws.hub import Hub, StreamClosed, Subscription
 from prefect_ws.pages import page_routes
 from prefect_ws.settings import Settings, get_settings
 from prefect_ws.sse import sse_body
@@ -33,6 +33,8 @@ from prefect_ws.streaming import (
     since_beyond_head,
 )
 from prefect_ws.transport import Transport, create_transport
+from prefect_ws.watchdog import SendTimeout, SendWatchdog
+from prefect_ws.wire import FRAMES_EXTENSION, coalesce
 
 logger = logging.getLogger("prefect_ws.server")
 
@@ -59,97 +61,113 @@ def _reason(text: str) -> str:
     return text if len(data) <= 123 else data[:120].decode("utf-8", "ignore") + "..."
 
 
-async def _read_until_disconnect(websocket: WebSocket, max_bytes: int) -> tuple[int, str] | None:
-    """Clients have nothing to say but pings (answered by the server itself): drain and ignore."""
+async def _read_until_disconnect(
+    websocket: WebSocket, max_bytes: int, subscription: Subscription
+) -> bool:
+    """Clients have nothing to say but pings (answered by the server itself): drain and ignore.
+
+    Ends the stream through ``subscription`` when the client leaves or sends too much; returns
+    whether the client is still there to be sent a close frame.
+    """
     while True:
         message = await websocket.receive()
         if message["type"] == "websocket.disconnect":
-            return None
+            subscription.abort(closecodes.GOING_AWAY, "client disconnected")
+            return False
         size = len(message.get("text") or "") + len(message.get("bytes") or b"")
         if size > max_bytes:
-            return closecodes.MESSAGE_TOO_BIG, f"client frames are limited to {max_bytes} bytes"
+            reason = f"client frames are limited to {max_bytes} bytes"
+            subscription.abort(closecodes.MESSAGE_TOO_BIG, reason)
+            return True
 
 
 async def _write(
-    websocket: WebSocket, stream: AsyncIterator[tuple[int | None, str]], send_timeout: float
+    websocket: WebSocket,
+    send: Send,
+    stream: AsyncIterator[str | list[Frame]],
+    watchdog: SendWatchdog,
 ) -> tuple[int, str]:
-    """Send the stream; a send blocked for over ``send_timeout`` ends it with 1013.
-
-    A watchdog task checks the send in progress a few times per ``send_timeout``, instead of
-    a timer per frame: arming and cancelling one per send showed in the fan-out profiles.
-    """
-    sending_since = 0.0  # monotonic start of the send in progress; 0: not sending
-    expired = False
-    writer = asyncio.current_task()
-    assert writer is not None
-
-    async def watch() -> None:
-        nonlocal expired
-        while True:
-            await asyncio.sleep(send_timeout / 4)
-            if sending_since and time.monotonic() - sending_since > send_timeout:
-                expired = True
-                writer.cancel()
-                return
-
-    watchdog = asyncio.create_task(watch())
+    """Send the stream: each batch of events as one write of pre-built frames where the server
+    takes them (:mod:`prefect_ws.wire`), else frame by frame. A send blocked for longer than
+    the watchdog's timeout ends the stream with 1013."""
+    prebuilt = FRAMES_EXTENSION in websocket.scope.get("extensions", {})
     try:
-        async for _, text in stream:
-            sending_since = time.monotonic()
-            await websocket.send_text(text)
-            sending_since = 0.0
+        async for item in stream:
+            with watchdog.sending():
+                if isinstance(item, str):
+                    await websocket.send_text(item)
+                elif prebuilt:
+                    for data, count in coalesce(frame.wire for frame in item):
+                        await send({"type": FRAMES_EXTENSION, "data": data, "events": count})
+                else:
+                    for frame in item:
+                        await websocket.send_text(frame.data)
     except StreamClosed as closed:
         return closed.code, closed.reason
-    except asyncio.CancelledError:
-        if not expired:
-            raise
+    except SendTimeout:
         return closecodes.TRY_AGAIN_LATER, "client not reading; reconnect with since=<last seq>"
     finally:
-        watchdog.cancel()
+        await stream.aclose()  # type: ignore[attr-defined]
     return closecodes.RUN_COMPLETE, "run complete"
 
 
-async def stream_endpoint(websocket: WebSocket) -> None:
-    """The run's events over a WebSocket: hello, replay after ``since``, then live."""
-    hub: Hub = websocket.app.state.hub
-    settings: Settings = websocket.app.state.settings
-    try:
-        request = _stream_request(websocket)
-    except InvalidRequest as exc:
+def _client_there(reader: asyncio.Task[bool]) -> bool:
+    """Whether a close frame can still reach the client; stops the reader if it still runs."""
+    if not reader.done():
+        reader.cancel()
+        return True
+    return not reader.cancelled() and reader.exception() is None and reader.result()
+
+
+class StreamEndpoint:
+    """The run's events over a WebSocket: hello, replay after ``since``, then live.
+
+    A plain ASGI app rather than a Starlette WebSocket function, so that it can send the
+    pre-framed batches of :mod:`prefect_ws.wire`. The connection's own task writes; a second
+    task reads, only to notice the client leaving.
+    """
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        websocket = WebSocket(scope, receive, send)
+        hub: Hub = websocket.app.state.hub
+        settings: Settings = websocket.app.state.settings
+        try:
+            request = _stream_request(websocket)
+        except InvalidRequest as exc:
+            await websocket.accept()
+            await websocket.close(closecodes.INVALID_REQUEST, _reason(str(exc)))
+            return
         await websocket.accept()
-        await websocket.close(closecodes.INVALID_REQUEST, _reason(str(exc)))
-        return
-    await websocket.accept()
-    subscription = request.subscription(settings.client_queue_size)
-    stream = open_stream(hub, request, subscription)
-    reader = asyncio.create_task(_read_until_disconnect(websocket, settings.max_inbound_bytes))
-    writer = asyncio.create_task(_write(websocket, stream, settings.max_lag_seconds))
-    expiry = schedule_expiry(websocket.scope, subscription)  # closes 4401 when the token expires
-    close: tuple[int, str] | None = None
-    try:
-        done, _ = await asyncio.wait({reader, writer}, return_when=asyncio.FIRST_COMPLETED)
-    finally:
-        for task in (reader, writer):
-            task.cancel()
-        results = await asyncio.gather(reader, writer, return_exceptions=True)
-        await stream.aclose()  # type: ignore[attr-defined]
-        if expiry is not None:
-            expiry.cancel()
-    if writer in done and not isinstance(results[1], BaseException):
-        close = results[1]
-    elif reader in done and isinstance(results[0], tuple):
-        close = results[0]
-    elif isinstance(results[1], RedisError):  # Redis down: expected, no stack trace
-        logger.warning("stream for run %s: backend unavailable (%s)", request.run_id, results[1])
-        close = (closecodes.TRY_AGAIN_LATER, BACKEND_UNAVAILABLE)
-    elif isinstance(results[1], Exception) and not isinstance(
-        results[1], WebSocketDisconnect | OSError
-    ):
-        logger.error("stream for run %s failed", request.run_id, exc_info=results[1])
-        close = (closecodes.INTERNAL_ERROR, "internal error; reconnect with since=<last seq>")
-    if close is not None and websocket.application_state != WebSocketState.DISCONNECTED:
-        with contextlib.suppress(Exception):
-            await websocket.close(close[0], _reason(close[1]))
+        subscription = request.subscription(settings.client_queue_size)
+        reader = asyncio.create_task(
+            _read_until_disconnect(websocket, settings.max_inbound_bytes, subscription)
+        )
+        expiry = schedule_expiry(
+            websocket.scope, subscription
+        )  # closes 4401 when the token expires
+        close: tuple[int, str] | None = None
+        try:
+            close = await _write(
+                websocket,
+                send,
+                open_stream(hub, request, subscription),
+                websocket.app.state.watchdog,
+            )
+        except RedisError as exc:  # Redis down: expected, no stack trace
+            logger.warning("stream for run %s: backend unavailable (%s)", request.run_id, exc)
+            close = (closecodes.TRY_AGAIN_LATER, BACKEND_UNAVAILABLE)
+        except (WebSocketDisconnect, OSError):
+            pass  # the client went away mid-send
+        except Exception:
+            logger.exception("stream for run %s failed", request.run_id)
+            close = (closecodes.INTERNAL_ERROR, "internal error; reconnect with since=<last seq>")
+        finally:
+            if expiry is not None:
+                expiry.cancel()
+            client_there = _client_there(reader)
+        if close is not None and client_there:
+            with contextlib.suppress(Exception):
+                await websocket.close(close[0], _reason(close[1]))
 
 
 def _error(status: int, message: str) -> JSONResponse:
@@ -275,15 +293,18 @@ def create_app(settings: Settings | None = None, transport: Transport | None = N
             max_lag_seconds=settings.max_lag_seconds,
         )
         app.state.hub = hub
+        app.state.watchdog = watchdog = SendWatchdog(settings.max_lag_seconds)
+        watchdog.start()
         try:
             yield {}
         finally:
             await hub.close()
+            await watchdog.stop()
             await transport.broadcast.disconnect()
 
     app = Starlette(
         routes=[
-            WebSocketRoute(STREAM_PATH, stream_endpoint),
+            WebSocketRoute(STREAM_PATH, StreamEndpoint()),
             Route(SSE_PATH, sse_endpoint),
             Route(EVENTS_PATH, events_endpoint),
             Route("/healthz", healthz),

@@ -20,6 +20,8 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any, Final, Literal
 
+from prefect_ws.wire import text_frame
+
 PROTOCOL_VERSION: Final = 1
 
 EventType = Literal["run_start", "step_start", "step_log", "step_complete", "run_complete"]
@@ -84,12 +86,31 @@ _SEQ_MARK: Final = ',"seq":'
 _FINAL_MARK: Final = f'{{"v":{PROTOCOL_VERSION},"type":"run_complete"'
 
 
-@dataclass(frozen=True, slots=True)
 class Frame:
-    """One stored event as it travels to clients: its text and its ``seq``."""
+    """One stored event as it travels to clients: its text, its ``seq`` and its wire bytes."""
 
-    seq: int
-    data: str
+    __slots__ = ("_wire", "data", "seq")
+
+    def __init__(self, seq: int, data: str, *, shared: bool = False) -> None:
+        self.seq = seq
+        self.data = data
+        self._wire = text_frame(data.encode()) if shared else None
+
+    def __repr__(self) -> str:
+        return f"Frame(seq={self.seq}, data={self.data!r})"
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Frame) and (self.seq, self.data) == (other.seq, other.data)
+
+    def __hash__(self) -> int:
+        return hash((self.seq, self.data))
+
+    @property
+    def wire(self) -> bytes:
+        """The event as a WebSocket text frame (:mod:`prefect_ws.wire`): built once for a frame
+        made ``shared`` (a live frame, sent to every client of the run), else on each use (a
+        frame read from history goes to one client; keeping its bytes would double its size)."""
+        return self._wire if self._wire is not None else text_frame(self.data.encode())
 
     @property
     def is_final(self) -> bool:
@@ -101,16 +122,17 @@ class Frame:
         return parsed
 
 
-def frame_from_text(data: str) -> Frame:
+def frame_from_text(data: str, *, shared: bool = False) -> Frame:
     """Read ``seq`` without parsing the JSON: every event is written by :func:`encode`."""
     start = data.index(_SEQ_MARK) + len(_SEQ_MARK)
     end = data.index(",", start)
-    return Frame(seq=int(data[start:end]), data=data)
+    return Frame(int(data[start:end]), data, shared=shared)
 
 
 def frames_from_message(message: str) -> list[Frame]:
-    """A backend message carries one or more events, one per line (JSON text has no raw newline)."""
-    return [frame_from_text(line) for line in message.split("\n") if line]
+    """A live backend message carries one or more events, one per line (JSON text has no raw
+    newline); its frames go to every client of the run, so their wire bytes are built now."""
+    return [frame_from_text(line, shared=True) for line in message.split("\n") if line]
 
 
 def join_frames(texts: list[str]) -> str:

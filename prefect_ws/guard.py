@@ -54,6 +54,7 @@ from prefect_ws.auth import (
 )
 from prefect_ws.events import canonical_run_id
 from prefect_ws.settings import Settings
+from prefect_ws.wire import FRAMES_EXTENSION
 
 RUN_PATH: Final = re.compile(r"^/api/v2/workflows/runs/(?P<run>[^/]*)(?P<rest>/.*)?$")
 SSE_SUFFIX: Final = "/events/stream"
@@ -239,7 +240,9 @@ class Guard:
 
         async def guarded_send(message: Message) -> None:
             mtype = message["type"]
-            if mtype == "websocket.send":
+            if mtype == FRAMES_EXTENSION:
+                state["sent"] += message["events"]
+            elif mtype == "websocket.send":
                 if (message.get("text") or "").startswith(_EVENT_PREFIX):
                     state["sent"] += 1  # events only, not control frames such as hello
             elif mtype == "websocket.accept":

@@ -25,7 +25,7 @@ from prefect_ws.transport import RESYNC, Transport
 logger = logging.getLogger("prefect_ws.hub")
 
 
-RECENT_FRAMES: Final = 1024  # per active run: ~250 KB of ~250-byte events
+RECENT_FRAMES: Final = 1024  # per active run: ~500 KB of ~250-byte events (text and wire bytes)
 
 
 class _Resync:
@@ -52,7 +52,12 @@ class ClientLagging(StreamClosed):
 
 
 class Subscription:
-    """One client's position in one run, and the live frames waiting for it."""
+    """One client's position in one run, and the live frames waiting for it.
+
+    The queue holds whole backend messages (lists of frames with consecutive ``seq``), as the
+    run's pump received them: the same list objects go to every client of the run, and a
+    client that fell behind takes everything queued at once (:meth:`take`).
+    """
 
     def __init__(self, run_id: str, *, since: int, queue_size: int) -> None:
         self.run_id = run_id
@@ -61,28 +66,27 @@ class Subscription:
         self.finished = False
         self.behind_since: float | None = None
         self._queue_size = queue_size
-        self._queue: deque[Frame | _Resync | StreamClosed] = deque()
+        self._queue: deque[list[Frame] | _Resync | StreamClosed] = deque()
+        self._queued = 0  # frames in the queue
         self._ready = asyncio.Event()
 
     def offer(self, frames: list[Frame]) -> None:
         """Called by the run's pump for every live message; never blocks."""
-        queue = self._queue
         # One message is always taken whole when the client is level: a publisher's batch may
         # exceed the queue, and treating it as overflow sent every client to history.
-        if queue and len(queue) + len(frames) > self._queue_size:
+        if self._queued and self._queued + len(frames) > self._queue_size:
             # Overflow: drop the backlog and fetch it from history when the client can take it.
-            queue.clear()
-            queue.append(RESYNC_MARK)
+            self._reset(RESYNC_MARK)
             if self.behind_since is None:
                 self.behind_since = time.monotonic()
         else:
-            queue.extend(frames)
+            self._queue.append(frames)
+            self._queued += len(frames)
         self._ready.set()
 
     def abort(self, code: int, reason: str) -> None:
-        """End the stream at once (server shutting down)."""
-        self._queue.clear()
-        self._queue.append(StreamClosed(code, reason))
+        """End the stream at once (server shutting down, client gone, token expired)."""
+        self._reset(StreamClosed(code, reason))
         self._ready.set()
 
     def resync(self) -> None:
@@ -90,10 +94,16 @@ class Subscription:
             self._queue.append(RESYNC_MARK)
         self._ready.set()
 
-    def advance(self, frame: Frame) -> None:
-        self.last_seq = frame.seq
-        self.sent += 1
-        if frame.is_final:
+    def _reset(self, item: _Resync | StreamClosed) -> None:
+        self._queue.clear()
+        self._queued = 0
+        self._queue.append(item)
+
+    def advance(self, frames: list[Frame]) -> None:
+        last = frames[-1]
+        self.last_seq = last.seq
+        self.sent += len(frames)
+        if last.is_final:
             self.finished = True
 
     def caught_up(self) -> None:
@@ -104,14 +114,48 @@ class Subscription:
         if self.behind_since is not None and time.monotonic() - self.behind_since > max_lag_seconds:
             raise ClientLagging(f"client stayed behind for over {max_lag_seconds:g} s")
 
-    async def next(self) -> Frame | _Resync:
-        while not self._queue:
+    async def take(self) -> list[Frame] | _Resync:
+        """Every queued live frame that follows on from the first queued message, or a marker."""
+        queue = self._queue
+        while not queue:
             self._ready.clear()
             await self._ready.wait()
-        item = self._queue.popleft()
+        item = queue.popleft()
         if isinstance(item, StreamClosed):
             raise item
-        return item
+        if isinstance(item, _Resync):
+            return item
+        self._queued -= len(item)
+        if not queue or not isinstance(queue[0], list) or queue[0][0].seq != item[-1].seq + 1:
+            return item  # the common case: one message, shared with the run's other clients
+        frames = list(item)
+        while queue and isinstance(queue[0], list) and queue[0][0].seq == frames[-1].seq + 1:
+            more = queue.popleft()
+            assert isinstance(more, list)
+            self._queued -= len(more)
+            frames += more
+        return frames
+
+
+def _until_final(frames: list[Frame]) -> list[Frame]:
+    """``frames`` up to and including ``run_complete``: nothing of a run follows it."""
+    for index, frame in enumerate(frames):
+        if frame.is_final:
+            return frames if index == len(frames) - 1 else frames[: index + 1]
+    return frames
+
+
+def _consecutive(frames: list[Frame]) -> list[list[Frame]]:
+    """A message's frames in runs of consecutive ``seq`` (one run, unless a backend misbehaves)."""
+    if frames[-1].seq - frames[0].seq == len(frames) - 1:
+        return [frames]
+    runs: list[list[Frame]] = [[frames[0]]]
+    for frame in frames[1:]:
+        if frame.seq == runs[-1][-1].seq + 1:
+            runs[-1].append(frame)
+        else:
+            runs.append([frame])
+    return runs
 
 
 class RunChannel:
@@ -151,6 +195,14 @@ class RunChannel:
         for subscription in self.subscriptions:
             subscription.resync()
 
+    def _deliver(self, frames: list[Frame]) -> None:
+        recent = self.recent
+        if recent and frames[0].seq != recent[-1].seq + 1:
+            recent.clear()  # a gap: the ring only ever holds a consecutive range
+        recent.extend(frames)
+        for subscription in self.subscriptions:
+            subscription.offer(frames)
+
     async def _pump(self) -> None:
         try:
             subscription: Any = self.hub.transport.broadcast.subscribe(self.run_id)
@@ -170,12 +222,8 @@ class RunChannel:
                         logger.warning("Ignoring a malformed message on run %s", self.run_id)
                         continue
                     metrics.received(len(frames))
-                    recent = self.recent
-                    if recent and frames[0].seq != recent[-1].seq + 1:
-                        recent.clear()  # a gap: the ring only ever holds a contiguous range
-                    recent.extend(frames)
-                    for subscription in self.subscriptions:
-                        subscription.offer(frames)
+                    for run in _consecutive(frames):
+                        self._deliver(_until_final(run))
         except asyncio.CancelledError:
             pass
         except Exception:  # a backend error must not leave the run wedged for later clients
@@ -229,32 +277,34 @@ class Hub:
 
     async def catch_up(
         self, subscription: Subscription, *, initial: bool = False
-    ) -> AsyncIterator[Frame]:
-        """Frames after ``subscription.last_seq``: from the run's recent frames when they reach
-        back far enough, else from the backend's history, page by page."""
+    ) -> AsyncIterator[list[Frame]]:
+        """Frames after ``subscription.last_seq``, in pages: from the run's recent frames when
+        they reach back far enough, else from the backend's history."""
         channel = self.runs.get(subscription.run_id)
         recent = channel.recent if channel is not None else None
         wanted = subscription.last_seq + 1
         if recent and not initial and recent[0].seq <= wanted <= recent[-1].seq:
-            for frame in list(islice(recent, wanted - recent[0].seq, None)):
-                yield frame
+            yield _until_final(list(islice(recent, wanted - recent[0].seq, None)))
             return
         backend = self.transport.backend
+        cursor = subscription.last_seq
         while True:
-            texts = await backend.history(
-                subscription.run_id, subscription.last_seq, self.replay_page_size
-            )
+            texts = await backend.history(subscription.run_id, cursor, self.replay_page_size)
+            page: list[Frame] = []
             for text in texts:
                 frame = frame_from_text(text)
-                if frame.seq <= subscription.last_seq:
+                if frame.seq <= cursor:
                     continue
-                if frame.seq != subscription.last_seq + 1 and not initial:
-                    raise ClientLagging(
-                        f"events after seq {subscription.last_seq} are no longer retained"
-                    )
+                if frame.seq != cursor + 1 and not (initial and not page):
+                    raise ClientLagging(f"events after seq {cursor} are no longer retained")
+                cursor = frame.seq
+                page.append(frame)
+                if frame.is_final:
+                    break
+            if page:
+                yield page
                 initial = False
-                yield frame
-            if len(texts) < self.replay_page_size:
+            if len(texts) < self.replay_page_size or (page and page[-1].is_final):
                 if not texts and subscription.last_seq > 0:
                     await self._check_history_kept(subscription)
                 return
@@ -270,29 +320,34 @@ class Hub:
                 f"{subscription.last_seq}); reconnect with since=0",
             )
 
-    async def frames(self, subscription: Subscription) -> AsyncIterator[Frame]:
-        """Every frame of the run after ``since``, once each and in order, until ``run_complete``.
+    async def batches(self, subscription: Subscription) -> AsyncIterator[list[Frame]]:
+        """Every frame of the run after ``since``, once each and in order, until ``run_complete``,
+        in batches of consecutive frames: as they came from the backend, or a backlog at once.
 
         Raises :class:`ClientLagging` when the client cannot be brought level.
         """
         initial = True
         while not subscription.finished:
             subscription.check_lag(self.max_lag_seconds)
-            item = await subscription.next()
-            if isinstance(item, Frame):
-                if item.seq <= subscription.last_seq:
-                    continue  # already delivered from history
-                if item.seq == subscription.last_seq + 1:
+            item = await subscription.take()
+            if isinstance(item, list):
+                first = item[0].seq
+                if first <= subscription.last_seq:  # partly delivered from history already
+                    item = item[subscription.last_seq - first + 1 :]
+                    if not item:
+                        continue
+                    first = item[0].seq
+                if first == subscription.last_seq + 1:
                     subscription.advance(item)
                     metrics.delivered_live(item)
                     yield item
                     continue
             # A resync marker, or a gap in live seq: history has everything up to the newest.
             metrics.replay_started()
-            async for frame in self.catch_up(subscription, initial=initial):
-                subscription.advance(frame)
-                metrics.delivered_replay(frame)
-                yield frame
+            async for page in self.catch_up(subscription, initial=initial):
+                subscription.advance(page)
+                metrics.delivered_replay(len(page))
+                yield page
                 if subscription.finished:
                     return
                 subscription.check_lag(self.max_lag_seconds)

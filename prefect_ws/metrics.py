@@ -49,7 +49,7 @@ EVENTS_RECEIVED = Counter(
     "Events published to this process by the backend (live), before fan-out.",
     registry=None,
 )
-LATENCY_SAMPLE: Final = 16  # parsing every event's ts cost more than the send itself
+LATENCY_SAMPLE: Final = 16  # parsing every batch's ts would cost more than its send
 EVENTS_DELIVERED = Counter(
     "prefect_ws_events_delivered",
     "Events handed to clients, by path: live or replay (from history).",
@@ -64,7 +64,7 @@ REPLAYS = Counter(
 LATENCY = Histogram(
     "prefect_ws_delivery_latency_seconds",
     "Publish (event ts) to hand-off to the client's writer, live events only; "
-    f"sampled: one live delivery in {LATENCY_SAMPLE}.",
+    f"sampled: the newest event of one live batch in {LATENCY_SAMPLE}.",
     buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10),
     registry=None,
 )
@@ -103,16 +103,17 @@ _DELIVERED_REPLAY = EVENTS_DELIVERED.labels("replay")
 _live_deliveries = itertools.count()
 
 
-def delivered_replay(frame: Frame) -> None:
-    _DELIVERED_REPLAY.inc()
+def delivered_replay(count: int) -> None:
+    _DELIVERED_REPLAY.inc(count)
 
 
-def delivered_live(frame: Frame) -> None:
-    """Counts a live delivery and, for one in :data:`LATENCY_SAMPLE`, observes its latency."""
-    _DELIVERED_LIVE.inc()
+def delivered_live(frames: list[Frame]) -> None:
+    """Counts a live delivery and, for one batch in :data:`LATENCY_SAMPLE`, observes the
+    latency of its newest frame."""
+    _DELIVERED_LIVE.inc(len(frames))
     if next(_live_deliveries) % LATENCY_SAMPLE:
         return
-    latency = _age(frame.data)
+    latency = _age(frames[-1].data)
     if latency is not None:
         LATENCY.observe(latency)
 

@@ -16,16 +16,18 @@ from typing import cast
 from redis.exceptions import RedisError
 
 from prefect_ws import closecodes
+from prefect_ws.events import Frame
 from prefect_ws.hub import StreamClosed
 
 RETRY_MS = 2000
 _END = object()
 
 
-def format_event(seq: int | None, text: str) -> str:
-    if seq is None:
-        return f"event: hello\ndata: {text}\n\n"
-    return f"id: {seq}\ndata: {text}\n\n"
+def format_item(item: str | list[Frame]) -> str:
+    """The hello frame's text, or a batch of events: one SSE event each."""
+    if isinstance(item, str):
+        return f"event: hello\ndata: {item}\n\n"
+    return "".join([f"id: {frame.seq}\ndata: {frame.data}\n\n" for frame in item])
 
 
 def format_end(code: int, reason: str) -> str:
@@ -33,7 +35,7 @@ def format_end(code: int, reason: str) -> str:
 
 
 async def sse_body(
-    stream: AsyncIterator[tuple[int | None, str]], *, keepalive: float
+    stream: AsyncIterator[str | list[Frame]], *, keepalive: float
 ) -> AsyncIterator[str]:
     """The response body; a producer task feeds a one-slot queue so idle time can send pings."""
     queue: asyncio.Queue[object] = asyncio.Queue(maxsize=1)
@@ -63,8 +65,7 @@ async def sse_body(
             if isinstance(item, StreamClosed):
                 yield format_end(item.code, item.reason)
                 return
-            seq, text = cast(tuple[int | None, str], item)
-            yield format_event(seq, text)
+            yield format_item(cast(str | list[Frame], item))
     finally:
         producer.cancel()
         with contextlib.suppress(BaseException):

@@ -100,6 +100,10 @@ class EventFilter:
                 raise InvalidRequest(f"invalid level: expected one of {', '.join(LEVELS)}")
         return cls(type_set, step_set, min_level)
 
+    def select(self, frames: list[Frame]) -> list[Frame]:
+        """The frames that pass, as the same list when nothing is filtered."""
+        return frames if self.everything else [frame for frame in frames if self.matches(frame)]
+
     def matches(self, frame: Frame) -> bool:
         if self.everything:
             return True
@@ -181,8 +185,9 @@ def hello(request: StreamRequest, info: RunInfo) -> str:
 
 async def open_stream(
     hub: Hub, request: StreamRequest, subscription: Subscription
-) -> AsyncIterator[tuple[int | None, str]]:
-    """``(seq, text)`` pairs: the hello frame (seq None), then the run's events.
+) -> AsyncIterator[str | list[Frame]]:
+    """The hello frame's text first, then the run's events in batches of frames that passed
+    the filters (never empty; consecutive ``seq`` unless filtered).
 
     Ends normally after ``run_complete``; raises :class:`StreamClosed` when the stream must end
     otherwise (unknown run, lagging client, shutdown, or ``subscription.abort``).
@@ -194,24 +199,24 @@ async def open_stream(
         if request.since > info.head:
             # No client can have seen it; waiting would skip every event, run_complete too.
             raise since_beyond_head(info.head)
-        yield None, hello(request, info)
+        yield hello(request, info)
         finished = info.last is not None and frame_from_text(info.last).is_final
         if finished and request.since >= info.head:
             return  # a finished run, and the client has all of it
-        frames = hub.frames(subscription)
+        batches = hub.batches(subscription)
         if not info.known:
             assert request.wait is not None
             try:
                 async with asyncio.timeout(request.wait):
-                    first = await anext(frames, None)
+                    first = await anext(batches, None)
             except TimeoutError:
                 raise StreamClosed(
                     closecodes.UNKNOWN_RUN, f"run did not start within {request.wait:g} s"
                 ) from None
             if first is None:
                 return
-            if request.filter.matches(first):
-                yield first.seq, first.data
-        async for frame in frames:
-            if request.filter.matches(frame):
-                yield frame.seq, frame.data
+            if first := request.filter.select(first):
+                yield first
+        async for batch in batches:
+            if batch := request.filter.select(batch):
+                yield batch

