@@ -277,7 +277,12 @@ def create_app(settings: Settings | None = None, transport: Transport | None = N
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[dict[str, Any]]:
-        await transport.broadcast.connect()
+        hub = Hub(
+            transport,
+            replay_page_size=settings.replay_page_size,
+            max_lag_seconds=settings.max_lag_seconds,
+        )
+        await hub.start()
         try:
             await transport.backend.ping()
         except Exception as exc:
@@ -287,11 +292,6 @@ def create_app(settings: Settings | None = None, transport: Transport | None = N
                 settings.broadcast_url,
                 exc,
             )
-        hub = Hub(
-            transport,
-            replay_page_size=settings.replay_page_size,
-            max_lag_seconds=settings.max_lag_seconds,
-        )
         app.state.hub = hub
         app.state.watchdog = watchdog = SendWatchdog(settings.max_lag_seconds)
         watchdog.start()
@@ -300,7 +300,6 @@ def create_app(settings: Settings | None = None, transport: Transport | None = N
         finally:
             await hub.close()
             await watchdog.stop()
-            await transport.broadcast.disconnect()
 
     app = Starlette(
         routes=[

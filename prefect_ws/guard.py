@@ -350,6 +350,12 @@ def handshake_timeout_protocol(seconds: float) -> type[H11Protocol]:
             self._handshake_timer.cancel()
             super().connection_lost(exc)
 
+        def handle_websocket_upgrade(self, event: Any) -> None:
+            # The WebSocket protocol takes over: a pending timer would keep this object (and its
+            # request, ~4 KB) alive for ``seconds`` after every upgrade.
+            self._handshake_timer.cancel()
+            super().handle_websocket_upgrade(event)
+
         def _handshake_expired(self) -> None:
             upgraded = self.transport.get_protocol() is not self
             if self.cycle is None and not upgraded and not self.transport.is_closing():

@@ -1,10 +1,11 @@
 """The hub: run id -> the clients watching it, fed by one backend subscription per run.
 
 Each process subscribes once per active run (not per client) and fans every message out to the
-clients' bounded queues. Live delivery is the fast path; the run's stored history is the truth.
-A client catches up from history when it joins, when the backend resubscribed after an outage,
-when it sees a gap in ``seq`` and when its queue overflowed, so it receives every event exactly
-once and in order, and a slow client costs bounded memory and never holds the others back.
+clients' bounded queues, from one listener task for all runs. Live delivery is the fast path;
+the run's stored history is the truth. A client catches up from history when it joins, when the
+backend resubscribed after an outage, when it sees a gap in ``seq`` and when its queue
+overflowed, so it receives every event exactly once and in order, and a slow client costs
+bounded memory and never holds the others back.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ import time
 from collections import deque
 from collections.abc import AsyncIterator
 from itertools import islice
-from typing import Any, Final
+from typing import Final
 
 from prefect_ws import closecodes, metrics
 from prefect_ws.events import Frame, frame_from_text, frames_from_message
@@ -68,7 +69,7 @@ class Subscription:
         self._queue_size = queue_size
         self._queue: deque[list[Frame] | _Resync | StreamClosed] = deque()
         self._queued = 0  # frames in the queue
-        self._ready = asyncio.Event()
+        self._waiter: asyncio.Future[None] | None = None  # while take() waits: no Event kept
 
     def offer(self, frames: list[Frame]) -> None:
         """Called by the run's pump for every live message; never blocks."""
@@ -82,17 +83,21 @@ class Subscription:
         else:
             self._queue.append(frames)
             self._queued += len(frames)
-        self._ready.set()
+        self._wake()
 
     def abort(self, code: int, reason: str) -> None:
         """End the stream at once (server shutting down, client gone, token expired)."""
         self._reset(StreamClosed(code, reason))
-        self._ready.set()
+        self._wake()
 
     def resync(self) -> None:
         if not self._queue or self._queue[-1] is not RESYNC_MARK:
             self._queue.append(RESYNC_MARK)
-        self._ready.set()
+        self._wake()
+
+    def _wake(self) -> None:
+        if self._waiter is not None and not self._waiter.done():
+            self._waiter.set_result(None)
 
     def _reset(self, item: _Resync | StreamClosed) -> None:
         self._queue.clear()
@@ -118,8 +123,11 @@ class Subscription:
         """Every queued live frame that follows on from the first queued message, or a marker."""
         queue = self._queue
         while not queue:
-            self._ready.clear()
-            await self._ready.wait()
+            self._waiter = asyncio.get_running_loop().create_future()
+            try:
+                await self._waiter
+            finally:
+                self._waiter = None
         item = queue.popleft()
         if isinstance(item, StreamClosed):
             raise item
@@ -159,84 +167,64 @@ def _consecutive(frames: list[Frame]) -> list[list[Frame]]:
 
 
 class RunChannel:
-    """The single backend subscription of one run in this process."""
+    """The clients of one run in this process, and the run's newest live frames.
 
-    def __init__(self, hub: Hub, run_id: str) -> None:
-        self.hub = hub
+    No task and no queue of its own: the hub's listener hands it each message of the run.
+    """
+
+    __slots__ = ("live", "recent", "run_id", "subscriptions")
+
+    def __init__(self, run_id: str) -> None:
         self.run_id = run_id
         self.subscriptions: set[Subscription] = set()
         # The newest live frames: a client a little behind catches up from here, not Redis.
-        self.recent: deque[Frame] = deque(maxlen=RECENT_FRAMES)
+        self.recent: deque[Frame] | None = None  # made with the first live frame
         self.live = False
-        self.closing = False
-        self.done = asyncio.Event()
-        self._subscriber: Any = None
-        self.task = asyncio.create_task(self._pump(), name=f"prefect-ws run {run_id}")
 
     def add(self, subscription: Subscription) -> None:
         self.subscriptions.add(subscription)
         if self.live:
-            subscription.resync()  # otherwise the backend's RESYNC on subscribe does it
+            subscription.resync()  # otherwise going live does it
 
-    def close(self) -> None:
-        """Unsubscribe once the pump is idle: no cancellation in the middle of a Redis command.
-
-        (Cancelling the pump while broadcaster was subscribing or unsubscribing left it
-        waiting forever on a dead subscription, and the run's next stream with it.)
-        """
-        self.closing = True
-        if self._subscriber is not None:
-            self._subscriber._queue.put_nowait(None)  # broadcaster's end-of-subscription mark
-
-    def _go_live(self) -> None:
-        """History and live now meet: every client reconciles from history."""
-        self.recent.clear()  # events may have been missed before this point
+    def go_live(self) -> None:
+        """The backend confirmed the subscription: history and live now meet, so every client
+        reconciles from history (events may have been missed before this point)."""
+        if self.recent is not None:
+            self.recent.clear()
         self.live = True
         for subscription in self.subscriptions:
             subscription.resync()
 
+    def receive(self, message: str) -> None:
+        try:
+            frames = frames_from_message(message)
+        except ValueError:
+            logger.warning("Ignoring a malformed message on run %s", self.run_id)
+            return
+        metrics.received(len(frames))
+        for run in _consecutive(frames):
+            self._deliver(_until_final(run))
+
     def _deliver(self, frames: list[Frame]) -> None:
         recent = self.recent
-        if recent and frames[0].seq != recent[-1].seq + 1:
+        if recent is None:
+            recent = self.recent = deque(maxlen=RECENT_FRAMES)
+        elif recent and frames[0].seq != recent[-1].seq + 1:
             recent.clear()  # a gap: the ring only ever holds a consecutive range
         recent.extend(frames)
         for subscription in self.subscriptions:
             subscription.offer(frames)
 
-    async def _pump(self) -> None:
-        try:
-            subscription: Any = self.hub.transport.broadcast.subscribe(self.run_id)
-            async with subscription as subscriber:
-                self._subscriber = subscriber
-                if self.closing:
-                    return  # every client left while we were subscribing
-                if self.hub.transport.backend.is_live(self.run_id):
-                    self._go_live()  # its RESYNC may have come before broadcaster listened
-                async for event in subscriber:
-                    if event.message == RESYNC:
-                        self._go_live()
-                        continue
-                    try:
-                        frames = frames_from_message(event.message)
-                    except ValueError:
-                        logger.warning("Ignoring a malformed message on run %s", self.run_id)
-                        continue
-                    metrics.received(len(frames))
-                    for run in _consecutive(frames):
-                        self._deliver(_until_final(run))
-        except asyncio.CancelledError:
-            pass
-        except Exception:  # a backend error must not leave the run wedged for later clients
-            logger.exception("Subscription to run %s failed", self.run_id)
-        finally:
-            self.live = False
-            if self.hub.runs.get(self.run_id) is self:
-                del self.hub.runs[self.run_id]
-            self.done.set()
-
 
 class Hub:
-    """Registry of run channels for one server process."""
+    """Run channels for one server process, fed by one listener over the backend.
+
+    The backend's subscriptions follow ``runs``: a run is subscribed while it has a client.
+    One task makes those changes, one at a time and in order, so a run left and joined again
+    quickly never ends up unsubscribed, and no client's task is ever inside a backend
+    (un)subscribe when it is cancelled. broadcaster's ``Broadcast`` is not used on this side:
+    it would add a task and an ``asyncio.Queue`` per run (~5 KB of an idle connection's ~37 KB).
+    """
 
     def __init__(
         self, transport: Transport, *, replay_page_size: int = 500, max_lag_seconds: float = 30.0
@@ -245,35 +233,74 @@ class Hub:
         self.runs: dict[str, RunChannel] = {}
         self.replay_page_size = replay_page_size
         self.max_lag_seconds = max_lag_seconds
+        self._subscribed: set[str] = set()  # runs the backend was asked to subscribe
+        self._changed: asyncio.Queue[str] = asyncio.Queue()  # runs to (un)subscribe
+        self._tasks: list[asyncio.Task[None]] = []
+
+    async def start(self) -> None:
+        """Connect the backend and start the listener and the subscription keeper."""
+        await self.transport.backend.connect()
+        self._tasks = [
+            asyncio.create_task(self._listen(), name="prefect-ws hub listener"),
+            asyncio.create_task(self._keep_subscriptions(), name="prefect-ws hub subscriptions"),
+        ]
+
+    async def close(self) -> None:
+        for channel in list(self.runs.values()):
+            for subscription in channel.subscriptions:
+                subscription.abort(closecodes.GOING_AWAY, "server shutting down")
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        await self.transport.backend.disconnect()
 
     @contextlib.asynccontextmanager
     async def attach(self, subscription: Subscription) -> AsyncIterator[RunChannel]:
         """Register a client on its run, subscribing the process to the run if it is the first."""
         run_id = subscription.run_id
-        while True:
-            channel = self.runs.get(run_id)
-            if channel is None:
-                channel = self.runs[run_id] = RunChannel(self, run_id)
-                break
-            if not channel.closing:
-                break
-            await channel.done.wait()  # let the old subscription unwind before re-subscribing
+        channel = self.runs.get(run_id)
+        if channel is None:
+            channel = self.runs[run_id] = RunChannel(run_id)
+            if self.transport.backend.is_live(run_id):
+                channel.go_live()  # still subscribed (its unsubscribe not yet made) and confirmed
+            self._changed.put_nowait(run_id)
         channel.add(subscription)
         try:
             yield channel
         finally:
             channel.subscriptions.discard(subscription)
-            if not channel.subscriptions and not channel.closing:
-                channel.close()
+            if not channel.subscriptions and self.runs.get(run_id) is channel:
+                del self.runs[run_id]
+                self._changed.put_nowait(run_id)
 
-    async def close(self) -> None:
-        channels = list(self.runs.values())
-        for channel in channels:
-            for subscription in channel.subscriptions:
-                subscription.abort(closecodes.GOING_AWAY, "server shutting down")
-            channel.close()
-            channel.task.cancel()
-        await asyncio.gather(*(c.task for c in channels), return_exceptions=True)
+    async def _listen(self) -> None:
+        backend = self.transport.backend
+        while True:
+            event = await backend.next_published()
+            channel = self.runs.get(event.channel)
+            if channel is None:
+                continue  # a run nobody here watches any more
+            try:
+                if event.message == RESYNC:
+                    channel.go_live()
+                else:
+                    channel.receive(event.message)
+            except Exception:  # one bad message must not stop every stream of the process
+                logger.exception("Delivering a message of run %s failed", event.channel)
+
+    async def _keep_subscriptions(self) -> None:
+        backend = self.transport.backend
+        while True:
+            run_id = await self._changed.get()
+            try:
+                if run_id in self.runs and run_id not in self._subscribed:
+                    self._subscribed.add(run_id)
+                    await backend.subscribe(run_id)
+                elif run_id not in self.runs and run_id in self._subscribed:
+                    self._subscribed.discard(run_id)
+                    await backend.unsubscribe(run_id)
+            except Exception:  # the backend resubscribes what it was asked for when it is back
+                logger.exception("(Un)subscribing run %s failed", run_id)
 
     async def catch_up(
         self, subscription: Subscription, *, initial: bool = False

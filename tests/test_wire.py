@@ -14,6 +14,7 @@ from typing import Any
 
 import pytest
 from websockets.asyncio.client import connect
+from websockets.exceptions import ConnectionClosed
 from websockets.frames import OP_TEXT, Frame
 from websockets.streams import StreamReader
 
@@ -112,3 +113,38 @@ def test_live_and_replayed_streams_carry_every_size_intact(
     assert [f'"seq":{i},' in e for i, e in enumerate(events, start=1)] == [True] * len(events)
     counted = [r.getMessage() for r in caplog.records if r.getMessage().startswith("disconnect")]
     assert len(counted) == 2 and all(f"events={len(sizes) + 2}" in c for c in counted), counted
+
+
+def test_an_open_connection_keeps_nothing_of_its_handshake_and_still_reads_frames() -> None:
+    """The lean protocol (prefect_ws.wsprotocol): after the 101 the request, the response and
+    the handshake parser are gone, and the frame parser that replaced it answers pings and
+    reads client frames (an oversized one closes 1009)."""
+    import gc
+
+    from websockets.http11 import Request
+
+    from prefect_ws.wsprotocol import Inbox, PrefectWsProtocol, Writable
+
+    settings = Settings(broadcast_url="memory://", max_inbound_bytes=1024)
+
+    async def scenario(base: str) -> int | None:
+        url = f"{base}/api/v2/workflows/runs/{uuid.uuid4()}/stream?wait=30"
+        async with connect(url, compression=None, proxy=None) as ws:
+            assert '"type":"hello"' in str(await ws.recv())
+            protocols = [o for o in gc.get_objects() if isinstance(o, PrefectWsProtocol)]
+            live = [p for p in protocols if not p.disconnected]
+            assert len(live) == 1
+            protocol = live[0]
+            assert protocol.request is None and protocol.response is None
+            assert isinstance(protocol.queue, Inbox) and isinstance(protocol.writable, Writable)
+            frame = protocol.conn.parser.gi_frame
+            assert frame is not None
+            assert not any(isinstance(v, Request) for v in frame.f_locals.values())
+            await asyncio.wait_for(await ws.ping(), 5)  # answered by the new frame parser
+            await ws.send("x" * 2000)  # over max_inbound_bytes
+            with pytest.raises(ConnectionClosed):
+                await asyncio.wait_for(ws.recv(), 5)
+        return ws.close_code
+
+    with serve_in_thread(settings) as base:
+        assert asyncio.run(scenario(base)) == 1009
