@@ -45,6 +45,25 @@ def test_each_threads_order_is_kept(redis_url: str, redis_prefix: str) -> None:
         assert mine == list(range(500))
 
 
+
+def test_a_busy_publisher_coalesces_round_trips(redis_url: str, redis_prefix: str) -> None:
+    """Events arriving faster than round trips share one per ~10 ms, not one per few events."""
+    publisher = Publisher(Settings(broadcast_url=redis_url, redis_prefix=redis_prefix))
+    publisher.emit(RUN, "step_log", {"message": "warm-up"})
+    assert publisher.flush(10)
+    first_batch = next(publisher._batches)
+    started = time.monotonic()
+    for i in range(2000):  # ~5 events per ms, like a 20-wide DAG that logs
+        publisher.emit(RUN, "step_log", {"message": str(i)})
+        if i % 10 == 9:
+            time.sleep(0.002)
+    assert publisher.flush(10)
+    elapsed = time.monotonic() - started
+    round_trips = next(publisher._batches) - first_batch - 1
+    publisher.close()
+    assert publisher.published == 2001
+    assert round_trips <= elapsed / 0.01 + 5, (round_trips, elapsed)
+
 def test_events_after_run_complete_are_not_published(redis_url: str, redis_prefix: str) -> None:
     publisher = Publisher(Settings(broadcast_url=redis_url, redis_prefix=redis_prefix))
     publisher.emit(RUN, "step_log", {"message": "before"})
