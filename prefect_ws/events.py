@@ -14,11 +14,13 @@ bytes, live or replayed.
 from __future__ import annotations
 
 import json
+import math
 import time
 import uuid
 from dataclasses import dataclass
-from datetime import UTC, datetime
 from typing import Any, Final, Literal
+
+import orjson
 
 from prefect_ws.wire import text_frame
 
@@ -37,9 +39,17 @@ RUN_STATUSES: Final[tuple[str, ...]] = ("completed", "failed", "cancelled", "cra
 
 
 def _dumps(value: Any) -> str:
-    # Parameters and log messages are user data: anything not JSON-native is shown as text
-    # rather than breaking the stream.
-    return json.dumps(value, separators=(",", ":"), ensure_ascii=False, default=str)
+    """Compact JSON of user data (parameters, log messages): anything not JSON-native is shown
+    as text rather than breaking the stream.
+
+    orjson where it can (a step_log's payload 3.65 -> 0.29 us; docs/benchmarks.md section 6);
+    the standard library for what orjson refuses: integers over 64 bits, and lone surrogates,
+    which it escapes (ASCII output) so that the event can still be sent as UTF-8.
+    """
+    try:
+        return orjson.dumps(value, default=str, option=orjson.OPT_NON_STR_KEYS).decode()
+    except (TypeError, orjson.JSONEncodeError):
+        return json.dumps(value, separators=(",", ":"), default=str)
 
 
 def canonical_run_id(raw: str) -> str | None:
@@ -56,10 +66,22 @@ def canonical_run_id(raw: str) -> str | None:
         return None
 
 
+_second: tuple[int, str] = (0, "1970-01-01T00:00:00")  # the last whole second formatted
+
+
 def utc_timestamp(epoch: float | None = None) -> str:
-    """An ISO 8601 UTC timestamp with microseconds, e.g. ``2026-11-29T00:31:02.123456Z``."""
-    moment = datetime.fromtimestamp(time.time() if epoch is None else epoch, tz=UTC)
-    return moment.strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+    """An ISO 8601 UTC timestamp with microseconds, e.g. ``2026-11-29T00:31:02.123456Z``.
+
+    Every event carries one: the date and time are formatted once per second (3.2 -> ~0.5 us).
+    """
+    global _second
+    moment = time.time() if epoch is None else epoch
+    whole = math.floor(moment)
+    second, text = _second
+    if whole != second:
+        text = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(whole))
+        _second = (whole, text)
+    return f"{text}.{int((moment - whole) * 1_000_000):06d}Z"
 
 
 @dataclass(frozen=True, slots=True)
