@@ -45,7 +45,6 @@ def test_each_threads_order_is_kept(redis_url: str, redis_prefix: str) -> None:
         assert mine == list(range(500))
 
 
-
 def test_a_busy_publisher_coalesces_round_trips(redis_url: str, redis_prefix: str) -> None:
     """Events arriving faster than round trips share one per ~10 ms, not one per few events."""
     publisher = Publisher(Settings(broadcast_url=redis_url, redis_prefix=redis_prefix))
@@ -63,6 +62,7 @@ def test_a_busy_publisher_coalesces_round_trips(redis_url: str, redis_prefix: st
     publisher.close()
     assert publisher.published == 2001
     assert round_trips <= elapsed / 0.01 + 5, (round_trips, elapsed)
+
 
 def test_events_after_run_complete_are_not_published(redis_url: str, redis_prefix: str) -> None:
     publisher = Publisher(Settings(broadcast_url=redis_url, redis_prefix=redis_prefix))
