@@ -142,9 +142,8 @@ class StreamEndpoint:
         reader = asyncio.create_task(
             _read_until_disconnect(websocket, settings.max_inbound_bytes, subscription)
         )
-        expiry = schedule_expiry(
-            websocket.scope, subscription
-        )  # closes 4401 when the token expires
+        # Closes the stream with 4401 when the client's token expires.
+        expiry = schedule_expiry(websocket.scope, subscription)
         close: tuple[int, str] | None = None
         try:
             close = await _write(

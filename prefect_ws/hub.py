@@ -56,7 +56,7 @@ class Subscription:
     """One client's position in one run, and the live frames waiting for it.
 
     The queue holds whole backend messages (lists of frames with consecutive ``seq``), as the
-    run's pump received them: the same list objects go to every client of the run, and a
+    hub's listener received them: the same list objects go to every client of the run, and a
     client that fell behind takes everything queued at once (:meth:`take`).
     """
 
@@ -72,7 +72,7 @@ class Subscription:
         self._waiter: asyncio.Future[None] | None = None  # while take() waits: no Event kept
 
     def offer(self, frames: list[Frame]) -> None:
-        """Called by the run's pump for every live message; never blocks."""
+        """Called by the hub's listener for every live message of the run; never blocks."""
         # One message is always taken whole when the client is level: a publisher's batch may
         # exceed the queue, and treating it as overflow sent every client to history.
         if self._queued and self._queued + len(frames) > self._queue_size:
@@ -134,14 +134,13 @@ class Subscription:
         if isinstance(item, _Resync):
             return item
         self._queued -= len(item)
-        if not queue or not isinstance(queue[0], list) or queue[0][0].seq != item[-1].seq + 1:
-            return item  # the common case: one message, shared with the run's other clients
-        frames = list(item)
+        # Usually one message, the list shared with the run's other clients: never mutated.
+        frames = item
         while queue and isinstance(queue[0], list) and queue[0][0].seq == frames[-1].seq + 1:
             more = queue.popleft()
             assert isinstance(more, list)
             self._queued -= len(more)
-            frames += more
+            frames = frames + more
         return frames
 
 
