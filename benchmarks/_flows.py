@@ -89,7 +89,7 @@ def log_calls(blocks: int, per_block: int) -> dict[str, float]:
 
     Blocks alternate between the two, so drift and noise hit both sides alike.
     """
-    from prefect_ws.log_handler import PrefectWsHandler
+    from prefect_ws.publish.log_handler import PrefectWsHandler
 
     logger = get_run_logger()
     run_logger = logging.getLogger("prefect.task_runs")

@@ -20,7 +20,7 @@ import sys
 import time
 import uuid
 
-from prefect_ws.publisher import get_publisher
+from prefect_ws.publish.publisher import get_publisher
 
 
 def main() -> None:

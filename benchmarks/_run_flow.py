@@ -51,7 +51,7 @@ def main() -> None:
 
 def _publisher_stats() -> dict[str, float]:
     """Events prefect-ws published and in how many round trips (batches), if it ran at all."""
-    publisher = sys.modules.get("prefect_ws.publisher")
+    publisher = sys.modules.get("prefect_ws.publish.publisher")
     running = getattr(publisher, "_publisher", None)
     if running is None:
         return {}

@@ -1,7 +1,7 @@
 """One server process for the benchmarks: ``python benchmarks/_serve.py --port P --mode MODE``.
 
 Modes:
-- ``prefect-ws``: the app as ``prefect-ws serve`` runs it (``prefect_ws.server.uvicorn_config``);
+- ``prefect-ws``: the app as ``prefect-ws serve`` runs it (``uvicorn_config``);
 - ``uvicorn-defaults``: the same app under uvicorn's defaults (``ws=auto``, permessage-deflate on),
   the comparison the connections benchmark asks for;
 - ``naive``: ``naive_server.py``, one broadcaster subscription and one unbounded queue per client.
@@ -55,11 +55,11 @@ def main() -> None:
         "loop": args.loop,
     }
     if args.mode == "prefect-ws":
-        from prefect_ws.server import uvicorn_config
+        from prefect_ws.server.uvicorn.config import uvicorn_config
 
         config = uvicorn_config(settings, **common)
     elif args.mode == "uvicorn-defaults":
-        from prefect_ws.app import create_app
+        from prefect_ws.server.app import create_app
 
         config = uvicorn.Config(create_app(settings), **common)
     else:

@@ -2,7 +2,7 @@
 
     .venv/bin/python benchmarks/bench_encode.py [--quick] [--repeats 7]
 
-Micro-benchmark, one process, no server. ``prefect_ws.events.encode`` is called as it is (its
+Micro-benchmark, one process, no server. ``events.encode`` is called as it is (its
 ``_dumps`` is ``orjson.dumps(..., default=str, option=OPT_NON_STR_KEYS).decode()`` since this
 benchmark showed it pays) and as an exact copy of the same function whose ``_dumps`` is the
 standard library's ``json.dumps(separators=(",", ":"), ensure_ascii=False, default=str)``, as
@@ -27,7 +27,7 @@ from typing import Any
 
 from _common import median, print_table, write_results
 
-from prefect_ws import events
+from prefect_ws.protocol import events
 
 RUN_ID = "0b5e6f8e-6a53-4c2e-9a1b-2f0a3c4d5e6f"
 

@@ -20,8 +20,8 @@ from starlette.applications import Starlette
 from starlette.routing import WebSocketRoute
 from starlette.websockets import WebSocket
 
+from prefect_ws.backends import RESYNC, create_transport
 from prefect_ws.settings import Settings
-from prefect_ws.transport import RESYNC, create_transport
 
 _FINAL = '{"v":1,"type":"run_complete"'
 

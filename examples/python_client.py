@@ -12,7 +12,7 @@ a nutshell (docs/clients.md):
 - on any other close or a dropped connection, reconnect with ``since=<last seq>``: the server
   replays exactly what you missed, nothing twice.
 
-``prefect_ws.client.follow`` does the same in a library; this file shows there is no magic.
+``prefect_ws.clients.follow`` does the same in a library; this file shows there is no magic.
 """
 
 from __future__ import annotations

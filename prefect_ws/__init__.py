@@ -5,13 +5,13 @@ Publishing side: :func:`flow` and :func:`task` (drop-in Prefect decorators), :fu
 Python and shell steps run as Prefect flows): :func:`run_workflow`, :class:`Workflow`.
 """
 
-from prefect_ws.app import create_app
-from prefect_ws.auth import mint_token
-from prefect_ws.decorators import flow, stream, task
-from prefect_ws.events import EVENT_TYPES, Draft, Frame, encode
-from prefect_ws.hooks import flow_hooks, task_hooks
-from prefect_ws.log_handler import PrefectWsHandler, install_log_handler
-from prefect_ws.publisher import Publisher, get_publisher
+from prefect_ws.protocol.events import EVENT_TYPES, Draft, Frame, encode
+from prefect_ws.publish.decorators import flow, stream, task
+from prefect_ws.publish.hooks import flow_hooks, task_hooks
+from prefect_ws.publish.log_handler import PrefectWsHandler, install_log_handler
+from prefect_ws.publish.publisher import Publisher, get_publisher
+from prefect_ws.server.app import create_app
+from prefect_ws.server.security.auth import mint_token
 from prefect_ws.settings import Settings, get_settings
 from prefect_ws.workflow import Workflow, WorkflowError, WorkflowRun, load_workflow, run_workflow
 

@@ -173,7 +173,7 @@ def redis_prefix() -> str:
 @pytest.fixture(autouse=True)
 def _fresh_publisher() -> Iterator[None]:
     """Each test gets a publisher built from the settings it sets."""
-    from prefect_ws.publisher import reset_publisher
+    from prefect_ws.publish.publisher import reset_publisher
 
     reset_publisher()
     yield

@@ -21,9 +21,9 @@ import httpx
 from websockets.asyncio.client import connect
 from websockets.exceptions import ConnectionClosed
 
-from prefect_ws.events import Draft, encode, frame_from_text
+from prefect_ws.backends import RedisBackend
+from prefect_ws.protocol.events import Draft, encode, frame_from_text
 from prefect_ws.settings import Settings
-from prefect_ws.transport import RedisBackend
 
 VENV_BIN = Path(sys.executable).parent
 
@@ -327,7 +327,7 @@ def serve_app(settings: Settings) -> Iterator[tuple[str, Any]]:
     import uvicorn
     from conftest import free_port
 
-    from prefect_ws.server import uvicorn_config
+    from prefect_ws.server.uvicorn.config import uvicorn_config
 
     port = free_port()
     config = uvicorn_config(settings, host="127.0.0.1", port=port)

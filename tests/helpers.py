@@ -167,7 +167,7 @@ def redis_history(
     redis_url: str, prefix: str, run_id: str, limit: int = 100_000
 ) -> list[dict[str, Any]]:
     """Every stored event of a run, read straight from Redis."""
-    from prefect_ws.transport import RedisBackend
+    from prefect_ws.backends import RedisBackend
 
     async def read() -> list[str]:
         backend = RedisBackend(redis_url, prefix=prefix)

@@ -20,9 +20,9 @@ from referencing import Registry, Resource
 from referencing.jsonschema import DRAFT202012
 from sample_flows import four_steps
 
-from prefect_ws import closecodes
-from prefect_ws.events import EVENT_TYPES
-from prefect_ws.server import serve_in_thread
+from prefect_ws.protocol import closecodes
+from prefect_ws.protocol.events import EVENT_TYPES
+from prefect_ws.server.uvicorn.config import serve_in_thread
 from prefect_ws.settings import Settings
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -128,7 +128,7 @@ def _run_failing_workflow(base: str, settings: Settings) -> str:
         "PREFECT_WS_REDIS_PREFIX": settings.redis_prefix,
     }
     done = subprocess.run(
-        [sys.executable, "-c", "from prefect_ws.cli import main; main()", "run",
+        [sys.executable, "-c", "from prefect_ws.cli.main import main; main()", "run",
          "examples/failing.yaml", "--url", base],
         cwd=ROOT, env=env, capture_output=True, text=True, timeout=120,
     )  # fmt: skip

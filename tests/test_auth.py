@@ -16,7 +16,8 @@ from test_hostile import Server, publish_run, read_stream, refusal, stream_url
 from typer.testing import CliRunner
 from websockets.asyncio.client import connect
 
-from prefect_ws.auth import (
+from prefect_ws.cli.main import app as cli
+from prefect_ws.server.security.auth import (
     ADMIN_SCOPE,
     Authenticator,
     AuthError,
@@ -28,8 +29,7 @@ from prefect_ws.auth import (
     strip_credentials,
     verify_token,
 )
-from prefect_ws.cli import app as cli
-from prefect_ws.server import serve_in_thread
+from prefect_ws.server.uvicorn.config import serve_in_thread
 from prefect_ws.settings import Settings
 
 SECRET = "auth-test-secret"

@@ -10,8 +10,8 @@ import pytest
 from prefect import get_run_logger
 
 import prefect_ws
-from prefect_ws.publisher import reset_publisher
-from prefect_ws.transport import MemoryBackend
+from prefect_ws.backends import MemoryBackend
+from prefect_ws.publish.publisher import reset_publisher
 
 
 def test_every_decorator_form_returns_prefect_objects_with_our_hooks() -> None:

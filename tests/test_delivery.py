@@ -37,8 +37,8 @@ from delivery_support import (
 from websockets.asyncio.client import connect
 from websockets.exceptions import ConnectionClosed
 
+from prefect_ws.backends import RedisBackend
 from prefect_ws.settings import Settings
-from prefect_ws.transport import RedisBackend
 
 
 async def _race(

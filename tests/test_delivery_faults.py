@@ -37,8 +37,8 @@ from delivery_support import (
 from websockets.asyncio.client import connect
 from websockets.exceptions import ConnectionClosed
 
-from prefect_ws.client import follow_messages
-from prefect_ws.publisher import Publisher
+from prefect_ws.clients.follow import follow_messages
+from prefect_ws.publish.publisher import Publisher
 
 
 @pytest.mark.timeout(120)
@@ -368,7 +368,7 @@ def test_server_killed_clients_resume_on_another_replica(redis_url: str, redis_p
 
 PUBLISHER_SCRIPT = """
 import json, sys, time
-from prefect_ws.publisher import Publisher
+from prefect_ws.publish.publisher import Publisher
 from prefect_ws.settings import Settings
 
 run_id, tag, count, completes = sys.argv[1], sys.argv[2], int(sys.argv[3]), sys.argv[4] == "1"
@@ -625,8 +625,8 @@ def test_a_batch_sent_again_after_a_lost_reply_is_stored_once(
     redis_url: str, redis_prefix: str
 ) -> None:
     """The publisher retries a batch whose reply it lost; the script must not store it twice."""
-    from prefect_ws.events import encode
-    from prefect_ws.transport.base import Batch
+    from prefect_ws.backends.base import Batch
+    from prefect_ws.protocol.events import encode
 
     settings = settings_for(redis_url, redis_prefix)
 

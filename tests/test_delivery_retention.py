@@ -12,7 +12,7 @@ import pytest
 import redis
 from delivery_support import http_base, new_run_id, redis_backend, serve_app, settings_for
 
-from prefect_ws.events import encode
+from prefect_ws.protocol.events import encode
 from prefect_ws.settings import Settings
 
 

@@ -9,8 +9,8 @@ import pytest
 from helpers import StreamRecorder, assert_run_sequence, create_flow_run, stream_path
 from sample_flows import FOUR_STEPS_LOGS, four_steps
 
-from prefect_ws.publisher import reset_publisher
-from prefect_ws.server import serve_in_thread
+from prefect_ws.publish.publisher import reset_publisher
+from prefect_ws.server.uvicorn.config import serve_in_thread
 from prefect_ws.settings import Settings
 
 

@@ -14,7 +14,7 @@ from helpers import (
 )
 from sample_flows import FOUR_STEPS_LOGS, four_steps
 
-from prefect_ws.server import serve_in_thread
+from prefect_ws.server.uvicorn.config import serve_in_thread
 from prefect_ws.settings import Settings
 
 

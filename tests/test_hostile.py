@@ -21,10 +21,10 @@ from helpers import emit_small_run
 from websockets.asyncio.client import connect
 from websockets.exceptions import ConnectionClosed, InvalidStatus
 
-from prefect_ws.auth import mint_token
-from prefect_ws.events import EVENT_TYPES
-from prefect_ws.publisher import Publisher
-from prefect_ws.server import serve_in_thread
+from prefect_ws.protocol.events import EVENT_TYPES
+from prefect_ws.publish.publisher import Publisher
+from prefect_ws.server.security.auth import mint_token
+from prefect_ws.server.uvicorn.config import serve_in_thread
 from prefect_ws.settings import Settings
 
 SECRET = "hostile-test-secret"

@@ -12,9 +12,9 @@ from prometheus_client.parser import text_string_to_metric_families
 from test_hostile import ADMIN, KEYS, WAIT, read_stream, refusal, stream_url
 from websockets.asyncio.client import connect
 
-from prefect_ws.metrics import LATENCY_SAMPLE
-from prefect_ws.publisher import Publisher
-from prefect_ws.server import serve_in_thread
+from prefect_ws.publish.publisher import Publisher
+from prefect_ws.server.metrics import LATENCY_SAMPLE
+from prefect_ws.server.uvicorn.config import serve_in_thread
 from prefect_ws.settings import Settings
 
 pytestmark = pytest.mark.anyio

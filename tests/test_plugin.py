@@ -69,7 +69,7 @@ def test_without_the_plugin_switch_nothing_is_streamed(
 
 
 def test_plugin_leaves_a_users_own_logging_config_alone(tmp_path: Path) -> None:
-    from prefect_ws import plugin
+    from prefect_ws.publish import plugin
 
     (tmp_path / "logging.yml").write_text("version: 1\n")
     old = os.environ.get("PREFECT_HOME")

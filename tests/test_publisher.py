@@ -11,7 +11,7 @@ from conftest import free_port
 from helpers import redis_history
 from sample_flows import four_steps
 
-from prefect_ws.publisher import Publisher, reset_publisher
+from prefect_ws.publish.publisher import Publisher, reset_publisher
 from prefect_ws.settings import Settings
 
 RUN = "7d0e9a3e-0b7a-4d43-8d5b-6f3f2a8e1c01"

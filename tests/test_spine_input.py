@@ -19,10 +19,10 @@ from helpers import stream_path
 from websockets.asyncio.client import connect
 from websockets.exceptions import ConnectionClosed, InvalidStatus
 
-from prefect_ws.events import encode
-from prefect_ws.server import serve_in_thread
+from prefect_ws.backends import RedisBackend
+from prefect_ws.protocol.events import encode
+from prefect_ws.server.uvicorn.config import serve_in_thread
 from prefect_ws.settings import Settings
-from prefect_ws.transport import RedisBackend
 
 RUN = "5f0c7c8e-4a55-4c0e-9f41-3b2b2a7d6e10"
 
@@ -104,7 +104,7 @@ def test_server_with_unreachable_redis_says_so_and_reports_unhealthy() -> None:
         [
             sys.executable,
             "-m",
-            "prefect_ws.cli",
+            "prefect_ws.cli.main",
             "serve",
             "--port",
             str(port),
@@ -149,7 +149,7 @@ def test_server_with_unreachable_redis_says_so_and_reports_unhealthy() -> None:
 def test_bad_settings_are_refused_with_a_clear_message(env: dict[str, str], message: str) -> None:
     # No --port flag: a flag would take precedence over the bad environment value.
     result = subprocess.run(
-        [sys.executable, "-m", "prefect_ws.cli", "serve"],
+        [sys.executable, "-m", "prefect_ws.cli.main", "serve"],
         env={**os.environ, **env},
         capture_output=True,
         text=True,

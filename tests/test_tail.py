@@ -22,9 +22,9 @@ from helpers import (
 from sample_flows import FOUR_STEPS_LOGS, four_steps
 from typer.testing import CliRunner
 
-from prefect_ws.auth import mint_token
-from prefect_ws.cli import app
-from prefect_ws.server import serve_in_thread
+from prefect_ws.cli.main import app
+from prefect_ws.server.security.auth import mint_token
+from prefect_ws.server.uvicorn.config import serve_in_thread
 from prefect_ws.settings import Settings
 
 PREFECT_WS = str(Path(sys.executable).parent / "prefect-ws")

@@ -108,7 +108,7 @@ def test_plain_http_to_the_tls_port_gets_no_stream(tls_server: str) -> None:
 def test_serve_needs_both_tls_files() -> None:
     from typer.testing import CliRunner
 
-    from prefect_ws.cli import app
+    from prefect_ws.cli.main import app
 
     result = CliRunner().invoke(app, ["serve", "--port", "1", "--ssl-certfile", "cert.pem"])
     assert result.exit_code == 2

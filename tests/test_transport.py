@@ -10,9 +10,9 @@ import threading
 import pytest
 import redis as redis_sync
 
-from prefect_ws.events import encode, frames_from_message
+from prefect_ws.backends import RESYNC, MemoryBackend, RedisBackend, create_transport
+from prefect_ws.protocol.events import encode, frames_from_message
 from prefect_ws.settings import Settings
-from prefect_ws.transport import RESYNC, MemoryBackend, RedisBackend, create_transport
 
 RUN = "2b6f0a64-3b0c-4c39-9b39-0d1f7c1f5e11"
 

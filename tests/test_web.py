@@ -22,7 +22,7 @@ import yaml
 from helpers import stream_path
 from websockets.asyncio.client import connect
 
-from prefect_ws.server import serve_in_thread
+from prefect_ws.server.uvicorn.config import serve_in_thread
 from prefect_ws.settings import Settings
 
 CHROMIUM = Path("/usr/bin/chromium")
@@ -367,7 +367,7 @@ def test_unknown_and_malformed_run_ids_and_hostile_page_urls(server: str, page: 
 
 
 def test_refused_access_is_explained(prefect_api: str, page: Any) -> None:
-    from prefect_ws.auth import mint_token
+    from prefect_ws.server.security.auth import mint_token
 
     secret = "web-" + uuid.uuid4().hex
     settings = Settings(broadcast_url="memory://", log_level="WARNING", token_secret=secret)
@@ -484,8 +484,8 @@ def test_a_long_run_replays_quickly_and_completely(server: str, page: Any) -> No
     """5,000 log lines replayed into the page: all of them, in order, in bounded time."""
     import time
 
-    from prefect_ws.events import encode
-    from prefect_ws.transport.memory import MemoryBackend
+    from prefect_ws.backends.memory import MemoryBackend
+    from prefect_ws.protocol.events import encode
 
     run_id, lines = str(uuid.uuid4()), 5000
 
@@ -529,8 +529,8 @@ def test_runs_list_over_redis_is_newest_first_with_status_and_capped(
     """The index's JSON over redis://: the publish script keeps a capped recent-runs set."""
     import redis as redis_sync
 
-    from prefect_ws.events import encode
-    from prefect_ws.transport.redis import RedisBackend
+    from prefect_ws.backends.redis import RedisBackend
+    from prefect_ws.protocol.events import encode
 
     settings = Settings(broadcast_url=redis_url, redis_prefix=redis_prefix, log_level="WARNING")
     finished, running = str(uuid.uuid4()), str(uuid.uuid4())

@@ -1,4 +1,4 @@
-"""Pre-built WebSocket frames (prefect_ws.wire): each event framed once, batches written at once.
+"""Pre-built WebSocket frames (protocol.frames): each event framed once, batches written at once.
 
 The frames must be exactly what a WebSocket library would have sent, at every length encoding,
 and a server without the extension (another ASGI server, or uvicorn's own protocol) must stream
@@ -18,10 +18,10 @@ from websockets.exceptions import ConnectionClosed
 from websockets.frames import OP_TEXT, Frame
 from websockets.streams import StreamReader
 
-from prefect_ws.publisher import Publisher
-from prefect_ws.server import serve_in_thread
+from prefect_ws.protocol.frames import coalesce, text_frame
+from prefect_ws.publish.publisher import Publisher
+from prefect_ws.server.uvicorn.config import serve_in_thread
 from prefect_ws.settings import Settings
-from prefect_ws.wire import coalesce, text_frame
 
 SIZES = [0, 1, 125, 126, 127, 65535, 65536, 70_000]
 
@@ -116,14 +116,14 @@ def test_live_and_replayed_streams_carry_every_size_intact(
 
 
 def test_an_open_connection_keeps_nothing_of_its_handshake_and_still_reads_frames() -> None:
-    """The lean protocol (prefect_ws.wsprotocol): after the 101 the request, the response and
+    """The lean protocol (server.uvicorn.wsprotocol): after the 101 the request, the response and
     the handshake parser are gone, and the frame parser that replaced it answers pings and
     reads client frames (an oversized one closes 1009)."""
     import gc
 
     from websockets.http11 import Request
 
-    from prefect_ws.wsprotocol import Inbox, PrefectWsProtocol, Writable
+    from prefect_ws.server.uvicorn.wsprotocol import Inbox, PrefectWsProtocol, Writable
 
     settings = Settings(broadcast_url="memory://", max_inbound_bytes=1024)
 

@@ -16,12 +16,12 @@ import pytest
 from helpers import assert_run_sequence, stream_path
 from test_workflow_runs import LiveClient, by_step, seconds
 
-from prefect_ws.client import stream_url
-from prefect_ws.server import serve_in_thread
+from prefect_ws.clients.follow import stream_url
+from prefect_ws.server.uvicorn.config import serve_in_thread
 from prefect_ws.settings import Settings
 
 ROOT = Path(__file__).resolve().parent.parent
-CLI = [sys.executable, "-c", "from prefect_ws.cli import main; main()"]
+CLI = [sys.executable, "-c", "from prefect_ws.cli.main import main; main()"]
 DIAMOND_LOGS = {
     "extract": ["extracting 10 rows", "extracted 10 rows"],
     "transform_sum": ["summing 10 values", "sum is 453"],

@@ -22,7 +22,7 @@ import pytest
 from helpers import assert_run_sequence, stream_path
 from websockets.asyncio.client import connect
 
-from prefect_ws.server import serve_in_thread
+from prefect_ws.server.uvicorn.config import serve_in_thread
 from prefect_ws.settings import Settings
 from prefect_ws.workflow import WorkflowRun, dag, run_workflow
 

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-from prefect_ws.cli import app
+from prefect_ws.cli.main import app
 from prefect_ws.workflow import Workflow, WorkflowError, dag, load_workflow, parse_param_assignments
 from prefect_ws.workflow.loader import MAX_FILE_BYTES
 
@@ -370,7 +370,7 @@ def test_cli_bad_input_creates_no_flow_run(prefect_api: str, folder: Path) -> No
         (_write(folder, "id: wf\nsteps:\n  - {id: a, run: 'gone_mod:f'}\n", "u.yaml"), []),
         (EXAMPLES / "diamond.yaml", ["--param", "rows=[1"]),
     ]
-    command = [sys.executable, "-c", "from prefect_ws.cli import main; main()", "run"]
+    command = [sys.executable, "-c", "from prefect_ws.cli.main import main; main()", "run"]
     for path, args in cases:
         done = subprocess.run(
             [*command, str(path), *args], capture_output=True, text=True, timeout=60

@@ -36,7 +36,7 @@ def _stream_base(settings: Settings, url: str | None) -> Iterator[str]:
         yield url.rstrip("/")
         return
     if settings.broadcast_url.startswith("memory://"):
-        from prefect_ws.server import serve_in_thread
+        from prefect_ws.server.uvicorn.config import serve_in_thread
 
         quiet = settings.model_copy(update={"log_level": "WARNING"})
         with serve_in_thread(quiet, host=settings.host) as base:
@@ -60,7 +60,7 @@ def run_command(
         _error(str(exc))
         return EXIT_INVALID
 
-    from prefect_ws.client import follow, stream_url
+    from prefect_ws.clients.follow import follow, stream_url
     from prefect_ws.workflow.runner import run_workflow
 
     watcher: threading.Thread | None = None
@@ -100,7 +100,7 @@ def run_command(
 async def _watch(events: Any) -> None:
     from rich.console import Console
 
-    from prefect_ws.console import render_event
+    from prefect_ws.clients.console import render_event
 
     console = Console(highlight=False, soft_wrap=True)
     with contextlib.suppress(Exception):

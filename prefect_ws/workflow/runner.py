@@ -29,10 +29,10 @@ from prefect.cache_policies import NO_CACHE
 from prefect.futures import PrefectFuture, as_completed
 from prefect.task_runners import ThreadPoolTaskRunner
 
-from prefect_ws.decorators import flow as ws_flow
-from prefect_ws.decorators import task as ws_task
-from prefect_ws.hooks import record_step_outcome
-from prefect_ws.publisher import get_publisher
+from prefect_ws.publish.decorators import flow as ws_flow
+from prefect_ws.publish.decorators import task as ws_task
+from prefect_ws.publish.hooks import record_step_outcome
+from prefect_ws.publish.publisher import get_publisher
 from prefect_ws.workflow import dag
 from prefect_ws.workflow.loader import (
     PARAMETERS_ARG,

@@ -1,0 +1,53 @@
+"""Transport: broadcaster's ``Broadcast`` over prefect-ws backends (``memory://``, ``redis://``)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from broadcaster import Broadcast
+
+from prefect_ws.backends.base import RESYNC, RunInfo, StreamBackend
+from prefect_ws.backends.memory import MemoryBackend
+from prefect_ws.backends.redis import RedisBackend
+from prefect_ws.settings import Settings
+
+__all__ = [
+    "RESYNC",
+    "MemoryBackend",
+    "RedisBackend",
+    "RunInfo",
+    "StreamBackend",
+    "Transport",
+    "create_transport",
+]
+
+
+@dataclass(frozen=True)
+class Transport:
+    """``broadcast`` for publish/subscribe, ``backend`` for history and health."""
+
+    broadcast: Broadcast
+    backend: StreamBackend
+
+    @property
+    def url_kind(self) -> str:
+        return self.backend.name
+
+
+def create_backend(settings: Settings) -> StreamBackend:
+    url = settings.broadcast_url
+    if url.startswith("memory://"):
+        return MemoryBackend(
+            url, history_maxlen=settings.history_maxlen, max_runs=settings.memory_max_runs
+        )
+    return RedisBackend(
+        url,
+        prefix=settings.redis_prefix,
+        history_maxlen=settings.history_maxlen,
+        history_ttl_seconds=settings.history_ttl_seconds,
+    )
+
+
+def create_transport(settings: Settings) -> Transport:
+    backend = create_backend(settings)
+    return Transport(broadcast=Broadcast(backend=backend), backend=backend)

@@ -1,0 +1,90 @@
+"""What prefect-ws needs from a transport, beyond broadcaster's publish/subscribe.
+
+A backend is a :class:`broadcaster.BroadcastBackend` whose channels are run ids. ``publish`` takes
+a list of :class:`Draft` (one run's events, in order), assigns each its ``seq``
+atomically, stores it in the run's capped history and publishes the finished events as one
+message, one event per line. Subscribers receive those lines, plus an empty message
+(:data:`RESYNC`) each time the backend (re)subscribes to a channel: events may have been missed
+before that point, so the hub reconciles its clients from history.
+"""
+
+from __future__ import annotations
+
+from abc import abstractmethod
+from dataclasses import dataclass
+from typing import Final
+
+from broadcaster import BroadcastBackend
+
+from prefect_ws.protocol.events import Draft
+
+RESYNC: Final = ""
+
+
+class StreamBackend(BroadcastBackend):
+    """A broadcaster backend with ordered, per-run history."""
+
+    name: str = "backend"
+
+    @abstractmethod
+    async def history(self, run_id: str, after: int, limit: int) -> list[str]:
+        """Up to ``limit`` stored events of the run with ``seq > after``, in ``seq`` order."""
+
+    @abstractmethod
+    async def info(self, run_id: str) -> RunInfo:
+        """Where the run's stored history stands (all zeros/None for a run never seen)."""
+
+    def is_live(self, channel: str) -> bool:
+        """True once the backend is subscribed to ``channel`` and delivering it.
+
+        The hub asks right after subscribing: the backend's RESYNC for a subscription confirmed
+        while broadcaster was still registering the subscriber's queue is dropped by broadcaster.
+        """
+        return False
+
+    @abstractmethod
+    async def ping(self) -> None:
+        """Return if the backend answers; raise otherwise."""
+
+    async def recent_runs(self, limit: int) -> list[RecentRun]:
+        """The runs that published most recently, newest first (for the index page).
+
+        Not abstract so that a backend without a run index still serves streams.
+        """
+        return []
+
+
+class Batch(list[Draft]):
+    """Drafts published together. ``key`` = (publisher id, batch number, increasing per
+    publisher) lets a backend store a batch once when the publisher retries it after losing
+    the reply (the script ran, the connection died). Plain lists are published as they come."""
+
+    key: tuple[str, int] | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class RecentRun:
+    """A run in the recent-runs index: when it last published and its newest ``seq``."""
+
+    run_id: str
+    updated: float  # epoch seconds of its last published batch
+    head_seq: int
+
+
+@dataclass(frozen=True, slots=True)
+class RunInfo:
+    """A run's stored history: newest ``seq`` issued, oldest retained, and the newest event."""
+
+    head: int  # 0: no event was ever stored (or the run's keys expired)
+    first: int | None  # oldest seq still retained; None when nothing is retained
+    last: str | None  # the newest retained event's text
+
+    @property
+    def known(self) -> bool:
+        return self.head > 0
+
+    def missing_after(self, since: int) -> bool:
+        """True when events after ``since`` were issued but are no longer retained."""
+        if self.head <= since:
+            return False
+        return self.first is None or self.first > since + 1

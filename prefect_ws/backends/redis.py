@@ -1,0 +1,320 @@
+"""``redis://``: many flow processes, many server replicas.
+
+broadcaster 0.3.1 ships a Redis backend that delivers nothing with redis-py 8 (it wakes its
+listener before SUBSCRIBE is registered), never reconnects and dies silently on a bad payload.
+This one:
+
+- publishes with one Lua script per batch: ``INCRBY`` the run's sequence, ``XADD`` each event to
+  the run's capped stream under the id ``<seq>-0`` (so history is a ``seq`` range), ``PUBLISH`` the
+  batch, and refresh both keys' TTL. Any number of publishers agree on one order;
+- listens on one pub/sub connection per process and, after any connection loss, reconnects with
+  backoff, resubscribes every channel and emits :data:`RESYNC` for each, so the hub replays what
+  was missed from the stream;
+- never raises out of ``next_published``, so broadcaster's listener task never dies.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import Awaitable, Callable
+from typing import Any, Final, TypeVar
+
+import redis.asyncio as aioredis
+from broadcaster import Event
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import MaxConnectionsError, RedisError
+
+from prefect_ws.backends.base import RESYNC, RecentRun, RunInfo, StreamBackend
+from prefect_ws.protocol.events import Draft
+
+logger = logging.getLogger("prefect_ws.transport")
+
+# KEYS[1] sequence counter, KEYS[2] history stream, KEYS[3] recent-runs index (sorted set).
+# ARGV[1] pub/sub channel, ARGV[2] MAXLEN, ARGV[3] TTL seconds, then (head, tail) pairs.
+PUBLISH_SCRIPT: Final = """
+if ARGV[4] ~= '' then
+  -- A batch a publisher sends again (its reply was lost) is stored once: KEYS[4] maps each
+  -- publisher id to the number of its newest stored batch for this run.
+  local stored = tonumber(redis.call('HGET', KEYS[4], ARGV[4]) or '0')
+  if stored >= tonumber(ARGV[5]) then
+    return tonumber(redis.call('GET', KEYS[1]) or '0')
+  end
+  redis.call('HSET', KEYS[4], ARGV[4], ARGV[5])
+  redis.call('EXPIRE', KEYS[4], ARGV[3])
+end
+local n = (#ARGV - 5) / 2
+local last = redis.call('INCRBY', KEYS[1], n)
+local seq = last - n
+local out = {}
+for i = 0, n - 1 do
+  seq = seq + 1
+  local text = ARGV[6 + 2 * i] .. seq .. ARGV[7 + 2 * i]
+  redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[2], seq .. '-0', 'd', text)
+  out[i + 1] = text
+end
+redis.call('PUBLISH', ARGV[1], table.concat(out, '\\n'))
+redis.call('EXPIRE', KEYS[1], ARGV[3])
+redis.call('EXPIRE', KEYS[2], ARGV[3])
+if KEYS[3] then
+  local now = redis.call('TIME')
+  redis.call('ZADD', KEYS[3], now[1] + now[2] / 1000000, ARGV[1])
+  redis.call('ZREMRANGEBYRANK', KEYS[3], 0, -1001)  -- keep the newest 1000 runs
+  redis.call('EXPIRE', KEYS[3], ARGV[3])
+end
+return last
+"""
+
+_NETWORK_ERRORS = (RedisError, OSError, asyncio.TimeoutError)
+T = TypeVar("T")
+
+
+class RedisBackend(StreamBackend):
+    name = "redis"
+
+    def __init__(
+        self,
+        url: str,
+        *,
+        prefix: str = "prefect-ws",
+        history_maxlen: int = 110_000,
+        history_ttl_seconds: int = 86_400,
+        reconnect_max_delay: float = 2.0,
+    ) -> None:
+        self._url = url
+        self._prefix = prefix
+        self._maxlen = history_maxlen
+        self._ttl = history_ttl_seconds
+        self._reconnect_max_delay = reconnect_max_delay
+        options: dict[str, Any] = {"socket_connect_timeout": 2.0, "health_check_interval": 10}
+        # Commands wait for a free connection rather than fail when many clients replay at
+        # once (the default pool raises MaxConnectionsError past 100 concurrent commands).
+        pool = aioredis.BlockingConnectionPool.from_url(
+            url, max_connections=100, timeout=60.0, socket_timeout=5.0, **options
+        )
+        self._redis = aioredis.Redis.from_pool(pool)
+        # Pub/sub gets a pool of its own: resetting the command pool must not cut the listener.
+        self._pubsub_redis = aioredis.Redis.from_url(url, **options)
+        self._script = self._redis.register_script(PUBLISH_SCRIPT)
+        self._channels: set[str] = set()
+        self._confirmed: set[str] = set()  # channels Redis confirmed on the current connection
+        self._anchor = f"{prefix}:listener".encode()
+        self._pubsub: Any = None
+        self._queue: asyncio.Queue[Event] = asyncio.Queue()
+        self._started = asyncio.Event()  # set at the first subscribe: publishers never listen
+        self._reconnect = asyncio.Event()
+        self._listener: asyncio.Task[None] | None = None
+        self.reconnects = 0
+
+    # Key layout: the run id is a hash tag, so a run's keys share a Redis Cluster slot.
+    def channel_name(self, run_id: str) -> str:
+        return f"{self._prefix}:{{{run_id}}}"
+
+    def _keys(self, run_id: str) -> tuple[str, str]:
+        return f"{self._prefix}:{{{run_id}}}:seq", f"{self._prefix}:{{{run_id}}}:events"
+
+    async def connect(self) -> None:
+        self._queue = asyncio.Queue()
+        self._started = asyncio.Event()
+        if self._channels:
+            self._started.set()
+        self._listener = asyncio.create_task(self._listen(), name="prefect-ws redis listener")
+
+    async def disconnect(self) -> None:
+        if self._listener is not None:
+            self._listener.cancel()
+            await asyncio.gather(self._listener, return_exceptions=True)
+            self._listener = None
+        await self._close_pubsub()
+        await self._redis.aclose()
+        await self._pubsub_redis.aclose()
+
+    async def subscribe(self, channel: str) -> None:
+        self._channels.add(channel)
+        self._started.set()
+        await self._pubsub_command("subscribe", channel)
+
+    def is_live(self, channel: str) -> bool:
+        return channel in self._confirmed
+
+    async def unsubscribe(self, channel: str) -> None:
+        self._channels.discard(channel)
+        self._confirmed.discard(channel)
+        await self._pubsub_command("unsubscribe", channel)
+
+    async def _pubsub_command(self, command: str, channel: str) -> None:
+        """(UN)SUBSCRIBE on the listener's connection; on any failure, make it reconnect.
+
+        The listener resubscribes every channel when it reconnects, so a lost command costs
+        a RESYNC, never a stuck subscription.
+        """
+        pubsub = self._pubsub
+        if pubsub is None:
+            return  # not connected: the listener subscribes self._channels when it is
+        try:
+            await asyncio.wait_for(getattr(pubsub, command)(self.channel_name(channel)), 5.0)
+        except Exception as exc:
+            logger.warning("Redis %s of run %s failed (%r); reconnecting", command, channel, exc)
+            self._reconnect.set()
+
+    async def publish(self, channel: str, message: Any) -> None:
+        drafts: list[Draft] = message
+        if not drafts:
+            return
+        key: tuple[str, int] | None = getattr(message, "key", None)  # see Batch
+        args: list[Any] = [self.channel_name(channel), self._maxlen, self._ttl]
+        args += [key[0], key[1]] if key is not None else ["", 0]
+        for draft in drafts:
+            args.append(draft.head)
+            args.append(draft.tail)
+        keys = [*self._keys(channel), self._recent_key, f"{self._prefix}:{{{channel}}}:batches"]
+        await self._once_more_on_stale_connection(lambda: self._script(keys=keys, args=args))
+
+    async def next_published(self) -> Event:
+        return await self._queue.get()
+
+    async def history(self, run_id: str, after: int, limit: int) -> list[str]:
+        _, stream = self._keys(run_id)
+        entries: Any = await self._once_more_on_stale_connection(
+            lambda: self._redis.xrange(stream, min=f"{after + 1}-0", max="+", count=limit)
+        )
+        return [fields[b"d"].decode("utf-8", "replace") for _, fields in entries]
+
+    async def info(self, run_id: str) -> RunInfo:
+        seq_key, stream = self._keys(run_id)
+
+        async def read() -> list[Any]:
+            async with self._redis.pipeline(transaction=False) as pipe:
+                pipe.get(seq_key)
+                pipe.xrange(stream, count=1)
+                pipe.xrevrange(stream, count=1)
+                return list(await pipe.execute())
+
+        head, first, last = await self._once_more_on_stale_connection(read)
+        return RunInfo(
+            head=int(head or 0),
+            first=int(first[0][0].split(b"-")[0]) if first else None,
+            last=last[0][1][b"d"].decode("utf-8", "replace") if last else None,
+        )
+
+    async def ping(self) -> None:
+        await asyncio.wait_for(self._redis.ping(), timeout=2.0)
+
+    @property
+    def _recent_key(self) -> str:
+        return f"{self._prefix}:recent-runs"
+
+    async def recent_runs(self, limit: int) -> list[RecentRun]:
+        """Newest first, from the sorted set the publish script keeps (run channel -> last time)."""
+        if limit <= 0:
+            return []
+        members: Any = await self._redis.zrevrange(self._recent_key, 0, limit - 1, withscores=True)
+        channels = [member.decode("utf-8", "replace") for member, _ in members]
+        heads: Any = await self._redis.mget([f"{c}:seq" for c in channels]) if channels else []
+        return [
+            RecentRun(channel[len(self._prefix) + 2 : -1], float(score), int(head or 0))
+            for channel, (_, score), head in zip(channels, members, heads, strict=True)
+        ]
+
+    async def _once_more_on_stale_connection(self, command: Callable[[], Awaitable[T]]) -> T:
+        """Run a command; after a Redis restart the pooled connections are dead: retry once."""
+        try:
+            return await command()
+        except MaxConnectionsError:
+            raise
+        except (ConnectionError, RedisConnectionError):
+            # Only idle connections: in-use ones belong to other clients' commands, which
+            # cutting would fail in turn (and make them cut ours).
+            await self._redis.connection_pool.disconnect(inuse_connections=False)
+            return await command()
+
+    async def _open_pubsub(self) -> None:
+        """Connect and subscribe the anchor and every channel, then publish the connection.
+
+        Until the first command has connected it, a redis-py ``PubSub`` has no connection, and
+        a second command sent meanwhile opens another one: a SUBSCRIBE sent there is confirmed
+        on a socket nobody reads, and its run never went live (seen when a stream opened while
+        the listener was connecting). So (un)subscribes wait for ``self._pubsub`` to be set,
+        and what changed while connecting is applied right after.
+        """
+        pubsub = self._pubsub_redis.pubsub()
+        try:
+            wanted = set(self._channels)
+            await pubsub.subscribe(self._anchor, *(self.channel_name(c) for c in wanted))
+            while wanted != self._channels:
+                added, removed = self._channels - wanted, wanted - self._channels
+                wanted = set(self._channels)
+                if added:
+                    await pubsub.subscribe(*(self.channel_name(c) for c in added))
+                if removed:
+                    await pubsub.unsubscribe(*(self.channel_name(c) for c in removed))
+        except BaseException:
+            with contextlib.suppress(Exception):
+                await pubsub.aclose()
+            raise
+        self._pubsub = pubsub
+
+    async def _close_pubsub(self) -> None:
+        self._confirmed.clear()
+        pubsub, self._pubsub = self._pubsub, None
+        if pubsub is not None:
+            with contextlib.suppress(Exception):
+                await pubsub.aclose()
+
+    def _run_id_of(self, channel: bytes) -> str:
+        name = channel.decode("utf-8", "replace")
+        return name[len(self._prefix) + 2 : -1]
+
+    async def _listen(self) -> None:
+        """Deliver pub/sub messages; reconnect and resubscribe everything after any failure.
+
+        The connection also subscribes an anchor channel and keeps it, so redis-py never sees
+        the connection unsubscribed from everything: in that state its next SUBSCRIBE first
+        drains the socket for health-check replies and fails on a pending UNSUBSCRIBE reply,
+        which lost subscriptions under churn.
+        """
+        await self._started.wait()
+        delay = 0.05
+        outage = False
+        while True:
+            try:
+                self._reconnect.clear()
+                await self._open_pubsub()
+                pubsub = self._pubsub
+                while not self._reconnect.is_set():
+                    message = await pubsub.get_message(timeout=1.0)
+                    if message is None:
+                        continue
+                    if outage:
+                        logger.warning(
+                            "Redis pub/sub at %s is back; replaying missed events", self._url
+                        )
+                        outage, delay = False, 0.05
+                    kind = message["type"]
+                    if message["channel"] == self._anchor or kind not in ("message", "subscribe"):
+                        continue
+                    run_id = self._run_id_of(message["channel"])
+                    if kind == "message":
+                        text = message["data"].decode("utf-8", "replace")
+                        self._queue.put_nowait(Event(run_id, text))
+                    elif run_id in self._channels:
+                        self._confirmed.add(run_id)
+                        self._queue.put_nowait(Event(run_id, RESYNC))
+                await self._close_pubsub()
+            except asyncio.CancelledError:
+                raise
+            except _NETWORK_ERRORS as exc:
+                await self._close_pubsub()
+                if not outage:
+                    logger.warning(
+                        "Redis pub/sub at %s unreachable (%s); reconnecting", self._url, exc
+                    )
+                    outage = True
+                self.reconnects += 1
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, self._reconnect_max_delay)
+            except Exception:  # never let the process-wide listener die
+                logger.exception("Unexpected error in the Redis listener; restarting it")
+                await self._close_pubsub()
+                await asyncio.sleep(delay)

@@ -1,0 +1,1 @@
+"""The ``prefect-ws`` command: ``serve``, ``run``, ``tail``, ``token`` and ``demo``."""

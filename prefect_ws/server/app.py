@@ -1,0 +1,318 @@
+"""The serving side: a Starlette app with the stream endpoint and a health check."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+from collections.abc import AsyncIterator
+from typing import Any
+
+from redis.exceptions import RedisError
+from starlette.applications import Starlette
+from starlette.requests import HTTPConnection, Request
+from starlette.responses import JSONResponse, Response, StreamingResponse
+from starlette.routing import Route, WebSocketRoute
+from starlette.types import Receive, Scope, Send
+from starlette.websockets import WebSocket, WebSocketDisconnect
+
+from prefect_ws.backends import Transport, create_transport
+from prefect_ws.protocol import closecodes
+from prefect_ws.protocol.events import Frame, frame_from_text
+from prefect_ws.protocol.frames import FRAMES_EXTENSION, coalesce
+from prefect_ws.server.hub import Hub, StreamClosed, Subscription
+from prefect_ws.server.pages import page_routes
+from prefect_ws.server.security.auth import schedule_expiry
+from prefect_ws.server.security.guard import protect
+from prefect_ws.server.sse import sse_body
+from prefect_ws.server.streams import (
+    InvalidRequest,
+    StreamRequest,
+    open_stream,
+    parse_seq,
+    since_beyond_head,
+)
+from prefect_ws.server.watchdog import SendTimeout, SendWatchdog
+from prefect_ws.settings import Settings, get_settings
+
+logger = logging.getLogger("prefect_ws.server")
+
+BACKEND_UNAVAILABLE = "backend unavailable; reconnect with since=<last seq>"
+STREAM_PATH = "/api/v2/workflows/runs/{run_id:path}/stream"
+EVENTS_PATH = "/api/v2/workflows/runs/{run_id:path}/events"
+SSE_PATH = "/api/v2/workflows/runs/{run_id:path}/events/stream"
+
+
+def _stream_request(connection: HTTPConnection, last_event_id: str | None = None) -> StreamRequest:
+    settings: Settings = connection.app.state.settings
+    return StreamRequest.parse(
+        connection.path_params["run_id"],
+        connection.query_params,
+        connection.query_params.getlist("step"),
+        max_wait=settings.max_wait_seconds,
+        last_event_id=last_event_id,
+    )
+
+
+def _reason(text: str) -> str:
+    """A close reason fits in 123 bytes of UTF-8; a longer one would fail the close itself."""
+    data = text.encode("utf-8")
+    return text if len(data) <= 123 else data[:120].decode("utf-8", "ignore") + "..."
+
+
+async def _read_until_disconnect(
+    websocket: WebSocket, max_bytes: int, subscription: Subscription
+) -> bool:
+    """Clients have nothing to say but pings (answered by the server itself): drain and ignore.
+
+    Ends the stream through ``subscription`` when the client leaves or sends too much; returns
+    whether the client is still there to be sent a close frame.
+    """
+    while True:
+        message = await websocket.receive()
+        if message["type"] == "websocket.disconnect":
+            subscription.abort(closecodes.GOING_AWAY, "client disconnected")
+            return False
+        size = len(message.get("text") or "") + len(message.get("bytes") or b"")
+        if size > max_bytes:
+            reason = f"client frames are limited to {max_bytes} bytes"
+            subscription.abort(closecodes.MESSAGE_TOO_BIG, reason)
+            return True
+
+
+async def _write(
+    websocket: WebSocket,
+    send: Send,
+    stream: AsyncIterator[str | list[Frame]],
+    watchdog: SendWatchdog,
+) -> tuple[int, str]:
+    """Send the stream: each batch of events as one write of pre-built frames where the server
+    takes them (:mod:`~.frames`), else frame by frame. A send blocked for longer than
+    the watchdog's timeout ends the stream with 1013."""
+    prebuilt = FRAMES_EXTENSION in websocket.scope.get("extensions", {})
+    try:
+        async for item in stream:
+            with watchdog.sending():
+                if isinstance(item, str):
+                    await websocket.send_text(item)
+                elif prebuilt:
+                    for data, count in coalesce(frame.wire for frame in item):
+                        await send({"type": FRAMES_EXTENSION, "data": data, "events": count})
+                else:
+                    for frame in item:
+                        await websocket.send_text(frame.data)
+    except StreamClosed as closed:
+        return closed.code, closed.reason
+    except SendTimeout:
+        return closecodes.TRY_AGAIN_LATER, "client not reading; reconnect with since=<last seq>"
+    finally:
+        await stream.aclose()  # type: ignore[attr-defined]
+    return closecodes.RUN_COMPLETE, "run complete"
+
+
+def _client_there(reader: asyncio.Task[bool]) -> bool:
+    """Whether a close frame can still reach the client; stops the reader if it still runs."""
+    if not reader.done():
+        reader.cancel()
+        return True
+    return not reader.cancelled() and reader.exception() is None and reader.result()
+
+
+class StreamEndpoint:
+    """The run's events over a WebSocket: hello, replay after ``since``, then live.
+
+    A plain ASGI app rather than a Starlette WebSocket function, so that it can send the
+    pre-framed batches of :mod:`~.frames`. The connection's own task writes; a second
+    task reads, only to notice the client leaving.
+    """
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        websocket = WebSocket(scope, receive, send)
+        hub: Hub = websocket.app.state.hub
+        settings: Settings = websocket.app.state.settings
+        try:
+            request = _stream_request(websocket)
+        except InvalidRequest as exc:
+            await websocket.accept()
+            await websocket.close(closecodes.INVALID_REQUEST, _reason(str(exc)))
+            return
+        await websocket.accept()
+        subscription = request.subscription(settings.client_queue_size)
+        reader = asyncio.create_task(
+            _read_until_disconnect(websocket, settings.max_inbound_bytes, subscription)
+        )
+        # Closes the stream with 4401 when the client's token expires.
+        expiry = schedule_expiry(websocket.scope, subscription)
+        close: tuple[int, str] | None = None
+        try:
+            close = await _write(
+                websocket,
+                send,
+                open_stream(hub, request, subscription),
+                websocket.app.state.watchdog,
+            )
+        except RedisError as exc:  # Redis down: expected, no stack trace
+            logger.warning("stream for run %s: backend unavailable (%s)", request.run_id, exc)
+            close = (closecodes.TRY_AGAIN_LATER, BACKEND_UNAVAILABLE)
+        except (WebSocketDisconnect, OSError):
+            pass  # the client went away mid-send
+        except Exception:
+            logger.exception("stream for run %s failed", request.run_id)
+            close = (closecodes.INTERNAL_ERROR, "internal error; reconnect with since=<last seq>")
+        finally:
+            if expiry is not None:
+                expiry.cancel()
+            client_there = _client_there(reader)
+        if close is not None and client_there:
+            with contextlib.suppress(Exception):
+                await websocket.close(close[0], _reason(close[1]))
+
+
+def _error(status: int, message: str) -> JSONResponse:
+    return JSONResponse({"error": message}, status_code=status)
+
+
+async def events_endpoint(request: Request) -> Response:
+    """``GET .../events?since=N&limit=M``: the stored events as JSON, paginated by ``seq``."""
+    settings: Settings = request.app.state.settings
+    transport: Transport = request.app.state.transport
+    try:
+        stream_request = _stream_request(request)
+        limit = parse_seq(request.query_params.get("limit") or "100", "limit")
+        if not 1 <= limit <= settings.history_page_max:
+            raise InvalidRequest(f"invalid limit: expected 1 to {settings.history_page_max}")
+    except InvalidRequest as exc:
+        return _error(400, str(exc))
+    try:
+        return await _history_page(transport, settings, stream_request, limit)
+    except RedisError as exc:
+        logger.warning("history for run %s: backend unavailable (%s)", stream_request.run_id, exc)
+        return _error(503, BACKEND_UNAVAILABLE)
+
+
+async def _history_page(
+    transport: Transport, settings: Settings, stream_request: StreamRequest, limit: int
+) -> Response:
+    backend = transport.backend
+    info = await backend.info(stream_request.run_id)
+    if not info.known:
+        return _error(404, "unknown run: no events for this run id")
+    if stream_request.since > info.head:
+        return _error(400, since_beyond_head(info.head).reason)
+    texts: list[str] = []
+    cursor = stream_request.since
+    more = True
+    while len(texts) < limit and more:
+        page = await backend.history(stream_request.run_id, cursor, settings.replay_page_size)
+        more = len(page) == settings.replay_page_size
+        for text in page:
+            frame = frame_from_text(text)
+            cursor = frame.seq
+            if stream_request.filter.matches(frame):
+                texts.append(text)
+                if len(texts) == limit:
+                    more = cursor < info.head
+                    break
+    body = (
+        f'{{"runId":"{stream_request.run_id}","since":{stream_request.since},'
+        f'"head":{info.head},"first":{json.dumps(info.first)},'
+        f'"recovered":{json.dumps(not info.missing_after(stream_request.since))},'
+        f'"next":{cursor if more else "null"},"events":[{",".join(texts)}]}}'
+    )
+    return Response(body, media_type="application/json")
+
+
+async def sse_endpoint(request: Request) -> Response:
+    """The same stream as Server-Sent Events: ``id:`` is ``seq``, ``Last-Event-ID`` resumes."""
+    hub: Hub = request.app.state.hub
+    settings: Settings = request.app.state.settings
+    try:
+        stream_request = _stream_request(request, request.headers.get("last-event-id"))
+    except InvalidRequest as exc:
+        return _error(400, str(exc))
+    if stream_request.wait is None:
+        try:
+            info = await hub.transport.backend.info(stream_request.run_id)
+        except RedisError as exc:
+            logger.warning(
+                "stream for run %s: backend unavailable (%s)", stream_request.run_id, exc
+            )
+            return _error(503, BACKEND_UNAVAILABLE)
+        if not info.known:
+            return _error(404, "unknown run: no events for this run id (add wait=<seconds>)")
+    subscription = stream_request.subscription(settings.client_queue_size)
+    schedule_expiry(request.scope, subscription)  # `event: end` 4401 when the token expires
+    body = sse_body(
+        open_stream(hub, stream_request, subscription), keepalive=settings.ping_interval
+    )
+    return StreamingResponse(
+        body,
+        media_type="text/event-stream",
+        headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+    )
+
+
+async def healthz(request: Request) -> JSONResponse:
+    transport: Transport = request.app.state.transport
+    try:
+        await transport.backend.ping()
+    except Exception as exc:
+        return JSONResponse(
+            {
+                "status": "unavailable",
+                "backend": transport.backend.name,
+                "error": str(exc) or type(exc).__name__,
+            },
+            status_code=503,
+        )
+    return JSONResponse({"status": "ok", "backend": transport.backend.name})
+
+
+def create_app(settings: Settings | None = None, transport: Transport | None = None) -> Starlette:
+    """The prefect-ws ASGI app. Mount it, or serve it with ``prefect-ws serve``."""
+    settings = settings or get_settings()
+    transport = transport or create_transport(settings)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: Starlette) -> AsyncIterator[dict[str, Any]]:
+        hub = Hub(
+            transport,
+            replay_page_size=settings.replay_page_size,
+            max_lag_seconds=settings.max_lag_seconds,
+        )
+        await hub.start()
+        try:
+            await transport.backend.ping()
+        except Exception as exc:
+            logger.error(
+                "prefect-ws: the backend at %s is unreachable (%s). Serving anyway: /healthz "
+                "answers 503 and streams start once it is back.",
+                settings.broadcast_url,
+                exc,
+            )
+        app.state.hub = hub
+        app.state.watchdog = watchdog = SendWatchdog(settings.max_lag_seconds)
+        watchdog.start()
+        try:
+            yield {}
+        finally:
+            await hub.close()
+            await watchdog.stop()
+
+    app = Starlette(
+        routes=[
+            WebSocketRoute(STREAM_PATH, StreamEndpoint()),
+            Route(SSE_PATH, sse_endpoint),
+            Route(EVENTS_PATH, events_endpoint),
+            Route("/healthz", healthz),
+            *page_routes(),
+        ],
+        lifespan=lifespan,
+    )
+    app.state.settings = settings
+    app.state.transport = transport
+    protect(
+        app, settings
+    )  # auth, origins, limits, CORS, /metrics: prefect_ws.server.security.guard
+    return app

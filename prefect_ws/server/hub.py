@@ -1,0 +1,382 @@
+"""The hub: run id -> the clients watching it, fed by one backend subscription per run.
+
+Each process subscribes once per active run (not per client) and fans every message out to the
+clients' bounded queues, from one listener task for all runs. Live delivery is the fast path;
+the run's stored history is the truth. A client catches up from history when it joins, when the
+backend resubscribed after an outage, when it sees a gap in ``seq`` and when its queue
+overflowed, so it receives every event exactly once and in order, and a slow client costs
+bounded memory and never holds the others back.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections import deque
+from collections.abc import AsyncIterator
+from itertools import islice
+from typing import Final
+
+from prefect_ws.backends import RESYNC, Transport
+from prefect_ws.protocol import closecodes
+from prefect_ws.protocol.events import Frame, frame_from_text, frames_from_message
+from prefect_ws.server import metrics
+
+logger = logging.getLogger("prefect_ws.hub")
+
+
+RECENT_FRAMES: Final = 1024  # per active run: ~500 KB of ~250-byte events (text and wire bytes)
+
+
+class _Resync:
+    """Queue marker: read history from the last delivered ``seq`` before going on."""
+
+
+RESYNC_MARK: Final = _Resync()
+
+
+class StreamClosed(Exception):
+    """The stream must end with this WebSocket close code and reason."""
+
+    def __init__(self, code: int, reason: str) -> None:
+        super().__init__(reason)
+        self.code = code
+        self.reason = reason
+
+
+class ClientLagging(StreamClosed):
+    """The client stayed behind too long or fell out of the retained history."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(closecodes.TRY_AGAIN_LATER, f"{reason}; reconnect with since=<last seq>")
+
+
+class Subscription:
+    """One client's position in one run, and the live frames waiting for it.
+
+    The queue holds whole backend messages (lists of frames with consecutive ``seq``), as the
+    hub's listener received them: the same list objects go to every client of the run, and a
+    client that fell behind takes everything queued at once (:meth:`take`).
+    """
+
+    def __init__(self, run_id: str, *, since: int, queue_size: int) -> None:
+        self.run_id = run_id
+        self.last_seq = since
+        self.sent = 0
+        self.finished = False
+        self.behind_since: float | None = None
+        self._queue_size = queue_size
+        self._queue: deque[list[Frame] | _Resync | StreamClosed] = deque()
+        self._queued = 0  # frames in the queue
+        self._waiter: asyncio.Future[None] | None = None  # while take() waits: no Event kept
+
+    def offer(self, frames: list[Frame]) -> None:
+        """Called by the hub's listener for every live message of the run; never blocks."""
+        # One message is always taken whole when the client is level: a publisher's batch may
+        # exceed the queue, and treating it as overflow sent every client to history.
+        if self._queued and self._queued + len(frames) > self._queue_size:
+            # Overflow: drop the backlog and fetch it from history when the client can take it.
+            self._reset(RESYNC_MARK)
+            if self.behind_since is None:
+                self.behind_since = time.monotonic()
+        else:
+            self._queue.append(frames)
+            self._queued += len(frames)
+        self._wake()
+
+    def abort(self, code: int, reason: str) -> None:
+        """End the stream at once (server shutting down, client gone, token expired)."""
+        self._reset(StreamClosed(code, reason))
+        self._wake()
+
+    def resync(self) -> None:
+        if not self._queue or self._queue[-1] is not RESYNC_MARK:
+            self._queue.append(RESYNC_MARK)
+        self._wake()
+
+    def _wake(self) -> None:
+        if self._waiter is not None and not self._waiter.done():
+            self._waiter.set_result(None)
+
+    def _reset(self, item: _Resync | StreamClosed) -> None:
+        self._queue.clear()
+        self._queued = 0
+        self._queue.append(item)
+
+    def advance(self, frames: list[Frame]) -> None:
+        last = frames[-1]
+        self.last_seq = last.seq
+        self.sent += len(frames)
+        if last.is_final:
+            self.finished = True
+
+    def caught_up(self) -> None:
+        if RESYNC_MARK not in self._queue:
+            self.behind_since = None
+
+    def check_lag(self, max_lag_seconds: float) -> None:
+        if self.behind_since is not None and time.monotonic() - self.behind_since > max_lag_seconds:
+            raise ClientLagging(f"client stayed behind for over {max_lag_seconds:g} s")
+
+    async def take(self) -> list[Frame] | _Resync:
+        """Every queued live frame that follows on from the first queued message, or a marker."""
+        queue = self._queue
+        while not queue:
+            self._waiter = asyncio.get_running_loop().create_future()
+            try:
+                await self._waiter
+            finally:
+                self._waiter = None
+        item = queue.popleft()
+        if isinstance(item, StreamClosed):
+            raise item
+        if isinstance(item, _Resync):
+            return item
+        self._queued -= len(item)
+        # Usually one message, the list shared with the run's other clients: never mutated.
+        frames = item
+        while queue and isinstance(queue[0], list) and queue[0][0].seq == frames[-1].seq + 1:
+            more = queue.popleft()
+            assert isinstance(more, list)
+            self._queued -= len(more)
+            frames = frames + more
+        return frames
+
+
+def _until_final(frames: list[Frame]) -> list[Frame]:
+    """``frames`` up to and including ``run_complete``: nothing of a run follows it."""
+    for index, frame in enumerate(frames):
+        if frame.is_final:
+            return frames if index == len(frames) - 1 else frames[: index + 1]
+    return frames
+
+
+def _consecutive(frames: list[Frame]) -> list[list[Frame]]:
+    """A message's frames in runs of consecutive ``seq`` (one run, unless a backend misbehaves)."""
+    if frames[-1].seq - frames[0].seq == len(frames) - 1:
+        return [frames]
+    runs: list[list[Frame]] = [[frames[0]]]
+    for frame in frames[1:]:
+        if frame.seq == runs[-1][-1].seq + 1:
+            runs[-1].append(frame)
+        else:
+            runs.append([frame])
+    return runs
+
+
+class RunChannel:
+    """The clients of one run in this process, and the run's newest live frames.
+
+    No task and no queue of its own: the hub's listener hands it each message of the run.
+    """
+
+    __slots__ = ("live", "recent", "run_id", "subscriptions")
+
+    def __init__(self, run_id: str) -> None:
+        self.run_id = run_id
+        self.subscriptions: set[Subscription] = set()
+        # The newest live frames: a client a little behind catches up from here, not Redis.
+        self.recent: deque[Frame] | None = None  # made with the first live frame
+        self.live = False
+
+    def add(self, subscription: Subscription) -> None:
+        self.subscriptions.add(subscription)
+        if self.live:
+            subscription.resync()  # otherwise going live does it
+
+    def go_live(self) -> None:
+        """The backend confirmed the subscription: history and live now meet, so every client
+        reconciles from history (events may have been missed before this point)."""
+        if self.recent is not None:
+            self.recent.clear()
+        self.live = True
+        for subscription in self.subscriptions:
+            subscription.resync()
+
+    def receive(self, message: str) -> None:
+        try:
+            frames = frames_from_message(message)
+        except ValueError:
+            logger.warning("Ignoring a malformed message on run %s", self.run_id)
+            return
+        metrics.received(len(frames))
+        for run in _consecutive(frames):
+            self._deliver(_until_final(run))
+
+    def _deliver(self, frames: list[Frame]) -> None:
+        recent = self.recent
+        if recent is None:
+            recent = self.recent = deque(maxlen=RECENT_FRAMES)
+        elif recent and frames[0].seq != recent[-1].seq + 1:
+            recent.clear()  # a gap: the ring only ever holds a consecutive range
+        recent.extend(frames)
+        for subscription in self.subscriptions:
+            subscription.offer(frames)
+
+
+class Hub:
+    """Run channels for one server process, fed by one listener over the backend.
+
+    The backend's subscriptions follow ``runs``: a run is subscribed while it has a client.
+    One task makes those changes, one at a time and in order, so a run left and joined again
+    quickly never ends up unsubscribed, and no client's task is ever inside a backend
+    (un)subscribe when it is cancelled. broadcaster's ``Broadcast`` is not used on this side:
+    it would add a task and an ``asyncio.Queue`` per run (~5 KB of an idle connection's ~37 KB).
+    """
+
+    def __init__(
+        self, transport: Transport, *, replay_page_size: int = 500, max_lag_seconds: float = 30.0
+    ) -> None:
+        self.transport = transport
+        self.runs: dict[str, RunChannel] = {}
+        self.replay_page_size = replay_page_size
+        self.max_lag_seconds = max_lag_seconds
+        self._subscribed: set[str] = set()  # runs the backend was asked to subscribe
+        self._changed: asyncio.Queue[str] = asyncio.Queue()  # runs to (un)subscribe
+        self._tasks: list[asyncio.Task[None]] = []
+
+    async def start(self) -> None:
+        """Connect the backend and start the listener and the subscription keeper."""
+        await self.transport.backend.connect()
+        self._tasks = [
+            asyncio.create_task(self._listen(), name="prefect-ws hub listener"),
+            asyncio.create_task(self._keep_subscriptions(), name="prefect-ws hub subscriptions"),
+        ]
+
+    async def close(self) -> None:
+        for channel in list(self.runs.values()):
+            for subscription in channel.subscriptions:
+                subscription.abort(closecodes.GOING_AWAY, "server shutting down")
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        await self.transport.backend.disconnect()
+
+    @contextlib.asynccontextmanager
+    async def attach(self, subscription: Subscription) -> AsyncIterator[RunChannel]:
+        """Register a client on its run, subscribing the process to the run if it is the first."""
+        run_id = subscription.run_id
+        channel = self.runs.get(run_id)
+        if channel is None:
+            channel = self.runs[run_id] = RunChannel(run_id)
+            if self.transport.backend.is_live(run_id):
+                channel.go_live()  # still subscribed (its unsubscribe not yet made) and confirmed
+            self._changed.put_nowait(run_id)
+        channel.add(subscription)
+        try:
+            yield channel
+        finally:
+            channel.subscriptions.discard(subscription)
+            if not channel.subscriptions and self.runs.get(run_id) is channel:
+                del self.runs[run_id]
+                self._changed.put_nowait(run_id)
+
+    async def _listen(self) -> None:
+        backend = self.transport.backend
+        while True:
+            event = await backend.next_published()
+            channel = self.runs.get(event.channel)
+            if channel is None:
+                continue  # a run nobody here watches any more
+            try:
+                if event.message == RESYNC:
+                    channel.go_live()
+                else:
+                    channel.receive(event.message)
+            except Exception:  # one bad message must not stop every stream of the process
+                logger.exception("Delivering a message of run %s failed", event.channel)
+
+    async def _keep_subscriptions(self) -> None:
+        backend = self.transport.backend
+        while True:
+            run_id = await self._changed.get()
+            try:
+                if run_id in self.runs and run_id not in self._subscribed:
+                    self._subscribed.add(run_id)
+                    await backend.subscribe(run_id)
+                elif run_id not in self.runs and run_id in self._subscribed:
+                    self._subscribed.discard(run_id)
+                    await backend.unsubscribe(run_id)
+            except Exception:  # the backend resubscribes what it was asked for when it is back
+                logger.exception("(Un)subscribing run %s failed", run_id)
+
+    async def catch_up(
+        self, subscription: Subscription, *, initial: bool = False
+    ) -> AsyncIterator[list[Frame]]:
+        """Frames after ``subscription.last_seq``, in pages: from the run's recent frames when
+        they reach back far enough, else from the backend's history."""
+        channel = self.runs.get(subscription.run_id)
+        recent = channel.recent if channel is not None else None
+        wanted = subscription.last_seq + 1
+        if recent and not initial and recent[0].seq <= wanted <= recent[-1].seq:
+            yield _until_final(list(islice(recent, wanted - recent[0].seq, None)))
+            return
+        backend = self.transport.backend
+        cursor = subscription.last_seq
+        while True:
+            texts = await backend.history(subscription.run_id, cursor, self.replay_page_size)
+            page: list[Frame] = []
+            for text in texts:
+                frame = frame_from_text(text)
+                if frame.seq <= cursor:
+                    continue
+                if frame.seq != cursor + 1 and not (initial and not page):
+                    raise ClientLagging(f"events after seq {cursor} are no longer retained")
+                cursor = frame.seq
+                page.append(frame)
+                if frame.is_final:
+                    break
+            if page:
+                yield page
+                initial = False
+            if len(texts) < self.replay_page_size or (page and page[-1].is_final):
+                if not texts and subscription.last_seq > 0:
+                    await self._check_history_kept(subscription)
+                return
+
+    async def _check_history_kept(self, subscription: Subscription) -> None:
+        """A client is level: unless the run's counter went backwards (Redis came back empty)."""
+        info = await self.transport.backend.info(subscription.run_id)
+        if info.head < subscription.last_seq:
+            raise StreamClosed(
+                closecodes.INTERNAL_ERROR,
+                # A close reason is at most 123 bytes.
+                f"run history was lost (backend restarted empty: head {info.head} < "
+                f"{subscription.last_seq}); reconnect with since=0",
+            )
+
+    async def batches(self, subscription: Subscription) -> AsyncIterator[list[Frame]]:
+        """Every frame of the run after ``since``, once each and in order, until ``run_complete``,
+        in batches of consecutive frames: as they came from the backend, or a backlog at once.
+
+        Raises :class:`ClientLagging` when the client cannot be brought level.
+        """
+        initial = True
+        while not subscription.finished:
+            subscription.check_lag(self.max_lag_seconds)
+            item = await subscription.take()
+            if isinstance(item, list):
+                first = item[0].seq
+                if first <= subscription.last_seq:  # partly delivered from history already
+                    item = item[subscription.last_seq - first + 1 :]
+                    if not item:
+                        continue
+                    first = item[0].seq
+                if first == subscription.last_seq + 1:
+                    subscription.advance(item)
+                    metrics.delivered_live(item)
+                    yield item
+                    continue
+            # A resync marker, or a gap in live seq: history has everything up to the newest.
+            metrics.replay_started()
+            async for page in self.catch_up(subscription, initial=initial):
+                subscription.advance(page)
+                metrics.delivered_replay(len(page))
+                yield page
+                if subscription.finished:
+                    return
+                subscription.check_lag(self.max_lag_seconds)
+            initial = False
+            subscription.caught_up()

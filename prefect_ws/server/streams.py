@@ -1,0 +1,222 @@
+"""What a client asked for, and the stream that answers it: shared by WebSocket, SSE and HTTP.
+
+A stream starts with a ``hello`` control frame (no ``seq``) telling the client where it joined,
+then carries every event after ``since`` that passes its filters, exactly once and in ``seq``
+order, and ends after ``run_complete``. ``seq`` stays the run's sequence under filters, so a
+client resumes with ``since=<last seq it saw>`` whatever it filtered.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import math
+from collections.abc import AsyncIterator, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Final
+
+from prefect_ws.backends import RunInfo
+from prefect_ws.protocol import closecodes
+from prefect_ws.protocol.events import EVENT_TYPES, Frame, canonical_run_id, frame_from_text
+from prefect_ws.server.hub import Hub, StreamClosed, Subscription
+
+MAX_SINCE: Final = 2**53  # JSON-safe; larger is certainly not a seq we issued
+MAX_STEP_FILTERS: Final = 100
+LEVELS: Final = {"DEBUG": 10, "INFO": 20, "WARNING": 30, "ERROR": 40, "CRITICAL": 50}
+_RUN_EVENTS: Final = frozenset({"run_start", "run_complete"})
+
+
+class InvalidRequest(ValueError):
+    """A client request that cannot be served as asked; the message says why."""
+
+
+def parse_run_id(raw: str) -> str:
+    """The canonical form of a run id (a Prefect flow run UUID), or :class:`InvalidRequest`."""
+    run_id = canonical_run_id(raw)
+    if run_id is None:
+        raise InvalidRequest("invalid run id: expected a flow run UUID")
+    return run_id
+
+
+def parse_seq(raw: str | None, name: str = "since") -> int:
+    if raw is None or raw == "":
+        return 0
+    if len(raw) > 20 or not raw.isdigit():
+        raise InvalidRequest(f"invalid {name}: expected a non-negative integer seq")
+    value = int(raw)
+    if value > MAX_SINCE:
+        raise InvalidRequest(f"invalid {name}: larger than any seq")
+    return value
+
+
+def parse_wait(raw: str | None, max_wait: float) -> float | None:
+    """``wait=<seconds>`` or ``wait=true`` (the server's maximum): wait for a run to start."""
+    if raw is None or raw in ("", "0", "false"):
+        return None
+    if raw == "true":
+        return max_wait
+    try:
+        value = float(raw)
+    except ValueError:
+        raise InvalidRequest("invalid wait: expected seconds or true") from None
+    if not math.isfinite(value) or value < 0:
+        raise InvalidRequest("invalid wait: expected seconds or true")
+    return min(value, max_wait)
+
+
+@dataclass(frozen=True, slots=True)
+class EventFilter:
+    """Server-side filters: event types, steps (run-level events always pass), minimum log level."""
+
+    types: frozenset[str] | None = None
+    steps: frozenset[str] | None = None
+    min_level: int | None = None
+
+    @property
+    def everything(self) -> bool:
+        return self.types is None and self.steps is None and self.min_level is None
+
+    @classmethod
+    def parse(cls, types: str | None, steps: Sequence[str], level: str | None) -> EventFilter:
+        type_set = None
+        if types is not None:
+            names = [t.strip() for t in types.split(",") if t.strip()]
+            unknown = sorted(set(names) - set(EVENT_TYPES))
+            if not names or unknown:
+                raise InvalidRequest(
+                    f"invalid types: {', '.join(unknown)[:100] or '(empty)'}; "
+                    f"expected a comma-separated subset of {','.join(EVENT_TYPES)}"
+                )
+            type_set = frozenset(names)
+        step_set = None
+        if steps:
+            if len(steps) > MAX_STEP_FILTERS or any(not s or len(s) > 200 for s in steps):
+                raise InvalidRequest(f"invalid step: 1 to {MAX_STEP_FILTERS} non-empty step ids")
+            step_set = frozenset(steps)
+        min_level = None
+        if level is not None:
+            min_level = LEVELS.get(level.upper())
+            if min_level is None:
+                raise InvalidRequest(f"invalid level: expected one of {', '.join(LEVELS)}")
+        return cls(type_set, step_set, min_level)
+
+    def select(self, frames: list[Frame]) -> list[Frame]:
+        """The frames that pass, as the same list when nothing is filtered."""
+        return frames if self.everything else [frame for frame in frames if self.matches(frame)]
+
+    def matches(self, frame: Frame) -> bool:
+        if self.everything:
+            return True
+        event = frame.event()
+        kind = event.get("type")
+        if self.types is not None and kind not in self.types:
+            return False
+        payload = event.get("payload") or {}
+        if (
+            self.steps is not None
+            and kind not in _RUN_EVENTS
+            and payload.get("stepId") not in self.steps
+        ):
+            return False
+        if self.min_level is not None and kind == "step_log":
+            return LEVELS.get(str(payload.get("level")), 0) >= self.min_level
+        return True
+
+
+@dataclass(frozen=True, slots=True)
+class StreamRequest:
+    run_id: str
+    since: int
+    filter: EventFilter
+    wait: float | None
+
+    def subscription(self, queue_size: int) -> Subscription:
+        return Subscription(self.run_id, since=self.since, queue_size=queue_size)
+
+    @classmethod
+    def parse(
+        cls,
+        run_id: str,
+        query: Mapping[str, str],
+        steps: Sequence[str],
+        *,
+        max_wait: float,
+        last_event_id: str | None = None,
+    ) -> StreamRequest:
+        since = parse_seq(query.get("since"))
+        if last_event_id:  # SSE resume: the browser sends the last id it saw
+            since = max(since, parse_seq(last_event_id, "Last-Event-ID"))
+        return cls(
+            run_id=parse_run_id(run_id),
+            since=since,
+            filter=EventFilter.parse(query.get("types"), steps, query.get("level")),
+            wait=parse_wait(query.get("wait"), max_wait),
+        )
+
+
+def unknown_run() -> StreamClosed:
+    return StreamClosed(
+        closecodes.UNKNOWN_RUN,
+        "unknown run: no events for this run id (add wait=<seconds> to wait for it to start)",
+    )
+
+
+def since_beyond_head(head: int) -> StreamClosed:
+    return StreamClosed(
+        closecodes.INVALID_REQUEST,
+        f"invalid since: beyond the run's newest seq {head}; resume with the last seq received",
+    )
+
+
+def hello(request: StreamRequest, info: RunInfo) -> str:
+    return json.dumps(
+        {
+            "type": "hello",
+            "v": 1,
+            "runId": request.run_id,
+            "since": request.since,
+            "head": info.head,
+            "first": info.first,
+            "recovered": not info.missing_after(request.since),
+        },
+        separators=(",", ":"),
+    )
+
+
+async def open_stream(
+    hub: Hub, request: StreamRequest, subscription: Subscription
+) -> AsyncIterator[str | list[Frame]]:
+    """The hello frame's text first, then the run's events in batches of frames that passed
+    the filters (never empty; consecutive ``seq`` unless filtered).
+
+    Ends normally after ``run_complete``; raises :class:`StreamClosed` when the stream must end
+    otherwise (unknown run, lagging client, shutdown, or ``subscription.abort``).
+    """
+    async with hub.attach(subscription):
+        info = await hub.transport.backend.info(request.run_id)
+        if not info.known and request.wait is None:
+            raise unknown_run()
+        if request.since > info.head:
+            # No client can have seen it; waiting would skip every event, run_complete too.
+            raise since_beyond_head(info.head)
+        yield hello(request, info)
+        finished = info.last is not None and frame_from_text(info.last).is_final
+        if finished and request.since >= info.head:
+            return  # a finished run, and the client has all of it
+        batches = hub.batches(subscription)
+        if not info.known:
+            assert request.wait is not None
+            try:
+                async with asyncio.timeout(request.wait):
+                    first = await anext(batches, None)
+            except TimeoutError:
+                raise StreamClosed(
+                    closecodes.UNKNOWN_RUN, f"run did not start within {request.wait:g} s"
+                ) from None
+            if first is None:
+                return
+            if first := request.filter.select(first):
+                yield first
+        async for batch in batches:
+            if batch := request.filter.select(batch):
+                yield batch

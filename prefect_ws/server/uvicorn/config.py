@@ -1,0 +1,74 @@
+"""Running the app under uvicorn with WebSocket settings that suit a fan-out stream."""
+
+from __future__ import annotations
+
+import contextlib
+import socket
+import threading
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import uvicorn
+
+from prefect_ws.server.app import create_app
+from prefect_ws.server.security.guard import MAX_HEADER_BYTES, handshake_timeout_protocol
+from prefect_ws.server.uvicorn.wsprotocol import PrefectWsProtocol
+from prefect_ws.settings import Settings
+
+
+def uvicorn_config(settings: Settings, *, host: str, port: int, **overrides: Any) -> uvicorn.Config:
+    """uvicorn's config for prefect-ws.
+
+    permessage-deflate is off: ~200-byte JSON events gain little from it while it doubles CPU
+    and memory per connection (measured in shared/research/broadcaster.md §4, §6). Inbound
+    frames are capped small: clients have nothing to send but pings.
+    """
+    options: dict[str, Any] = {
+        "host": host,
+        "port": port,
+        "ws": PrefectWsProtocol,  # websockets-sansio, answering unparsable handshakes
+        "ws_per_message_deflate": False,
+        "ws_max_size": settings.max_inbound_bytes,
+        "ws_ping_interval": settings.ping_interval,
+        "ws_ping_timeout": settings.ping_timeout,
+        "lifespan": "on",
+        "log_level": settings.log_level.lower(),
+        "access_log": False,
+        "timeout_graceful_shutdown": 5,
+        # h11 with a deadline for request headers (slowloris): prefect_ws.server.security.guard
+        "http": handshake_timeout_protocol(settings.handshake_timeout),
+        # Let h11 finish parsing header blocks well past the guard's limit, so the guard answers
+        # 431 with a reason; h11 would otherwise cut a header block that arrives in pieces once
+        # 16 KiB are buffered (400, and a reset over the unread rest).
+        "h11_max_incomplete_event_size": 4 * MAX_HEADER_BYTES,
+    }
+    options.update(overrides)
+    return uvicorn.Config(create_app(settings), **options)
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as sock:
+        sock.bind((host, 0))
+        return int(sock.getsockname()[1])
+
+
+@contextlib.contextmanager
+def serve_in_thread(
+    settings: Settings, *, host: str = "127.0.0.1", port: int | None = None, **overrides: Any
+) -> Iterator[str]:
+    """Serve in a background thread; yields the ``ws://host:port`` base URL. For demos and tests."""
+    port = port or free_port(host)
+    server = uvicorn.Server(uvicorn_config(settings, host=host, port=port, **overrides))
+    thread = threading.Thread(target=server.run, name="prefect-ws-server", daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 15
+    while not server.started:
+        if not thread.is_alive() or time.monotonic() > deadline:
+            raise RuntimeError(f"prefect-ws server did not start on {host}:{port}")
+        time.sleep(0.01)
+    try:
+        yield f"ws://{host}:{port}" if ":" not in host else f"ws://[{host}]:{port}"
+    finally:
+        server.should_exit = True
+        thread.join(timeout=10)
