@@ -88,7 +88,7 @@ def test_document_covers_the_protocol(document: dict[str, Any]) -> None:
 
 
 def test_schemas_reject_what_the_protocol_forbids(document: dict[str, Any]) -> None:
-    good = {
+    good: dict[str, Any] = {
         "v": 1, "type": "step_log", "runId": "0b6c3e4e-1a2b-4c5d-8e9f-0a1b2c3d4e5f", "seq": 1,
         "ts": "2026-11-29T00:31:02.123456Z",
         "payload": {"stepId": None, "taskRunId": None, "level": "INFO", "message": "m",
@@ -181,7 +181,7 @@ def test_real_frames_match_the_schemas(
     events = messages[1:-1]
     assert all(name == "message" for name, _, _ in events)
     assert [data for _, _, data in events] == replay.frames
-    assert [int(i) for _, i, _ in events] == [json.loads(d)["seq"] for _, _, d in events]
+    assert [int(i or 0) for _, i, _ in events] == [json.loads(d)["seq"] for _, _, d in events]
     assert_valid(document, [data for _, _, data in events])
 
 

@@ -72,9 +72,9 @@ async def test_metrics_follow_scripted_traffic() -> None:
             await asyncio.sleep(0.2)  # all three subscribed and caught up
             emit_small_run(publisher, live, logs=10)
             assert publisher.flush(10)
-            received = [m async for m in ws if m.startswith('{"v":')]  # events, not hello
+            received = [m async for m in ws if str(m).startswith('{"v":')]  # events, not hello
             for other in held:
-                assert len([m async for m in other if m.startswith('{"v":')]) == 12
+                assert len([m async for m in other if str(m).startswith('{"v":')]) == 12
         publisher.close()
         assert len(received) == 12 and ws.close_code == 1000
         await asyncio.sleep(0.2)
