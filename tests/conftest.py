@@ -1,8 +1,8 @@
 """Test fixtures: one Prefect server for the session, real Redis, real uvicorn, real clients.
 
-Prefect is configured here, before anything imports it, for speed (each of these cost seconds per
-run or test when on): one session-wide API server with its background services off, analytics off, API log shipping
-off and the flow-run heartbeat off.
+Prefect is configured here, before anything imports it, for speed (each of these costs seconds
+per run when on): one session-wide API server with its background services off, analytics off,
+API log shipping off and the flow-run heartbeat off.
 """
 
 from __future__ import annotations

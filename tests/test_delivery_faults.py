@@ -1,4 +1,4 @@
-"""Delivery under stress and faults (issue 4): slow clients, Redis restarts, killed replicas.
+"""Delivery under stress and faults: slow clients, Redis restarts, killed replicas.
 
 Every test runs real processes: `prefect-ws serve` subprocesses, a throwaway redis-server,
 publishers in other processes or threads, and WebSocket clients that assert on `seq`.
