@@ -143,14 +143,20 @@ async def receive(
     url: str,
     *,
     timeout: float = 60.0,
+    open_timeout: float = 20.0,
     keep_text: bool = False,
     stop_after: int | None = None,
     received: Received | None = None,
 ) -> Received:
-    """Read a WebSocket stream to its end (or ``stop_after`` events, then disconnect)."""
+    """Read a WebSocket stream to its end (or ``stop_after`` events, then disconnect).
+
+    ``open_timeout`` bounds the handshake alone; ``timeout`` the whole stream.
+    """
     out = received or Received()
     async with asyncio.timeout(timeout):
-        async with connect(url, compression=None, max_size=2**24, open_timeout=20) as websocket:
+        async with connect(
+            url, compression=None, max_size=2**24, open_timeout=open_timeout
+        ) as websocket:
             try:
                 async for message in websocket:
                     assert isinstance(message, str)
