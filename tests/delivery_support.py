@@ -352,15 +352,6 @@ def serve_app(settings: Settings) -> Iterator[tuple[str, Any]]:
         thread.join(timeout=10)
 
 
-async def eventually(check: Any, timeout: float = 5.0, interval: float = 0.02) -> None:
-    """Poll ``check()`` until it is true (bounded)."""
-    deadline = time.monotonic() + timeout
-    while not check():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"condition not met within {timeout} s")
-        await asyncio.sleep(interval)
-
-
 def watchers(app: Any, run_id: str) -> int:
     """Clients the in-process hub holds for the run (0 when the run is not subscribed)."""
     channel = app.state.hub.runs.get(run_id)
