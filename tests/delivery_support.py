@@ -260,22 +260,26 @@ class ServerProcess:
         self.proc: subprocess.Popen[bytes] | None = None
         self._log = tempfile.TemporaryFile()  # noqa: SIM115 - closed in stop()
 
-    def start(self, timeout: float = 20.0) -> None:
+    def start(self, timeout: float = 90.0) -> None:
+        """Start and wait until /healthz answers 200 (a loaded machine takes seconds to import)."""
         self.proc = subprocess.Popen(
             self._args, env=self._env, stdout=subprocess.DEVNULL, stderr=self._log
         )
         deadline = time.monotonic() + timeout
+        seen = "no answer"
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
                 err = self.log()
                 raise RuntimeError(f"prefect-ws serve exited {self.proc.returncode}: {err[-2000:]}")
             try:
-                if httpx.get(f"{self.http}/healthz", timeout=1.0).status_code == 200:
+                health = httpx.get(f"{self.http}/healthz", timeout=1.0)
+                if health.status_code == 200:
                     return
-            except httpx.HTTPError:
-                pass
+                seen = f"{health.status_code} {health.text[:200]}"
+            except httpx.HTTPError as exc:
+                seen = repr(exc)
             time.sleep(0.1)
-        raise RuntimeError("prefect-ws serve did not become healthy")
+        raise RuntimeError(f"prefect-ws serve not healthy within {timeout} s; last seen: {seen}")
 
     def log(self) -> str:
         if self._log.closed:
