@@ -14,7 +14,13 @@ from typing import Any
 import httpx
 import pytest
 import yaml
-from helpers import StreamRecorder, create_flow_run, run_flow_in_subprocess, stream_path
+from helpers import (
+    StreamRecorder,
+    create_flow_run,
+    publisher_env,
+    run_flow_in_subprocess,
+    stream_path,
+)
 from jsonschema import Draft202012Validator
 from referencing import Registry, Resource
 from referencing.jsonschema import DRAFT202012
@@ -111,10 +117,7 @@ async def _capture_four_steps(base: str, settings: Settings, run_id: str) -> lis
     client = StreamRecorder(base + stream_path(run_id))
     task = asyncio.create_task(client.run(timeout=90))
     await client.connected.wait()
-    env = {
-        "PREFECT_WS_BROADCAST_URL": settings.broadcast_url,
-        "PREFECT_WS_REDIS_PREFIX": settings.redis_prefix,
-    }
+    env = publisher_env(settings)
     await run_flow_in_subprocess("sample_flows:four_steps", run_id, {"fail": True}, env=env)
     await task
     assert client.close_code == 1000
@@ -122,11 +125,7 @@ async def _capture_four_steps(base: str, settings: Settings, run_id: str) -> lis
 
 
 def _run_failing_workflow(base: str, settings: Settings) -> str:
-    env = {
-        **os.environ,
-        "PREFECT_WS_BROADCAST_URL": settings.broadcast_url,
-        "PREFECT_WS_REDIS_PREFIX": settings.redis_prefix,
-    }
+    env = {**os.environ, **publisher_env(settings)}
     done = subprocess.run(
         [sys.executable, "-c", "from prefect_ws.cli.main import main; main()", "run",
          "examples/failing.yaml", "--url", base],

@@ -16,6 +16,7 @@ from helpers import (
     StreamRecorder,
     assert_run_sequence,
     create_flow_run,
+    publisher_env,
     run_flow_in_subprocess,
     stream_path,
 )
@@ -34,13 +35,6 @@ TAIL_TIMEOUT = 90
 @pytest.fixture
 def settings(redis_url: str, redis_prefix: str) -> Settings:
     return Settings(broadcast_url=redis_url, redis_prefix=redis_prefix)
-
-
-def _publisher_env(settings: Settings) -> dict[str, str]:
-    return {
-        "PREFECT_WS_BROADCAST_URL": settings.broadcast_url,
-        "PREFECT_WS_REDIS_PREFIX": settings.redis_prefix,
-    }
 
 
 async def _start_tail(*args: str) -> asyncio.subprocess.Process:
@@ -70,7 +64,7 @@ async def _tail_run(
     await recorder.connected.wait()
     tail = await _start_tail(run_id, "--url", base_url, *tail_args)
     await run_flow_in_subprocess(
-        "sample_flows:four_steps", run_id, {"fail": fail}, env=_publisher_env(settings)
+        "sample_flows:four_steps", run_id, {"fail": fail}, env=publisher_env(settings)
     )
     stdout, stderr = await asyncio.wait_for(tail.communicate(), TAIL_TIMEOUT)
     await recording
@@ -204,7 +198,7 @@ def test_forced_disconnect_mid_run_resumes_without_loss_or_repeat(
         tail = await _start_tail(run_id, "--url", f"ws://127.0.0.1:{proxy.port}", "--json")
         flow = asyncio.create_task(
             run_flow_in_subprocess(
-                "sample_flows:four_steps", run_id, {"fail": False}, env=_publisher_env(settings)
+                "sample_flows:four_steps", run_id, {"fail": False}, env=publisher_env(settings)
             )
         )
         assert tail.stdout is not None and tail.stderr is not None
@@ -278,7 +272,7 @@ def test_token_is_sent_and_refusals_exit_3_with_a_clear_reason(
             stderr=asyncio.subprocess.PIPE,
         )
         await run_flow_in_subprocess(
-            "sample_flows:four_steps", run_id, {"fail": False}, env=_publisher_env(settings)
+            "sample_flows:four_steps", run_id, {"fail": False}, env=publisher_env(settings)
         )
         stdout, stderr = await asyncio.wait_for(tail.communicate(), TAIL_TIMEOUT)
         assert tail.returncode == 0, stderr
@@ -407,7 +401,7 @@ def test_docs_clients_replay_a_finished_run(prefect_api: str, settings: Settings
             task = asyncio.create_task(recorder.run())
             await recorder.connected.wait()
             await run_flow_in_subprocess(
-                "sample_flows:four_steps", run_id, {"fail": False}, env=_publisher_env(settings)
+                "sample_flows:four_steps", run_id, {"fail": False}, env=publisher_env(settings)
             )
             await task
 
@@ -508,7 +502,7 @@ def test_live_view_in_a_terminal_animates_running_steps(
         reader.start()
         asyncio.run(
             run_flow_in_subprocess(
-                "sample_flows:four_steps", run_id, {"fail": False}, env=_publisher_env(settings)
+                "sample_flows:four_steps", run_id, {"fail": False}, env=publisher_env(settings)
             )
         )
         assert tail.wait(TAIL_TIMEOUT) == 0
