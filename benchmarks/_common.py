@@ -1,7 +1,8 @@
 """Shared plumbing for the benchmark scripts: processes, ports, stats, tables and result files.
 
 Every benchmark starts its own servers as child processes on 127.0.0.1, stops them by PID, bounds
-every loop in count and time, and writes one JSON file to ``benchmarks/results/``. Numbers on a
+every loop in count and time, and writes one JSON file to ``benchmarks/results/`` (or to
+``$BENCH_RESULTS_DIR``, where the quick test run puts them, outside the source tree). Numbers on a
 shared 2-core box are noisy, so scripts repeat cases and report medians and ratios taken in the
 same run.
 """
@@ -27,7 +28,6 @@ from typing import Any
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
-RESULTS = HERE / "results"
 PYTHON = sys.executable
 REDIS_URL = os.environ.get("BENCH_REDIS_URL", "redis://127.0.0.1:6379/0")
 
@@ -109,7 +109,7 @@ def cleanup_redis(prefix: str, url: str = REDIS_URL) -> None:
         client.close()
 
 
-# Every load client comes from 127.0.0.1: lift the per-address and per-process guards (issue 5)
+# Every load client comes from 127.0.0.1: lift the per-address and per-process guards
 # so the benchmark measures the stream, not the limiter; one access-log line per connection off.
 LOAD_LIMITS = {
     "PREFECT_WS_MAX_CONNECTIONS": "100000",
@@ -179,7 +179,7 @@ PREFECT_SERVER_ENV = {
     # Prefect's own live log stream, off by default.
     "PREFECT_SERVER_LOGS_STREAM_OUT_ENABLED": "true",
     "PREFECT_SERVER_LOGS_STREAM_PUBLISHING_ENABLED": "true",
-    # Background services contend for SQLite and cause 2 s retry spikes (research/prefect.md §7).
+    # Prefect's background services contend for SQLite and cause 2 s retry spikes in flow runs.
     "PREFECT_API_SERVICES_EVENT_PERSISTER_ENABLED": "false",
     "PREFECT_API_SERVICES_TASK_RUN_RECORDER_ENABLED": "false",
     "PREFECT_API_SERVICES_TRIGGERS_ENABLED": "false",
@@ -328,17 +328,19 @@ def with_bench_path(env: dict[str, str]) -> dict[str, str]:
     return {**env, "PYTHONPATH": os.pathsep.join(p for p in (str(HERE), current) if p)}
 
 
+def results_dir() -> Path:
+    """Where result files (and ``--profile`` dumps) go: ``$BENCH_RESULTS_DIR`` or ``results/``."""
+    return Path(os.environ.get("BENCH_RESULTS_DIR") or HERE / "results")
+
+
 def source() -> dict[str, str]:
-    """Which prefect_ws code ran: the path it was imported from and the checkout's HEAD."""
+    """Which prefect_ws code ran: this checkout's (at its HEAD) or another copy on PYTHONPATH."""
     info = {"prefect_ws": "", "git_head": ""}
     with contextlib.suppress(Exception):
         import prefect_ws
 
-        info["prefect_ws"] = str(Path(prefect_ws.__file__).parent)
-        # A snapshot (docs/benchmarks.md: git archive HEAD prefect_ws) names its commit here.
-        marker = Path(prefect_ws.__file__).parent.parent / "SNAPSHOT_COMMIT"
-        if marker.exists():
-            info["snapshot_commit"] = marker.read_text().strip()
+        package = Path(prefect_ws.__file__).resolve().parent
+        info["prefect_ws"] = "checkout" if package == ROOT / "prefect_ws" else str(package)
     with contextlib.suppress(Exception):
         info["git_head"] = subprocess.run(
             ["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"],
@@ -368,8 +370,9 @@ def print_table(title: str, columns: Sequence[str], rows: Sequence[Sequence[Any]
 
 
 def write_results(name: str, quick: bool, data: dict[str, Any]) -> Path:
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    path = RESULTS / f"{name}{'-quick' if quick else ''}.json"
+    results = results_dir()
+    results.mkdir(parents=True, exist_ok=True)
+    path = results / f"{name}{'-quick' if quick else ''}.json"
     payload = {
         "benchmark": name,
         "quick": quick,
@@ -380,7 +383,7 @@ def write_results(name: str, quick: bool, data: dict[str, Any]) -> Path:
         **data,
     }
     path.write_text(json.dumps(payload, indent=2) + "\n")
-    print(f"results written to {path.relative_to(ROOT)}", flush=True)
+    print(f"results written to {path}", flush=True)
     return path
 
 

@@ -3,7 +3,7 @@
 Prints one JSON line: final state, result, the flow's wall time and the process' CPU time over
 the same span (all threads; start-up and imports excluded), and with prefect-ws on the events
 it published, in how many round trips (batches) and the publisher thread's CPU time. The
-flow-run heartbeat is off (it adds ~1 s to every sync run; research/prefect.md §7).
+flow-run heartbeat is off: Prefect's heartbeat thread adds about 1 s to every sync run.
 """
 
 from __future__ import annotations

@@ -13,7 +13,7 @@ measures delivered events/s (first publish -> last frame at the last client); ``
 100 events/s and measures publish -> receive latency. Medians over repetitions; ratio =
 prefect-ws / naive from the same repetitions.
 
-``--multi-run RxC`` (default ``100x10``; ``--quick``: 3x2) adds the issue's many-runs case:
+``--multi-run RxC`` (default ``100x10``; ``--quick``: 3x2) adds the many-runs case:
 C clients on each of R runs, one publisher process emitting to all R runs in round-robin order
 (N events per run), clients in one or two processes. Flood as above; paced at 10 events/s per
 run. ``--loop`` picks the event loop of both servers (default asyncio).
@@ -39,7 +39,6 @@ from _common import (
     HERE,
     PYTHON,
     REDIS_URL,
-    RESULTS,
     add_loop_option,
     cleanup_redis,
     cpu_seconds,
@@ -50,6 +49,7 @@ from _common import (
     raise_nofile,
     ratio,
     redis_prefix,
+    results_dir,
     stop,
     top_frames,
     write_results,
@@ -256,7 +256,7 @@ def main() -> None:
         default="100x10",
         help="RUNSxCLIENTS cases, comma-separated (CLIENTS on each of RUNS runs); 'none' skips",
     )
-    parser.add_argument("--tag", default="", help="suffix for the result file, e.g. patched")
+    parser.add_argument("--tag", default="", help="suffix for the result file name")
     parser.add_argument(
         "--profile", action="store_true", help="py-spy each server in the first flood cases"
     )
@@ -304,7 +304,7 @@ def main() -> None:
                             proc, port = servers[mode]
                             label = f"K{clients}" if runs == 1 else f"R{runs}xK{clients}"
                             profile = (
-                                RESULTS / f"profile-fanout{suffix}-{mode}-{label}.txt"
+                                results_dir() / f"profile-fanout{suffix}-{mode}-{label}.txt"
                                 if args.profile and repeat == 0 and kind == "flood"
                                 else None
                             )

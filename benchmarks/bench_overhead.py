@@ -74,10 +74,10 @@ def main() -> None:
     parser.add_argument("--tag", default="", help="suffix for the result file")
     parser.add_argument("--prefect-api-url", default="", help="use this running Prefect server")
     parser.add_argument(
-        "--patched",
+        "--other",
         default="",
         metavar="PATH",
-        help="DAG: also run the 'on' side with prefect_ws imported from PATH (a patched copy)",
+        help="DAG: also run the 'on' side with prefect_ws imported from PATH (another version)",
     )
     args = parser.parse_args()
     calls = {"blocks": 20, "per_block": 2000}
@@ -115,8 +115,8 @@ def main() -> None:
                 sides = {"on": on, "off": off, "noop_hooks": noop, "on_memory": on_memory}
                 wanted = {"on", "off", *args.modes.split(",")}
                 modes = [(label, env) for label, env in sides.items() if label in wanted]
-                if args.patched:
-                    modes.append(("on_patched", {**on, "PYTHONPATH": args.patched}))
+                if args.other:
+                    modes.append(("on_other", {**on, "PYTHONPATH": args.other}))
                 shift = repeat % len(modes)
                 pair: dict[str, Any] = {}
                 for label, env in modes[shift:] + modes[:shift]:  # rotate who goes first
@@ -130,9 +130,9 @@ def main() -> None:
                 pair["noop_ratio"] = ratio(pair.get("noop_hooks"), pair["off"])
                 pair["memory_ratio"] = ratio(pair.get("on_memory"), pair["off"])
                 pair["cpu_ratio"] = ratio(pair["on_cpu"], pair["off_cpu"])
-                if args.patched:
-                    pair["patched_ratio"] = ratio(pair["on_patched"], pair["off"])
-                    pair["patched_cpu_ratio"] = ratio(pair["on_patched_cpu"], pair["off_cpu"])
+                if args.other:
+                    pair["other_ratio"] = ratio(pair["on_other"], pair["off"])
+                    pair["other_cpu_ratio"] = ratio(pair["on_other_cpu"], pair["off_cpu"])
                 dag.append(pair)
                 print(f"dag: {pair}", flush=True)
     finally:
@@ -156,11 +156,11 @@ def main() -> None:
         "dag_cpu_ratio": median([p["cpu_ratio"] for p in dag]),
         "dag_on_batches": median([p.get("on_batches") for p in dag]),
         "dag_on_publisher_cpu_s": median([p.get("on_publisher_cpu") for p in dag]),
-        "dag_on_patched_s": median([p.get("on_patched") for p in dag]),
-        "dag_patched_ratio": median([p.get("patched_ratio") for p in dag]),
-        "dag_patched_cpu_ratio": median([p.get("patched_cpu_ratio") for p in dag]),
-        "dag_patched_batches": median([p.get("on_patched_batches") for p in dag]),
-        "dag_patched_publisher_cpu_s": median([p.get("on_patched_publisher_cpu") for p in dag]),
+        "dag_on_other_s": median([p.get("on_other") for p in dag]),
+        "dag_other_ratio": median([p.get("other_ratio") for p in dag]),
+        "dag_other_cpu_ratio": median([p.get("other_cpu_ratio") for p in dag]),
+        "dag_other_batches": median([p.get("on_other_batches") for p in dag]),
+        "dag_other_publisher_cpu_s": median([p.get("on_other_publisher_cpu") for p in dag]),
         "hooks_none_us": median([h["none_us"] for h in hooks]),
         "hooks_ours_us": median([h["ours_us"] for h in hooks]),
         "hooks_noop_us": median([h["noop_us"] for h in hooks]),
@@ -228,23 +228,23 @@ def main() -> None:
             ]
         ],
     )
-    if args.patched:
+    if args.other:
         print_table(
-            f"Same runs, the 'on' side with prefect_ws from {args.patched}",
+            f"Same runs, the 'on' side with prefect_ws from {args.other}",
             [
-                "patched on s",
-                "patched on/off",
-                "patched CPU on/off",
-                "patched: round trips",
-                "patched: publisher CPU s",
+                "other on s",
+                "other on/off",
+                "other CPU on/off",
+                "other: round trips",
+                "other: publisher CPU s",
             ],
             [
                 [
-                    summary["dag_on_patched_s"],
-                    summary["dag_patched_ratio"],
-                    summary["dag_patched_cpu_ratio"],
-                    summary["dag_patched_batches"],
-                    summary["dag_patched_publisher_cpu_s"],
+                    summary["dag_on_other_s"],
+                    summary["dag_other_ratio"],
+                    summary["dag_other_cpu_ratio"],
+                    summary["dag_other_batches"],
+                    summary["dag_other_publisher_cpu_s"],
                 ]
             ],
         )
@@ -256,7 +256,7 @@ def main() -> None:
             "lines": args.lines,
             "calls": calls,
             "repeats": args.repeats,
-            "patched": args.patched or None,
+            "other": args.other or None,
             "summary": summary,
             "per_call": per_call,
             "hooks": hooks,

@@ -8,7 +8,7 @@ the baseline; then ``--cycles`` connect / first frame / close cycles on one open
 ``--events`` events streamed to ``--clients`` (10) clients on another run, then ``--cycles``
 cycles again. RSS after each phase; growth past the warm-up is what a leak would show.
 
-The full default run is the issue's size: **100k connect/disconnect cycles** in total, as two
+The full default run is **100k connect/disconnect cycles** in total, as two
 phases of 50,000 (before and after the stream), and **1M events** through the server, counted
 as delivered frames: 100,000 published events x 10 clients = 1,000,010 frames (with
 ``run_complete``). That takes several minutes here (cycles ran at 570-770/s); ``--quick`` is
@@ -95,7 +95,7 @@ def main() -> None:
         "--cycles",
         type=int,
         default=50_000,
-        help="cycles per phase; two phases, so 2 x 50,000 = the issue's 100k by default",
+        help="cycles per phase; two phases, so 2 x 50,000 = 100k by default",
     )
     parser.add_argument(
         "--events",

@@ -1,6 +1,6 @@
 """The naive baseline for the fan-out benchmark: one broadcaster subscription per client.
 
-This is ``shared/research/bench/bench_server.py`` on prefect-ws' own Redis backend (broadcaster's
+The textbook Starlette + broadcaster endpoint, on prefect-ws' own Redis backend (broadcaster's
 stock one delivers nothing with redis-py 8): every client calls ``broadcast.subscribe(run_id)``,
 so broadcaster keeps one unbounded queue per client and each client's task decodes nothing but
 sends every line of every message itself. No history, no ordering checks, no bounds. It sends

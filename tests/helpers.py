@@ -3,15 +3,50 @@
 from __future__ import annotations
 
 import asyncio
+import inspect
 import json
 import os
 import sys
+import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from websockets.asyncio.client import connect
 
 TESTS = Path(__file__).resolve().parent
+
+
+async def eventually(
+    probe: Callable[[], Any],
+    until: Callable[[Any], bool] = bool,
+    *,
+    timeout: float = 10.0,
+    interval: float = 0.02,
+) -> Any:
+    """Poll ``probe()`` (plain or async) until ``until(value)``; return that value.
+
+    Tests wait for a condition ("subscribed", "delivered", "closed"), never for a time: on a
+    loaded machine any fixed sleep is too short once. On timeout the failure says what was seen.
+    """
+    deadline = time.monotonic() + timeout
+    while True:
+        value = probe()
+        if inspect.isawaitable(value):
+            value = await value
+        if until(value):
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"not met within {timeout} s; last seen: {value!r}")
+        await asyncio.sleep(interval)
+
+
+def publisher_env(settings: Any) -> dict[str, str]:
+    """The environment a flow process needs to publish to the backend ``settings`` serve."""
+    return {
+        "PREFECT_WS_BROADCAST_URL": settings.broadcast_url,
+        "PREFECT_WS_REDIS_PREFIX": settings.redis_prefix,
+    }
 
 
 def create_flow_run(flow: Any, parameters: dict[str, Any] | None = None) -> str:

@@ -20,11 +20,13 @@ def main() -> None:
     from prefect.client.orchestration import get_client
     from prefect.flow_engine import run_flow
     from prefect.settings import PREFECT_FLOWS_HEARTBEAT_FREQUENCY, temporary_settings
+    from prefect.states import State
 
     with temporary_settings(updates={PREFECT_FLOWS_HEARTBEAT_FREQUENCY: None}):
         with get_client(sync_client=True) as client:
             flow_run = client.read_flow_run(UUID(run_id))
         state = run_flow(flow, flow_run=flow_run, parameters=parameters, return_type="state")
+    assert isinstance(state, State), state
     result = state.result(raise_on_failure=False) if state.is_completed() else None
     print(json.dumps({"state": state.type.value, "result": result}), flush=True)
 

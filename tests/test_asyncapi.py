@@ -14,7 +14,13 @@ from typing import Any
 import httpx
 import pytest
 import yaml
-from helpers import StreamRecorder, create_flow_run, run_flow_in_subprocess, stream_path
+from helpers import (
+    StreamRecorder,
+    create_flow_run,
+    publisher_env,
+    run_flow_in_subprocess,
+    stream_path,
+)
 from jsonschema import Draft202012Validator
 from referencing import Registry, Resource
 from referencing.jsonschema import DRAFT202012
@@ -88,7 +94,7 @@ def test_document_covers_the_protocol(document: dict[str, Any]) -> None:
 
 
 def test_schemas_reject_what_the_protocol_forbids(document: dict[str, Any]) -> None:
-    good = {
+    good: dict[str, Any] = {
         "v": 1, "type": "step_log", "runId": "0b6c3e4e-1a2b-4c5d-8e9f-0a1b2c3d4e5f", "seq": 1,
         "ts": "2026-11-29T00:31:02.123456Z",
         "payload": {"stepId": None, "taskRunId": None, "level": "INFO", "message": "m",
@@ -111,10 +117,7 @@ async def _capture_four_steps(base: str, settings: Settings, run_id: str) -> lis
     client = StreamRecorder(base + stream_path(run_id))
     task = asyncio.create_task(client.run(timeout=90))
     await client.connected.wait()
-    env = {
-        "PREFECT_WS_BROADCAST_URL": settings.broadcast_url,
-        "PREFECT_WS_REDIS_PREFIX": settings.redis_prefix,
-    }
+    env = publisher_env(settings)
     await run_flow_in_subprocess("sample_flows:four_steps", run_id, {"fail": True}, env=env)
     await task
     assert client.close_code == 1000
@@ -122,11 +125,7 @@ async def _capture_four_steps(base: str, settings: Settings, run_id: str) -> lis
 
 
 def _run_failing_workflow(base: str, settings: Settings) -> str:
-    env = {
-        **os.environ,
-        "PREFECT_WS_BROADCAST_URL": settings.broadcast_url,
-        "PREFECT_WS_REDIS_PREFIX": settings.redis_prefix,
-    }
+    env = {**os.environ, **publisher_env(settings)}
     done = subprocess.run(
         [sys.executable, "-c", "from prefect_ws.cli.main import main; main()", "run",
          "examples/failing.yaml", "--url", base],
@@ -181,7 +180,7 @@ def test_real_frames_match_the_schemas(
     events = messages[1:-1]
     assert all(name == "message" for name, _, _ in events)
     assert [data for _, _, data in events] == replay.frames
-    assert [int(i) for _, i, _ in events] == [json.loads(d)["seq"] for _, _, d in events]
+    assert [int(i or 0) for _, i, _ in events] == [json.loads(d)["seq"] for _, _, d in events]
     assert_valid(document, [data for _, _, data in events])
 
 

@@ -9,12 +9,14 @@ import re
 import time
 import uuid
 from collections.abc import Iterator
+from typing import Any
 
 import httpx
 import pytest
 from test_hostile import Server, publish_run, read_stream, refusal, stream_url
 from typer.testing import CliRunner
 from websockets.asyncio.client import connect
+from websockets.typing import Subprotocol
 
 from prefect_ws.cli.main import app as cli
 from prefect_ws.server.security.auth import (
@@ -163,16 +165,17 @@ def token_server() -> Iterator[Server]:
 async def test_token_accepted_in_header_query_and_subprotocol(token_server: Server) -> None:
     token = mint_token(token_server.run_id, secret=SECRET, ttl=60)
     url = stream_url(token_server.base, token_server.run_id)
-    ways = [
+    ways: list[dict[str, Any]] = [
         {"additional_headers": {"Authorization": f"Bearer {token}"}},
         {"url": stream_url(token_server.base, token_server.run_id, f"token={token}&since=2")},
         {"subprotocols": ["prefect-ws.v1", f"bearer.{token}"]},
     ]
-    async with connect(url, subprotocols=["prefect-ws.v1", f"bearer.{token}"], proxy=None) as ws:
+    offered = [Subprotocol("prefect-ws.v1"), Subprotocol(f"bearer.{token}")]
+    async with connect(url, subprotocols=offered, proxy=None) as ws:
         assert ws.subprotocol == "prefect-ws.v1"  # browsers require an answer; never the token
-        assert token not in str(ws.response.headers)
+        assert ws.response is not None and token not in str(ws.response.headers)
     for way in ways:
-        stream = await read_stream(str(way.pop("url", url)), **way)  # type: ignore[arg-type]
+        stream = await read_stream(str(way.pop("url", url)), **way)
         assert stream.code == 1000 and stream.events[-1]["type"] == "run_complete"
     assert [e["seq"] for e in stream.events] == [1, 2, 3, 4, 5]
     since = await read_stream(

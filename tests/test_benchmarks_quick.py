@@ -1,7 +1,8 @@
 """Every benchmark script runs end to end on tiny sizes (``--quick``), so none of them rots.
 
 Each runs as its own process, exactly as documented in docs/benchmarks.md, and must exit 0,
-print its Markdown table and write its JSON result. The two that run flows share one Prefect
+print its Markdown table and write its JSON result, here into a temporary directory
+(``BENCH_RESULTS_DIR``), never into the source tree. The two that run flows share one Prefect
 server (log stream flags on) started here, to stay well under a minute in total.
 """
 
@@ -29,8 +30,14 @@ def bench_prefect_api() -> Iterator[str]:
         yield env["PREFECT_API_URL"]
 
 
-def _run(script: str, *extra: str, timeout: float = 90) -> str:
+@pytest.fixture(scope="module")
+def results(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("bench-results")
+
+
+def _run(script: str, results: Path, *extra: str, timeout: float = 90) -> str:
     env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_WS_")}
+    env["BENCH_RESULTS_DIR"] = str(results)
     proc = subprocess.run(
         [sys.executable, str(BENCH / script), "--quick", *extra],
         capture_output=True,
@@ -43,15 +50,15 @@ def _run(script: str, *extra: str, timeout: float = 90) -> str:
     return proc.stdout
 
 
-def _result(name: str) -> dict:
-    data: dict = json.loads((BENCH / "results" / f"{name}-quick.json").read_text())
+def _result(results: Path, name: str) -> dict:
+    data: dict = json.loads((results / f"{name}-quick.json").read_text())
     assert data["quick"] is True and data["machine"]["cores"]
     return data
 
 
-def test_fanout_quick(redis_url: str) -> None:
-    _run("bench_fanout.py")
-    data = _result("fanout")
+def test_fanout_quick(redis_url: str, results: Path) -> None:
+    _run("bench_fanout.py", results)
+    data = _result(results, "fanout")
     assert data["loop"] == "asyncio"
     for row in data["summary"]:
         assert row["prefect-ws"]["all_delivered"], row  # prefect-ws loses nothing
@@ -63,51 +70,51 @@ def test_fanout_quick(redis_url: str) -> None:
     assert all(r["latency"]["n"] > 0 for r in flood if r["mode"] == "prefect-ws")
 
 
-def test_fanout_uvloop_quick(redis_url: str) -> None:
+def test_fanout_uvloop_quick(redis_url: str, results: Path) -> None:
     """``--loop uvloop`` for both servers; ``--clients none``: only the many-runs case."""
     pytest.importorskip("uvloop")
-    _run("bench_fanout.py", "--loop", "uvloop", "--clients", "none")
-    data = _result("fanout-uvloop")
+    _run("bench_fanout.py", results, "--loop", "uvloop", "--clients", "none")
+    data = _result(results, "fanout-uvloop")
     assert data["loop"] == "uvloop"
     assert [row["runs"] for row in data["summary"]] == [3]
     assert data["summary"][0]["prefect-ws"]["all_delivered"]
 
 
-def test_idle_quick(redis_url: str) -> None:
-    _run("bench_idle.py")
-    data = _result("idle")
+def test_idle_quick(redis_url: str, results: Path) -> None:
+    _run("bench_idle.py", results)
+    data = _result(results, "idle")
     assert all(r["held"] == r["target"] and r["failed"] == 0 for r in data["results"])
 
 
-def test_soak_quick(redis_url: str) -> None:
-    _run("bench_soak.py")
-    phases = _result("soak")["phases"]
+def test_soak_quick(redis_url: str, results: Path) -> None:
+    _run("bench_soak.py", results)
+    phases = _result(results, "soak")["phases"]
     events = next(p for p in phases if p["phase"] == "events")
     assert events["frames"] == events["expected"]
-    data = _result("soak")
+    data = _result(results, "soak")
     assert data["total_cycles"] == 2 * data["cycles"]
     assert data["frames_expected"] == events["expected"]
     assert all(p.get("failures", 0) == 0 for p in phases)
 
 
-def test_latency_quick(redis_url: str, bench_prefect_api: str) -> None:
-    _run("bench_latency.py", "--prefect-api-url", bench_prefect_api)
-    data = _result("latency")
+def test_latency_quick(redis_url: str, bench_prefect_api: str, results: Path) -> None:
+    _run("bench_latency.py", results, "--prefect-api-url", bench_prefect_api)
+    data = _result(results, "latency")
     for entry in data["summary"].values():
         assert entry["prefect_ws"]["received"] == data["lines"] * data["repeats"]
 
 
-def test_overhead_quick(redis_url: str, bench_prefect_api: str) -> None:
-    _run("bench_overhead.py", "--prefect-api-url", bench_prefect_api)
-    summary = _result("overhead")["summary"]
+def test_overhead_quick(redis_url: str, bench_prefect_api: str, results: Path) -> None:
+    _run("bench_overhead.py", results, "--prefect-api-url", bench_prefect_api)
+    summary = _result(results, "overhead")["summary"]
     assert summary["handler_us"] is not None and summary["dag_on_s"] > 0
 
 
-def test_encode_quick() -> None:
-    _run("bench_encode.py")
-    results = _result("encode")["results"]
-    variants = {r["variant"] for r in results}
+def test_encode_quick(results: Path) -> None:
+    _run("bench_encode.py", results)
+    encoded = _result(results, "encode")["results"]
+    variants = {r["variant"] for r in encoded}
     assert "encode, json" in variants
     if importlib.util.find_spec("orjson") is not None:
         assert "encode, orjson" in variants
-    assert all(r["median_us"] and r["median_us"] > 0 for r in results)
+    assert all(r["median_us"] and r["median_us"] > 0 for r in encoded)

@@ -1,4 +1,4 @@
-"""Delivery under stress and faults (issue 4): slow clients, Redis restarts, killed replicas.
+"""Delivery under stress and faults: slow clients, Redis restarts, killed replicas.
 
 Every test runs real processes: `prefect-ws serve` subprocesses, a throwaway redis-server,
 publishers in other processes or threads, and WebSocket clients that assert on `seq`.
@@ -33,7 +33,9 @@ from delivery_support import (
     servers,
     settings_for,
     stream_url,
+    watchers,
 )
+from helpers import eventually
 from websockets.asyncio.client import connect
 from websockets.exceptions import ConnectionClosed
 
@@ -249,7 +251,7 @@ def test_redis_killed_and_restarted_mid_run_loses_nothing(
             asyncio.create_task(receive(stream_url(base, run_id, "wait=60"), keep_text=True))
             for _ in range(4)
         ]
-        await asyncio.sleep(0.3)
+        await eventually(lambda: watchers(app, run_id), lambda n: n == 4)  # all attached
         publishers = [Publisher(settings), Publisher(settings)]  # two independent publishers
         threads = [
             threading.Thread(target=_emit_logs, args=(p, run_id, tag, per_publisher, 0.02))
@@ -257,7 +259,8 @@ def test_redis_killed_and_restarted_mid_run_loses_nothing(
         ]
         for thread in threads:
             thread.start()
-        await asyncio.sleep(0.6)
+        # Redis dies mid-run: once both publishers have stored some of their events.
+        await eventually(lambda: [p.published for p in publishers], lambda n: min(n) >= 20)
         await asyncio.to_thread(persistent_redis.kill)
         await asyncio.sleep(1.5)  # publishers buffer, the server's listener retries
         async with httpx.AsyncClient(base_url=http_base(base)) as client:
@@ -486,10 +489,13 @@ def test_redis_restarted_empty_is_reported_not_hidden(redis_server: Any, redis_p
 
     async def main(base: str) -> tuple[Received, Received, int]:
         run_id = new_run_id()
-        client = asyncio.create_task(receive(stream_url(base, run_id, "wait=30"), timeout=30))
+        seen = Received()
+        client = asyncio.create_task(
+            receive(stream_url(base, run_id, "wait=30"), timeout=30, received=seen)
+        )
         async with redis_backend(settings) as backend:
             await publish_logs(backend, run_id, 100, complete=False)
-            await asyncio.sleep(0.5)
+            await eventually(lambda: len(seen.seqs), lambda n: n == 100)  # all delivered
             await asyncio.to_thread(redis_server.kill)
             await asyncio.to_thread(redis_server.start)
             for _ in range(100):  # publish again once Redis answers: seq starts over at 1
@@ -586,9 +592,9 @@ def test_client_fallen_behind_retained_history_is_closed_1013_and_resumes(
             redis_backend(settings) as backend,
             connect(stream_url(base, run_id, "wait=30"), max_size=2**24, max_queue=1) as ws,
         ):
-            await asyncio.sleep(0.3)
+            assert '"type":"hello"' in str(await ws.recv())  # attached
             await publish_logs(backend, run_id, 10, size=size, complete=False)
-            async for message in ws:  # read hello and the first 10, then stop reading
+            async for message in ws:  # read the first 10, then stop reading
                 assert isinstance(message, str)
                 if not message.startswith('{"type":"hello"'):
                     seqs.append(json.loads(message)["seq"])

@@ -1,4 +1,4 @@
-"""Retention (issue 4, item 10): the defaults keep a 100k-line run for 24 h, at a measured cost.
+"""Retention: the defaults keep a 100k-line run for 24 h, at a measured cost.
 
 docs/delivery.md quotes the numbers this test prints (`MEMORY USAGE ... SAMPLES 0`).
 """

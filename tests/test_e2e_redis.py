@@ -9,6 +9,7 @@ from helpers import (
     StreamRecorder,
     assert_run_sequence,
     create_flow_run,
+    publisher_env,
     run_flow_in_subprocess,
     stream_path,
 )
@@ -23,13 +24,6 @@ def redis_settings(redis_url: str, redis_prefix: str) -> Settings:
     return Settings(broadcast_url=redis_url, redis_prefix=redis_prefix)
 
 
-def _publisher_env(settings: Settings) -> dict[str, str]:
-    return {
-        "PREFECT_WS_BROADCAST_URL": settings.broadcast_url,
-        "PREFECT_WS_REDIS_PREFIX": settings.redis_prefix,
-    }
-
-
 async def _watch_run(
     base_url: str, run_id: str, settings: Settings, fail: bool
 ) -> tuple[list[StreamRecorder], dict]:
@@ -37,7 +31,7 @@ async def _watch_run(
     tasks = [asyncio.create_task(c.run()) for c in clients]
     await asyncio.gather(*(c.connected.wait() for c in clients))
     report = await run_flow_in_subprocess(
-        "sample_flows:four_steps", run_id, {"fail": fail}, env=_publisher_env(settings)
+        "sample_flows:four_steps", run_id, {"fail": fail}, env=publisher_env(settings)
     )
     await asyncio.gather(*tasks)
     return clients, report

@@ -403,7 +403,7 @@ async def test_small_garbage_frames_are_ignored_and_the_run_still_arrives(server
         await ws.send('{"type":"subscribe","runId":"*"}')
         await asyncio.to_thread(publish_run, server.settings, 3, run_id)  # now the run happens
         async for message in ws:
-            if message.startswith('{"v":'):
+            if isinstance(message, str) and message.startswith('{"v":'):
                 events.append(json.loads(message))
     assert [e["seq"] for e in events] == [1, 2, 3, 4, 5]
     assert (ws.close_code, ws.close_reason) == (1000, "run complete")

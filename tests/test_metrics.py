@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-import asyncio
 import uuid
 
 import httpx
 import pytest
-from helpers import emit_small_run
+from helpers import emit_small_run, eventually
 from prometheus_client.parser import text_string_to_metric_families
 from test_hostile import ADMIN, KEYS, WAIT, read_stream, refusal, stream_url
 from websockets.asyncio.client import connect
@@ -62,23 +61,31 @@ async def test_metrics_follow_scripted_traffic() -> None:
         async with connect(
             stream_url(base, live, WAIT), additional_headers=ADMIN, proxy=None
         ) as ws:
-            await asyncio.sleep(0.2)  # subscribed
+            assert '"type":"hello"' in str(await ws.recv())  # hello: the client is attached
             during = await scrape(http)
             held = [
                 await connect(stream_url(base, live, WAIT), additional_headers=ADMIN, proxy=None)
                 for _ in range(2)
             ]
             assert (await refusal(stream_url(base, live), additional_headers=ADMIN))[0] == 429
-            await asyncio.sleep(0.2)  # all three subscribed and caught up
+            for other in held:  # all three attached and caught up
+                assert '"type":"hello"' in str(await other.recv())
             emit_small_run(publisher, live, logs=10)
             assert publisher.flush(10)
-            received = [m async for m in ws if m.startswith('{"v":')]  # events, not hello
+            received = [m async for m in ws if str(m).startswith('{"v":')]  # events, not hello
             for other in held:
-                assert len([m async for m in other if m.startswith('{"v":')]) == 12
+                assert len([m async for m in other if str(m).startswith('{"v":')]) == 12
         publisher.close()
         assert len(received) == 12 and ws.close_code == 1000
-        await asyncio.sleep(0.2)
-        after = await scrape(http)
+        # The server counts a connection's close when its handler ends, after the client's.
+        after = await eventually(
+            lambda: scrape(http),
+            lambda now: (
+                delta(now, before, "prefect_ws_closes_total", code="1000") >= 5
+                and delta(now, before, "prefect_ws_connections_open", transport="ws") == 0
+                and now[("prefect_ws_runs_active", ())] == 0
+            ),
+        )
 
     assert during[("prefect_ws_runs_active", ())] == 1
     assert during[("prefect_ws_clients_lagging", ())] == 0

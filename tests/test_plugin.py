@@ -83,3 +83,25 @@ def test_plugin_leaves_a_users_own_logging_config_alone(tmp_path: Path) -> None:
             os.environ["PREFECT_HOME"] = old
     assert result is not None and result.env == {}
     assert "add the prefect-ws handler" in (result.note or "")
+
+
+def test_packaged_logging_config_is_prefects_default_plus_our_handler() -> None:
+    """The plugin's logging.yml is a copy of Prefect's default: fails when Prefect's changes."""
+    import yaml
+    from prefect.logging.configuration import DEFAULT_LOGGING_SETTINGS_PATH
+
+    from prefect_ws.publish.plugin import LOGGING_CONFIG
+
+    prefects = yaml.safe_load(DEFAULT_LOGGING_SETTINGS_PATH.read_text())
+    ours = yaml.safe_load(LOGGING_CONFIG.read_text())
+    handler = ours["handlers"].pop("prefect_ws")
+    assert handler["class"] == "prefect_ws.log_handler.PrefectWsHandler"
+    with_ours = [
+        name
+        for name, logger in ours["loggers"].items()
+        if "prefect_ws" in logger.get("handlers", [])
+    ]
+    assert with_ours == ["prefect.flow_runs", "prefect.task_runs"]
+    for name in with_ours:
+        ours["loggers"][name]["handlers"].remove("prefect_ws")
+    assert ours == prefects

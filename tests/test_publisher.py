@@ -36,11 +36,11 @@ def test_each_threads_order_is_kept(redis_url: str, redis_prefix: str) -> None:
     events = redis_history(redis_url, redis_prefix, RUN)
     assert [e["seq"] for e in events] == list(range(1, 2002))
     assert events[-1]["type"] == "run_complete"
-    for thread in range(4):
+    for writer in range(4):
         mine = [
             int(e["payload"]["message"])
             for e in events
-            if e["payload"].get("stepId") == f"t{thread}"
+            if e["payload"].get("stepId") == f"t{writer}"
         ]
         assert mine == list(range(500))
 

@@ -1,5 +1,6 @@
 """Transport: our Redis backend on redis-py 8 (broadcaster's own loses every message there),
-atomic per-run seq, capped history, resubscription after a Redis restart; the memory backend."""
+atomic per-run seq, capped history, resubscription after a Redis restart; the memory backend;
+the backend interface (an ABC) and the one error it raises when its store is down."""
 
 from __future__ import annotations
 
@@ -10,7 +11,14 @@ import threading
 import pytest
 import redis as redis_sync
 
-from prefect_ws.backends import RESYNC, MemoryBackend, RedisBackend, create_transport
+from prefect_ws.backends import (
+    RESYNC,
+    BackendUnavailable,
+    MemoryBackend,
+    RedisBackend,
+    StreamBackend,
+    create_transport,
+)
 from prefect_ws.protocol.events import encode, frames_from_message
 from prefect_ws.settings import Settings
 
@@ -231,3 +239,39 @@ def test_memory_backend_delivers_across_threads_with_history() -> None:
 def test_settings_reject_unknown_schemes() -> None:
     with pytest.raises(ValueError, match="unsupported broadcast URL"):
         Settings(broadcast_url="kafka://localhost")
+
+
+def test_a_backend_missing_a_method_cannot_be_made() -> None:
+    class HistoryOnly(StreamBackend):
+        def __init__(self, url: str) -> None: ...
+
+        async def history(self, run_id: str, after: int, limit: int) -> list[str]:
+            return []
+
+    with pytest.raises(TypeError, match="abstract") as refused:
+        HistoryOnly("memory://")  # type: ignore[abstract]
+    for method in ("connect", "publish", "next_published", "info", "ping"):
+        assert method in str(refused.value)
+
+
+def test_redis_down_raises_backend_unavailable_not_redis_errors(redis_server) -> None:
+    """Server code catches one error type; a stopped Redis must produce exactly that one."""
+    redis_server.kill()
+
+    async def main() -> list[BaseException]:
+        backend = RedisBackend(redis_server.url, prefix="down", history_maxlen=10)
+        raised: list[BaseException] = []
+        for call in (
+            backend.ping(),
+            backend.info(RUN),
+            backend.history(RUN, 0, 10),
+            backend.recent_runs(5),
+            backend.publish(RUN, drafts(1)),
+        ):
+            with pytest.raises(BackendUnavailable) as caught:
+                await call
+            raised.append(caught.value)
+        return raised
+
+    for error in asyncio.run(main()):
+        assert str(error).startswith("redis: ")

@@ -67,13 +67,16 @@ def _run(publisher: Publisher, run_id: str, sizes: list[int]) -> None:
     publisher.emit(run_id, "run_complete", {"status": "completed", "duration": 0.1})
 
 
-async def _read(url: str) -> tuple[list[str], int | None]:
+async def _read(url: str, attached: asyncio.Event | None = None) -> tuple[list[str], int | None]:
+    """The stream's texts and close code; ``attached`` is set at hello (the client is attached)."""
     messages: list[str] = []
     async with asyncio.timeout(20):
         async with connect(url, compression=None, proxy=None, max_size=2**22) as ws:
             async for message in ws:
                 assert isinstance(message, str)
                 messages.append(message)
+                if attached is not None:
+                    attached.set()
     return messages, ws.close_code
 
 
@@ -93,8 +96,9 @@ def test_live_and_replayed_streams_carry_every_size_intact(
 
     async def scenario(base: str) -> tuple[list[str], list[str]]:
         url = f"{base}/api/v2/workflows/runs/{run_id}/stream"
-        live = asyncio.create_task(_read(f"{url}?wait=20"))
-        await asyncio.sleep(0.3)  # subscribed and waiting
+        attached = asyncio.Event()
+        live = asyncio.create_task(_read(f"{url}?wait=20", attached))
+        await asyncio.wait_for(attached.wait(), 20)
         publisher = Publisher(settings)
         _run(publisher, run_id, sizes)
         assert publisher.flush(10)

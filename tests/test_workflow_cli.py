@@ -11,6 +11,7 @@ import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from uuid import UUID
 
 import pytest
 from helpers import assert_run_sequence, stream_path
@@ -22,7 +23,7 @@ from prefect_ws.settings import Settings
 
 ROOT = Path(__file__).resolve().parent.parent
 CLI = [sys.executable, "-c", "from prefect_ws.cli.main import main; main()"]
-DIAMOND_LOGS = {
+DIAMOND_LOGS: dict[str | None, list[str]] = {
     "extract": ["extracting 10 rows", "extracted 10 rows"],
     "transform_sum": ["summing 10 values", "sum is 453"],
     "transform_max": ["scanning 10 values for the maximum", "maximum is 94"],
@@ -130,11 +131,13 @@ def test_deployable_flow_runs_like_a_worker_runs_it(redis_hub: tuple[str, dict[s
             "flows/workflow.py:workflow", name="diamond-test", parameters=parameters
         )
         deployment_id = deployment.apply()
+        assert isinstance(deployment_id, UUID)
     finally:
         os.chdir(previous)
     with get_client(sync_client=True) as client:
         stored = client.read_deployment(deployment_id)
         assert stored.entrypoint == "flows/workflow.py:workflow"
+        assert stored.parameter_openapi_schema is not None
         assert set(stored.parameter_openapi_schema["properties"]) == {
             "definition",
             "parameters",
@@ -169,7 +172,7 @@ def test_deployable_flow_runs_like_a_worker_runs_it(redis_hub: tuple[str, dict[s
     assert events[-1]["payload"]["status"] == "completed"
     with get_client(sync_client=True) as client:
         finished = client.read_flow_run(flow_run.id)
-    assert finished.state.type.value == "COMPLETED"
+    assert finished.state is not None and finished.state.type.value == "COMPLETED"
     assert finished.name == start["flowRunName"]
 
 

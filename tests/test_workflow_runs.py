@@ -17,6 +17,7 @@ from collections.abc import Iterator
 from datetime import datetime
 from pathlib import Path
 from typing import Any
+from uuid import UUID
 
 import pytest
 from helpers import assert_run_sequence, stream_path
@@ -199,7 +200,8 @@ def test_failing_workflow_skips_descendants_keeps_independent_branch(hub: str) -
     assert done["steps"] == {"completed": 2, "failed": 1, "skipped": 2, "cancelled": 0}
     assert "validate" in done["error"]
     with get_client(sync_client=True) as prefect:
-        assert prefect.read_flow_run(result.run_id).state.type.value == "FAILED"
+        state = prefect.read_flow_run(UUID(result.run_id)).state
+    assert state is not None and state.type.value == "FAILED"
 
 
 def test_retries_emit_a_new_step_start_with_the_attempt(hub: str, tmp_path: Path) -> None:
@@ -402,7 +404,7 @@ def test_python_step_timeouts(hub: str) -> None:
 # -- scale ----------------------------------------------------------------------------------------
 def test_200_step_random_dag(hub: str) -> None:
     rng = random.Random(20261129)
-    steps = []
+    steps: list[dict[str, Any]] = []
     for i in range(200):
         earlier = [f"s{j:03d}" for j in range(max(0, i - 25), i)]
         needs = rng.sample(earlier, k=min(len(earlier), rng.randint(0, 3)))

@@ -6,13 +6,14 @@ from dataclasses import dataclass
 
 from broadcaster import Broadcast
 
-from prefect_ws.backends.base import RESYNC, RunInfo, StreamBackend
+from prefect_ws.backends.base import RESYNC, BackendUnavailable, RunInfo, StreamBackend
 from prefect_ws.backends.memory import MemoryBackend
 from prefect_ws.backends.redis import RedisBackend
 from prefect_ws.settings import Settings
 
 __all__ = [
     "RESYNC",
+    "BackendUnavailable",
     "MemoryBackend",
     "RedisBackend",
     "RunInfo",

@@ -6,25 +6,52 @@ atomically, stores it in the run's capped history and publishes the finished eve
 message, one event per line. Subscribers receive those lines, plus an empty message
 (:data:`RESYNC`) each time the backend (re)subscribes to a channel: events may have been missed
 before that point, so the hub reconciles its clients from history.
+
+:class:`StreamBackend` is an ABC: a backend that leaves out a method cannot be instantiated.
+A backend that cannot reach its store raises :class:`BackendUnavailable`, the one error server
+code catches (its own client library's error types stay inside the backend).
 """
 
 from __future__ import annotations
 
-from abc import abstractmethod
+from abc import ABC, abstractmethod
 from dataclasses import dataclass
-from typing import Final
+from typing import Any, Final
 
-from broadcaster import BroadcastBackend
+from broadcaster import BroadcastBackend, Event
 
 from prefect_ws.protocol.events import Draft
 
 RESYNC: Final = ""
 
 
-class StreamBackend(BroadcastBackend):
+class BackendUnavailable(Exception):
+    """The backend's store did not answer (down, restarting, out of connections): retry later."""
+
+
+class StreamBackend(BroadcastBackend, ABC):
     """A broadcaster backend with ordered, per-run history."""
 
     name: str = "backend"
+
+    @abstractmethod
+    async def connect(self) -> None: ...
+
+    @abstractmethod
+    async def disconnect(self) -> None: ...
+
+    @abstractmethod
+    async def subscribe(self, channel: str) -> None: ...
+
+    @abstractmethod
+    async def unsubscribe(self, channel: str) -> None: ...
+
+    @abstractmethod
+    async def publish(self, channel: str, message: Any) -> None:
+        """Store and publish one run's drafts (``message``: a list of :class:`Draft`)."""
+
+    @abstractmethod
+    async def next_published(self) -> Event: ...
 
     @abstractmethod
     async def history(self, run_id: str, after: int, limit: int) -> list[str]:

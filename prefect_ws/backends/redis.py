@@ -26,7 +26,13 @@ from broadcaster import Event
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import MaxConnectionsError, RedisError
 
-from prefect_ws.backends.base import RESYNC, RecentRun, RunInfo, StreamBackend
+from prefect_ws.backends.base import (
+    RESYNC,
+    BackendUnavailable,
+    RecentRun,
+    RunInfo,
+    StreamBackend,
+)
 from prefect_ws.protocol.events import Draft
 
 logger = logging.getLogger("prefect_ws.transport")
@@ -199,7 +205,9 @@ class RedisBackend(StreamBackend):
         )
 
     async def ping(self) -> None:
-        await asyncio.wait_for(self._redis.ping(), timeout=2.0)
+        await self._once_more_on_stale_connection(
+            lambda: asyncio.wait_for(self._redis.ping(), timeout=2.0)
+        )
 
     @property
     def _recent_key(self) -> str:
@@ -209,25 +217,38 @@ class RedisBackend(StreamBackend):
         """Newest first, from the sorted set the publish script keeps (run channel -> last time)."""
         if limit <= 0:
             return []
-        members: Any = await self._redis.zrevrange(self._recent_key, 0, limit - 1, withscores=True)
-        channels = [member.decode("utf-8", "replace") for member, _ in members]
-        heads: Any = await self._redis.mget([f"{c}:seq" for c in channels]) if channels else []
-        return [
-            RecentRun(channel[len(self._prefix) + 2 : -1], float(score), int(head or 0))
-            for channel, (_, score), head in zip(channels, members, heads, strict=True)
-        ]
+
+        async def read() -> list[RecentRun]:
+            members: Any = await self._redis.zrevrange(
+                self._recent_key, 0, limit - 1, withscores=True
+            )
+            channels = [member.decode("utf-8", "replace") for member, _ in members]
+            heads: Any = await self._redis.mget([f"{c}:seq" for c in channels]) if channels else []
+            return [
+                RecentRun(channel[len(self._prefix) + 2 : -1], float(score), int(head or 0))
+                for channel, (_, score), head in zip(channels, members, heads, strict=True)
+            ]
+
+        return await self._once_more_on_stale_connection(read)
 
     async def _once_more_on_stale_connection(self, command: Callable[[], Awaitable[T]]) -> T:
-        """Run a command; after a Redis restart the pooled connections are dead: retry once."""
+        """Run a command; after a Redis restart the pooled connections are dead: retry once.
+
+        Every command the server awaits goes through here, so Redis' own errors end here too:
+        what leaves is :class:`BackendUnavailable`.
+        """
         try:
-            return await command()
-        except MaxConnectionsError:
-            raise
-        except (ConnectionError, RedisConnectionError):
-            # Only idle connections: in-use ones belong to other clients' commands, which
-            # cutting would fail in turn (and make them cut ours).
-            await self._redis.connection_pool.disconnect(inuse_connections=False)
-            return await command()
+            try:
+                return await command()
+            except MaxConnectionsError:
+                raise
+            except (ConnectionError, RedisConnectionError):
+                # Only idle connections: in-use ones belong to other clients' commands, which
+                # cutting would fail in turn (and make them cut ours).
+                await self._redis.connection_pool.disconnect(inuse_connections=False)
+                return await command()
+        except _NETWORK_ERRORS as exc:
+            raise BackendUnavailable(f"redis: {exc or type(exc).__name__}") from exc
 
     async def _open_pubsub(self) -> None:
         """Connect and subscribe the anchor and every channel, then publish the connection.

@@ -9,6 +9,7 @@ from typing import Any
 import typer
 from pydantic import ValidationError
 
+from prefect_ws.clients import tail_args
 from prefect_ws.settings import Settings
 
 app = typer.Typer(
@@ -127,41 +128,62 @@ def run(
 
 @app.command()
 def tail(
-    run_id: str = typer.Argument(..., help="The flow run id (UUID)."),
+    run_id: str = typer.Argument(
+        ..., metavar="RUN_ID", help="The flow run id (UUID).", parser=tail_args.parse_run_id
+    ),
     url: str = typer.Option(
-        "ws://127.0.0.1:8000", envvar="PREFECT_WS_URL", help="Server base URL (ws:// or wss://)."
+        "ws://127.0.0.1:8000",
+        envvar="PREFECT_WS_URL",
+        help="Server base URL (ws:// or wss://).",
+        parser=tail_args.parse_base_url,
     ),
-    since: int = typer.Option(0, help="Start after this seq (resume)."),
+    since: int = typer.Option(0, min=0, max=tail_args.MAX_SINCE, help="Start after this seq."),
     types: list[str] = typer.Option(  # noqa: B008
-        [], "--types", help="Only these event types (comma-separated or repeated)."
+        [],
+        "--types",
+        help="Only these event types (comma-separated or repeated).",
+        parser=tail_args.parse_types,
     ),
-    step: list[str] = typer.Option([], "--step", help="Only these steps (repeatable)."),  # noqa: B008
-    level: str = typer.Option(None, help="Minimum log level: DEBUG, INFO, WARNING, ERROR."),
-    token: str = typer.Option(None, envvar="PREFECT_WS_TOKEN", help="Access token, if required."),
+    step: list[str] = typer.Option(  # noqa: B008
+        [], "--step", help="Only these steps (repeatable).", parser=tail_args.parse_step
+    ),
+    level: str = typer.Option(
+        None,
+        help="Minimum log level: DEBUG, INFO, WARNING, ERROR.",
+        parser=tail_args.parse_level,
+    ),
+    token: str = typer.Option(
+        None,
+        envvar="PREFECT_WS_TOKEN",
+        help="Access token, if required.",
+        parser=tail_args.parse_token,
+    ),
     json_lines: bool = typer.Option(False, "--json", help="One event per line, as received."),
     wait: float = typer.Option(
-        None, help="Wait up to this many seconds for a run that has not started yet."
+        None,
+        min=0,
+        max=tail_args.MAX_WAIT,
+        help="Wait up to this many seconds for a run that has not started yet.",
     ),
 ) -> None:
-    """Follow a run live; exit 0 if it completed, 1 if it failed, 3 if the stream was refused."""
-    from prefect_ws.clients.tail import EXIT_USAGE, UsageError, make_options
+    """Follow a run live; exit 0 if it completed, 1 if it failed, 3 if the stream was refused.
+
+    Every argument is checked by typer before anything connects: bad input exits 2.
+    """
+    from prefect_ws.clients.tail import TailOptions
     from prefect_ws.clients.tail import tail as run_tail
 
-    try:
-        options = make_options(
-            run_id,
-            url=url,
-            since=since,
-            types=types,
-            steps=step,
-            level=level,
-            token=token,
-            json=json_lines,
-            wait=wait,
-        )
-    except UsageError as exc:
-        typer.secho(f"prefect-ws tail: {exc}", err=True, fg="red")
-        raise typer.Exit(EXIT_USAGE) from None
+    options = TailOptions(
+        base_url=url,
+        run_id=run_id,
+        since=since,
+        types=tail_args.event_types(types),
+        steps=tuple(s for s in step if s),
+        level=level,
+        token=token or None,
+        json=json_lines,
+        wait=wait,
+    )
     raise typer.Exit(run_tail(options))
 
 

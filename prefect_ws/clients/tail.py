@@ -15,7 +15,6 @@ import time
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any, Final, TextIO
-from urllib.parse import urlsplit, urlunsplit
 
 from rich.console import Console, Group, RenderableType
 from rich.progress_bar import ProgressBar
@@ -25,7 +24,7 @@ from rich.text import Text
 
 from prefect_ws.clients.console import STATUS_STYLES, render_event
 from prefect_ws.clients.follow import StreamError, follow_messages
-from prefect_ws.protocol.events import EVENT_TYPES, canonical_run_id
+from prefect_ws.clients.tail_args import LEVELS
 
 # Exit codes: a script can tell a failed run from a refused or unreachable stream.
 EXIT_COMPLETED: Final = 0
@@ -33,14 +32,6 @@ EXIT_RUN_FAILED: Final = 1
 EXIT_USAGE: Final = 2
 EXIT_STREAM_ERROR: Final = 3
 EXIT_INTERRUPTED: Final = 130
-
-LEVELS: Final = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
-MAX_SINCE: Final = 2**53
-MAX_WAIT: Final = 86_400
-
-
-class UsageError(ValueError):
-    """A command-line value that cannot work; the message says which and why."""
 
 
 @dataclass(frozen=True)
@@ -56,100 +47,6 @@ class TailOptions:
     token: str | None = None
     json: bool = False
     wait: float | None = None
-
-
-def parse_base_url(raw: str) -> str:
-    """``ws://``/``wss://`` (or ``http://``/``https://``, mapped) host and optional path prefix."""
-    text = raw.strip()
-    try:
-        parts = urlsplit(text)
-        port = parts.port  # raises on a malformed port
-    except ValueError as exc:
-        raise UsageError(f"invalid --url {raw!r}: {exc}") from None
-    scheme = {"http": "ws", "https": "wss"}.get(parts.scheme.lower(), parts.scheme.lower())
-    if scheme not in ("ws", "wss"):
-        raise UsageError(f"invalid --url {raw!r}: expected ws://host:port or wss://host")
-    if not parts.hostname:
-        raise UsageError(f"invalid --url {raw!r}: no host")
-    if parts.query or parts.fragment or parts.username or parts.password:
-        raise UsageError(f"invalid --url {raw!r}: no query, fragment or credentials (use --token)")
-    if any(ch.isspace() or ord(ch) < 32 for ch in text):
-        raise UsageError(f"invalid --url {raw!r}: contains whitespace or control characters")
-    del port
-    return urlunsplit((scheme, parts.netloc, parts.path.rstrip("/"), "", ""))
-
-
-def parse_run_id(raw: str) -> str:
-    run_id = canonical_run_id(raw)
-    if run_id is None:
-        raise UsageError(f"invalid RUN_ID {raw[:80]!r}: expected a flow run UUID")
-    return run_id
-
-
-def parse_types(values: list[str]) -> tuple[str, ...]:
-    """``--types a,b --types c`` -> ``(a, b, c)``, each a known event type."""
-    types: list[str] = []
-    for value in values:
-        for item in value.split(","):
-            name = item.strip()
-            if not name:
-                continue
-            if name not in EVENT_TYPES:
-                raise UsageError(
-                    f"invalid --types value {name[:40]!r}: expected any of {', '.join(EVENT_TYPES)}"
-                )
-            if name not in types:
-                types.append(name)
-    return tuple(types)
-
-
-def parse_level(raw: str | None) -> str | None:
-    if raw is None:
-        return None
-    level = raw.strip().upper()
-    if level not in LEVELS:
-        raise UsageError(f"invalid --level {raw[:40]!r}: expected one of {', '.join(LEVELS)}")
-    return level
-
-
-def parse_steps(values: list[str]) -> tuple[str, ...]:
-    steps = tuple(v for v in values if v)
-    for step in steps:
-        if len(step) > 200 or any(ord(ch) < 32 for ch in step):
-            raise UsageError(f"invalid --step {step[:40]!r}: too long or has control characters")
-    return steps
-
-
-def make_options(
-    run_id: str,
-    *,
-    url: str,
-    since: int = 0,
-    types: list[str] | None = None,
-    steps: list[str] | None = None,
-    level: str | None = None,
-    token: str | None = None,
-    json: bool = False,
-    wait: float | None = None,
-) -> TailOptions:
-    """Validate every argument up front, so a typo fails in milliseconds with a clear message."""
-    if not 0 <= since <= MAX_SINCE:
-        raise UsageError(f"invalid --since {since}: expected a seq between 0 and {MAX_SINCE}")
-    if wait is not None and not 0 <= wait <= MAX_WAIT:
-        raise UsageError(f"invalid --wait {wait:g}: expected seconds between 0 and {MAX_WAIT}")
-    if token is not None and (not token.strip() or any(ord(ch) < 33 for ch in token)):
-        raise UsageError("invalid --token: empty or contains whitespace/control characters")
-    return TailOptions(
-        base_url=parse_base_url(url),
-        run_id=parse_run_id(run_id),
-        since=since,
-        types=parse_types(types or []),
-        steps=parse_steps(steps or []),
-        level=parse_level(level),
-        token=token or None,
-        json=json,
-        wait=wait,
-    )
 
 
 def wanted(event: dict[str, Any], options: TailOptions) -> bool:
@@ -467,8 +364,6 @@ __all__ = [
     "EXIT_USAGE",
     "RunView",
     "TailOptions",
-    "UsageError",
-    "make_options",
     "run_tail",
     "tail",
 ]

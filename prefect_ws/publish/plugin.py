@@ -16,8 +16,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from prefect._internal.plugins.manager import register_hook
-from prefect._internal.plugins.spec import SetupResult
+from prefect.plugins import SetupResult, register_hook
 
 from prefect_ws.publish.log_handler import install_log_handler
 

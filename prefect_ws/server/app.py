@@ -9,7 +9,6 @@ import logging
 from collections.abc import AsyncIterator
 from typing import Any
 
-from redis.exceptions import RedisError
 from starlette.applications import Starlette
 from starlette.requests import HTTPConnection, Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
@@ -17,7 +16,7 @@ from starlette.routing import Route, WebSocketRoute
 from starlette.types import Receive, Scope, Send
 from starlette.websockets import WebSocket, WebSocketDisconnect
 
-from prefect_ws.backends import Transport, create_transport
+from prefect_ws.backends import BackendUnavailable, Transport, create_transport
 from prefect_ws.protocol import closecodes
 from prefect_ws.protocol.events import Frame, frame_from_text
 from prefect_ws.protocol.frames import FRAMES_EXTENSION, coalesce
@@ -152,7 +151,7 @@ class StreamEndpoint:
                 open_stream(hub, request, subscription),
                 websocket.app.state.watchdog,
             )
-        except RedisError as exc:  # Redis down: expected, no stack trace
+        except BackendUnavailable as exc:  # backend down: expected, no stack trace
             logger.warning("stream for run %s: backend unavailable (%s)", request.run_id, exc)
             close = (closecodes.TRY_AGAIN_LATER, BACKEND_UNAVAILABLE)
         except (WebSocketDisconnect, OSError):
@@ -186,7 +185,7 @@ async def events_endpoint(request: Request) -> Response:
         return _error(400, str(exc))
     try:
         return await _history_page(transport, settings, stream_request, limit)
-    except RedisError as exc:
+    except BackendUnavailable as exc:
         logger.warning("history for run %s: backend unavailable (%s)", stream_request.run_id, exc)
         return _error(503, BACKEND_UNAVAILABLE)
 
@@ -234,7 +233,7 @@ async def sse_endpoint(request: Request) -> Response:
     if stream_request.wait is None:
         try:
             info = await hub.transport.backend.info(stream_request.run_id)
-        except RedisError as exc:
+        except BackendUnavailable as exc:
             logger.warning(
                 "stream for run %s: backend unavailable (%s)", stream_request.run_id, exc
             )

@@ -13,8 +13,7 @@ import json
 from collections.abc import AsyncIterator
 from typing import cast
 
-from redis.exceptions import RedisError
-
+from prefect_ws.backends import BackendUnavailable
 from prefect_ws.protocol import closecodes
 from prefect_ws.protocol.events import Frame
 from prefect_ws.server.hub import StreamClosed
@@ -47,7 +46,7 @@ async def sse_body(
             await queue.put(StreamClosed(closecodes.RUN_COMPLETE, "run complete"))
         except StreamClosed as closed:
             await queue.put(closed)
-        except RedisError:  # Redis down: the client reconnects with Last-Event-ID
+        except BackendUnavailable:  # backend down: the client reconnects with Last-Event-ID
             await queue.put(StreamClosed(closecodes.TRY_AGAIN_LATER, "backend unavailable"))
 
     producer = asyncio.create_task(produce())

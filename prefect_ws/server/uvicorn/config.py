@@ -21,7 +21,7 @@ def uvicorn_config(settings: Settings, *, host: str, port: int, **overrides: Any
     """uvicorn's config for prefect-ws.
 
     permessage-deflate is off: ~200-byte JSON events gain little from it while it doubles CPU
-    and memory per connection (measured in shared/research/broadcaster.md §4, §6). Inbound
+    and memory per connection (measured on uvicorn 0.54 / websockets 16). Inbound
     frames are capped small: clients have nothing to send but pings.
     """
     options: dict[str, Any] = {
