@@ -50,6 +50,11 @@ def serve(
     insecure: bool = typer.Option(
         False, "--insecure", help="Allow a non-loopback address without authentication."
     ),
+    forwarded_allow_ips: str = typer.Option(
+        None,
+        help="Comma-separated proxy addresses whose X-Forwarded-For is believed "
+        "[default: PREFECT_WS_FORWARDED_ALLOW_IPS or none].",
+    ),
 ) -> None:
     """Serve the WebSocket hub (uvicorn)."""
     import uvicorn
@@ -57,7 +62,12 @@ def serve(
     from prefect_ws.server.security.auth import Authenticator, UnsafeBind, check_bind
     from prefect_ws.server.uvicorn.config import uvicorn_config
 
-    settings = _settings(host=host, port=port, broadcast_url=broadcast_url)
+    settings = _settings(
+        host=host,
+        port=port,
+        broadcast_url=broadcast_url,
+        forwarded_allow_ips=forwarded_allow_ips,
+    )
     try:
         check_bind(
             settings.host,

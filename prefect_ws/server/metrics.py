@@ -44,6 +44,12 @@ CLOSES = Counter(
     ["code"],
     registry=None,
 )
+ABORTS = Counter(
+    "prefect_ws_aborts",
+    "Connections aborted below the app, by reason (write_stalled: a client that stopped reading).",
+    ["reason"],
+    registry=None,
+)
 EVENTS_RECEIVED = Counter(
     "prefect_ws_events_received",
     "Events published to this process by the backend (live), before fan-out.",
@@ -83,6 +89,10 @@ def connection_closed(transport: str) -> None:
 
 def refused(reason: str) -> None:
     REFUSALS.labels(reason).inc()
+
+
+def aborted(reason: str) -> None:
+    ABORTS.labels(reason).inc()
 
 
 def closed(code: int) -> None:
@@ -164,6 +174,7 @@ _SHARED: Final = (
     CONNECTIONS,
     REFUSALS,
     CLOSES,
+    ABORTS,
     EVENTS_RECEIVED,
     EVENTS_DELIVERED,
     REPLAYS,

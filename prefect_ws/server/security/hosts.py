@@ -1,0 +1,63 @@
+"""Which ``Host`` a request may name: the defence against DNS rebinding.
+
+A page on ``rebind.attacker.test`` whose name resolves to this server sends ``Host:
+rebind.attacker.test``, and its ``Origin`` matches that host, so a same-origin check alone lets it
+read every run. Requests must name a host of this server: ``PREFECT_WS_ALLOWED_HOSTS``, by default
+the bound address, ``localhost``, the loopback addresses and the host of ``PREFECT_WS_PUBLIC_URL``.
+Matching is Starlette's ``TrustedHostMiddleware`` (exact names, or ``*.example.com``; the port
+is ignored); a refusal is ``400 invalid host header``.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Final
+from urllib.parse import urlsplit
+
+from starlette.middleware.trustedhost import TrustedHostMiddleware
+from starlette.types import ASGIApp, Receive, Scope, Send
+
+from prefect_ws.server.security.outcome import Refusal, outcome_of, refuse
+from prefect_ws.settings import Settings
+
+LOOPBACK_NAMES: Final = ("localhost", "127.0.0.1", "::1", "[::1]")
+_PASSED: Final = "prefect_ws.host_allowed"
+
+
+def allowed_hosts(settings: Settings) -> list[str]:
+    """``PREFECT_WS_ALLOWED_HOSTS``, or the server's own names when it is unset."""
+    if settings.allowed_hosts:
+        return list(settings.allowed_hosts)
+    hosts = [*LOOPBACK_NAMES, settings.host]
+    if ":" in settings.host:
+        hosts.append(f"[{settings.host}]")
+    if settings.public_url:
+        name = urlsplit(settings.public_url).hostname
+        if name:
+            hosts += [name, f"[{name}]"] if ":" in name else [name]
+    return hosts
+
+
+class HostAllowList:
+    """Starlette's ``TrustedHostMiddleware``, its refusal recorded like every other one."""
+
+    def __init__(self, app: ASGIApp, *, hosts: list[str]) -> None:
+        self.app = app
+        self._trusted = TrustedHostMiddleware(self._passed, allowed_hosts=hosts, www_redirect=False)
+
+    async def _passed(self, scope: Scope, receive: Receive, send: Send) -> None:
+        scope[_PASSED] = True
+        await self.app(scope, receive, send)
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] not in ("http", "websocket"):
+            await self.app(scope, receive, send)
+            return
+        outcome_of(scope)
+
+        async def forward(message: Any) -> None:
+            if scope.get(_PASSED):  # the app's messages; Starlette's refusal is replaced below
+                await send(message)
+
+        await self._trusted(scope, receive, forward)
+        if not scope.get(_PASSED):
+            await refuse(scope, receive, send, Refusal(400, "invalid host header", "host"))
