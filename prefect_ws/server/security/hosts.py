@@ -38,26 +38,31 @@ def allowed_hosts(settings: Settings) -> list[str]:
 
 
 class HostAllowList:
-    """Starlette's ``TrustedHostMiddleware``, its refusal recorded like every other one."""
+    """Starlette's ``TrustedHostMiddleware`` decides, its refusal recorded like every other one.
+
+    It is asked on its own (its app only marks the scope), so the app's messages never pass
+    through a wrapper here.
+    """
 
     def __init__(self, app: ASGIApp, *, hosts: list[str]) -> None:
         self.app = app
-        self._trusted = TrustedHostMiddleware(self._passed, allowed_hosts=hosts, www_redirect=False)
-
-    async def _passed(self, scope: Scope, receive: Receive, send: Send) -> None:
-        scope[_PASSED] = True
-        await self.app(scope, receive, send)
+        self._trusted = TrustedHostMiddleware(_mark, allowed_hosts=hosts, www_redirect=False)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] not in ("http", "websocket"):
             await self.app(scope, receive, send)
             return
         outcome_of(scope)
-
-        async def forward(message: Any) -> None:
-            if scope.get(_PASSED):  # the app's messages; Starlette's refusal is replaced below
-                await send(message)
-
-        await self._trusted(scope, receive, forward)
-        if not scope.get(_PASSED):
+        await self._trusted(scope, receive, _drop)
+        if scope.pop(_PASSED, False):
+            await self.app(scope, receive, send)
+        else:
             await refuse(scope, receive, send, Refusal(400, "invalid host header", "host"))
+
+
+async def _mark(scope: Scope, receive: Receive, send: Send) -> None:
+    scope[_PASSED] = True
+
+
+async def _drop(message: Any) -> None:
+    """Starlette's own refusal: :func:`refuse` answers instead."""
