@@ -109,6 +109,11 @@ def running_server(settings: Settings, **overrides: Any) -> Iterator[RunningServ
     config = uvicorn_config(settings, host="127.0.0.1", port=port, **overrides)
     server = uvicorn.Server(config)
     running = RunningServer("127.0.0.1", port, settings, config.app, server)
+    # After the config (uvicorn's log config replaces its loggers' handlers), before the start
+    # (the app's start-up lines count too).
+    loggers = [logging.getLogger(name) for name in SERVER_LOGGERS]
+    for logger in loggers:
+        logger.addHandler(running.log)
     thread = threading.Thread(target=server.run, name="attacked-server", daemon=True)
     thread.start()
     deadline = time.monotonic() + 15
@@ -116,10 +121,6 @@ def running_server(settings: Settings, **overrides: Any) -> Iterator[RunningServ
         if not thread.is_alive() or time.monotonic() > deadline:
             raise RuntimeError("server did not start")
         time.sleep(0.01)
-    # After start: uvicorn's log config replaces handlers when it starts.
-    loggers = [logging.getLogger(name) for name in SERVER_LOGGERS]
-    for logger in loggers:
-        logger.addHandler(running.log)
     try:
         yield running
     finally:

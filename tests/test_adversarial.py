@@ -13,6 +13,7 @@ be loaded). ``pytest --soak tests/test_adversarial.py`` runs many more.
 from __future__ import annotations
 
 import contextlib
+import re
 import socket
 import time
 import uuid
@@ -45,6 +46,7 @@ from prefect_ws.settings import Settings
 SECRET = "adversarial-test-secret-of-32-bytes!"
 KEY = "adversarial-admin-key"
 ORIGIN = "https://app.example"
+ADMIN = {"Authorization": f"Bearer {KEY}"}
 
 # Every HTTP status the documentation names (docs/asyncapi.yaml, docs/production.md).
 HTTP_STATUSES = {101, 200, 400, 401, 403, 404, 405, 429, 431, 503}
@@ -92,8 +94,12 @@ def budget(pytestconfig: pytest.Config) -> Any:
     return make
 
 
+JWT_SHAPED = re.compile(r"eyJ[A-Za-z0-9_-]{8,}\.[A-Za-z0-9_-]{8,}\.")
+
+
 class Clean:
-    """After an attack: no traceback, no 500, no credential in what the server logged."""
+    """After an attack: no traceback, no 500, no credential in what the server logged or in
+    its metrics."""
 
     def __init__(self, server: RunningServer, secrets: list[str]) -> None:
         self.server = server
@@ -192,6 +198,7 @@ def test_generated_history_requests_get_documented_answers(
         clean.check()
 
     attack()
+    clean.metrics_clean()
 
 
 def test_generated_stream_handshakes_get_documented_answers(
@@ -294,9 +301,6 @@ def test_generated_frames_end_with_documented_close_codes(
 
     attack()
     assert httpx.get(f"{target.http}/healthz", timeout=5).status_code == 200
-
-
-ADMIN = {"Authorization": f"Bearer {KEY}"}
 
 
 # -- resources -------------------------------------------------------------------------------------
