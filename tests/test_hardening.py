@@ -431,3 +431,33 @@ def test_a_filtered_history_read_does_bounded_work() -> None:
             cursor = page["next"]
     assert [page["next"] for page in pages] == [1000, 2000, None]
     assert all(page["events"] == [] for page in pages)
+
+
+def test_the_uvicorn_internals_the_protocols_build_on_are_there() -> None:
+    """server/uvicorn/ overrides these methods and reads these attributes of uvicorn 0.54's
+    protocols: a uvicorn that renames one must fail here, not in production."""
+    from uvicorn.protocols.http.h11_impl import H11Protocol
+    from uvicorn.protocols.websockets.websockets_sansio_impl import WebSocketsSansIOProtocol
+
+    for name in ("on_response_complete", "handle_websocket_upgrade", "data_received"):
+        assert callable(getattr(H11Protocol, name)), name
+    for name in (
+        "handle_ping",
+        "keepalive_timeout",
+        "send_receive_event_to_app",
+        "handle_parser_exception",
+        "pause_writing",
+        "resume_writing",
+    ):
+        assert callable(getattr(WebSocketsSansIOProtocol, name)), name
+    with running_server(memory_settings()) as server:
+        sock = raw_socket(server)
+        sock.sendall(ws_request(stream_path(str(uuid.uuid4()), "wait=60")))
+        assert read_head(sock).startswith(b"HTTP/1.1 101 ")
+        wait_for(lambda: len(server.ws_transports()) == 1, 5, "the connection is seen")
+        (protocol,) = [
+            c for c in server.server.server_state.connections if hasattr(c, "close_timer")
+        ]
+        for attribute in ("close_timeout", "close_sent", "read_paused", "frames", "conn"):
+            assert hasattr(protocol, attribute), attribute
+        sock.close()

@@ -21,11 +21,18 @@ from prefect_ws.server.security.redact import redact
 
 BURST: Final = 5  # lines per message and minute
 WINDOW: Final = 60.0
+# uvicorn 0.54's and websockets 16's messages for what a client sent (websockets logs the
+# first five with a traceback, at DEBUG or ERROR).
 CLIENT_MESSAGES: Final = frozenset(
     {
         "Invalid HTTP request received.",
         "Unsupported upgrade request.",
         "Invalid UTF-8 sequence received from client.",
+        "! invalid origin",
+        "! invalid upgrade",
+        "! invalid handshake",
+        "opening handshake failed",
+        "parser failed",
     }
 )
 
