@@ -111,9 +111,15 @@ class Clean:
         assert not self.server.log.tracebacks(self.mark), lines
         assert not self.server.log.server_errors(self.mark), lines
         for line in lines:
+            assert not JWT_SHAPED.search(line), f"token in a log line: {line[:200]}"
             for secret in self.secrets:
                 assert secret not in line, f"credential in the log: {line[:200]}"
         self.mark = len(self.server.log.lines)
+
+    def metrics_clean(self) -> None:
+        text = httpx.get(f"{self.server.http}/metrics", headers=ADMIN, timeout=5).text
+        assert not JWT_SHAPED.search(text)
+        assert not any(secret in text for secret in self.secrets)
 
 
 # -- the grammar ---------------------------------------------------------------------------------

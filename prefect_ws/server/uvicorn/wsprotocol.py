@@ -40,6 +40,7 @@ from uvicorn.protocols.utils import ClientDisconnected
 from uvicorn.protocols.websockets.websockets_sansio_impl import WebSocketsSansIOProtocol
 from websockets.http11 import Request
 from websockets.protocol import Protocol as FrameProtocol
+from websockets.protocol import State
 
 from prefect_ws.protocol.frames import FRAMES_EXTENSION
 from prefect_ws.server.uvicorn import stall
@@ -213,6 +214,8 @@ class PrefectWsProtocol(WebSocketsSansIOProtocol):
             try:
                 self.queue.put_nowait({"type": "websocket.receive", "text": data.decode()})
             except UnicodeDecodeError:
+                if self.conn.state is not State.OPEN:
+                    return  # already closing (the client's close came first): nothing to add
                 client_noise.warning(
                     "invalid UTF-8 in a text frame from %s; closed 1007", self.peer
                 )
