@@ -3,7 +3,7 @@
 No metric has a run id label: runs are unbounded, and one time series per run would grow a
 Prometheus server without limit. Labels only take values from small fixed sets.
 
-The metric objects are process-wide so that the hub, the app and the guard can count with one
+The metric objects are process-wide so that the hub, the access log and the protocols count with one
 call each; every app gets its own registry holding them plus the gauges read from its own state
 (active runs, lagging clients, backend reconnects) at scrape time.
 """
@@ -29,9 +29,7 @@ CONTENT_TYPE: Final = "text/plain; version=0.0.4; charset=utf-8"
 CONNECTIONS_OPEN = Gauge(
     "prefect_ws_connections_open", "Streams open now.", ["transport"], registry=None
 )
-CONNECTIONS = Counter(
-    "prefect_ws_connections", "Streams accepted by the guard.", ["transport"], registry=None
-)
+CONNECTIONS = Counter("prefect_ws_connections", "Streams accepted.", ["transport"], registry=None)
 REFUSALS = Counter(
     "prefect_ws_refusals",
     "Requests refused before the upgrade, by reason (auth and limits).",

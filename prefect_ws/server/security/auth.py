@@ -256,7 +256,7 @@ class _Abortable(Protocol):
 
 
 def principal_of(scope: Mapping[str, Any]) -> Principal | None:
-    """The principal the guard accepted for this connection (None when no guard ran)."""
+    """The principal the credentials check accepted (None when no check ran)."""
     principal = scope.get(PRINCIPAL_SCOPE_KEY)
     return principal if isinstance(principal, Principal) else None
 
