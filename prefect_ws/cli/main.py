@@ -80,6 +80,14 @@ def serve(
     if bool(ssl_certfile) != bool(ssl_keyfile):
         typer.secho("prefect-ws: --ssl-certfile and --ssl-keyfile go together", err=True, fg="red")
         raise typer.Exit(2)
+    if settings.host in ("0.0.0.0", "::") and not (settings.allowed_hosts or settings.public_url):
+        typer.secho(
+            f"prefect-ws: requests must name this server in Host; serving {settings.host}, set "
+            "PREFECT_WS_ALLOWED_HOSTS or PREFECT_WS_PUBLIC_URL to the names clients use "
+            "(otherwise only localhost and loopback addresses are answered)",
+            err=True,
+            fg="yellow",
+        )
     tls = {"ssl_certfile": ssl_certfile, "ssl_keyfile": ssl_keyfile} if ssl_certfile else {}
     uvicorn.Server(uvicorn_config(settings, host=settings.host, port=settings.port, **tls)).run()
 

@@ -5,7 +5,8 @@ rebind.attacker.test``, and its ``Origin`` matches that host, so a same-origin c
 read every run. Requests must name a host of this server: ``PREFECT_WS_ALLOWED_HOSTS``, by default
 the bound address, ``localhost``, the loopback addresses and the host of ``PREFECT_WS_PUBLIC_URL``.
 Matching is Starlette's ``TrustedHostMiddleware`` (exact names, or ``*.example.com``; the port
-is ignored); a refusal is ``400 invalid host header``.
+is ignored); a refusal is ``400 invalid host header``. The probes (``/healthz``, ``/livez``,
+``/metrics``) are exempt: an orchestrator calls them by the pod's address, and they show no run.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from prefect_ws.server.security.outcome import Refusal, outcome_of, refuse
 from prefect_ws.settings import Settings
 
 LOOPBACK_NAMES: Final = ("localhost", "127.0.0.1", "::1", "[::1]")
+PROBES: Final = frozenset({"/healthz", "/livez", "/metrics"})
 _PASSED: Final = "prefect_ws.host_allowed"
 
 
@@ -49,7 +51,7 @@ class HostAllowList:
         self._trusted = TrustedHostMiddleware(_mark, allowed_hosts=hosts, www_redirect=False)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] not in ("http", "websocket"):
+        if scope["type"] not in ("http", "websocket") or scope.get("path") in PROBES:
             await self.app(scope, receive, send)
             return
         outcome_of(scope)
