@@ -149,14 +149,15 @@ def raw_socket(
 
 
 def read_head(sock: socket.socket, limit: int = 65536) -> bytes:
-    """Bytes up to the end of the response head (or until the server closes)."""
-    data = b""
-    while b"\r\n\r\n" not in data and len(data) < limit:
-        chunk = sock.recv(4096)
-        if not chunk:
+    """The response head (up to the blank line), read byte by byte so that nothing after it
+    (a WebSocket's first frames) is consumed; less if the server closes first."""
+    data = bytearray()
+    while not data.endswith(b"\r\n\r\n") and len(data) < limit:
+        byte = sock.recv(1)
+        if not byte:
             break
-        data += chunk
-    return data
+        data += byte
+    return bytes(data)
 
 
 def read_all(sock: socket.socket, deadline: float = 10) -> bytes:

@@ -163,9 +163,10 @@ def queries() -> st.SearchStrategy[list[tuple[str, str]]]:
 
 
 def encode_query(pairs: list[tuple[str, str]]) -> str:
-    # Names are sent as given when they look percent-encoded already, so %74oken stays so.
+    """Percent-encoded pairs; an ASCII name with ``%`` in it is sent as it is (``%74oken``)."""
     return "&".join(
-        f"{name if '%' in name else quote(name, safe='')}={quote(value, safe='')}"
+        f"{name if name.isascii() and '%' in name else quote(name, safe='')}="
+        f"{quote(value, safe='')}"
         for name, value in pairs
     )
 
