@@ -55,6 +55,12 @@ class Settings(BaseSettings):
     history_page_max: int = Field(
         default=1000, ge=1, le=100_000, description="Largest `limit` of the HTTP history endpoint."
     )
+    history_scan_max: int = Field(
+        default=10_000,
+        ge=100,
+        le=1_000_000,
+        description="Most stored events one filtered history request reads; `next` resumes.",
+    )
 
     # Storage
     history_maxlen: int = Field(
@@ -95,6 +101,17 @@ class Settings(BaseSettings):
         default_factory=list,
         description="Comma-separated browser origins allowed (`*`: any). Empty: same origin only.",
     )
+    allowed_hosts: Annotated[list[str], NoDecode] = Field(
+        default_factory=list,
+        description="Comma-separated host names requests may name in `Host` (`*.example.com` "
+        "matches subdomains, `*` any). Empty: the bound address, localhost, the loopback "
+        "addresses and the host of the public URL (400 otherwise: DNS rebinding).",
+    )
+    forwarded_allow_ips: Annotated[list[str], NoDecode] = Field(
+        default_factory=list,
+        description="Comma-separated addresses of proxies whose X-Forwarded-For is believed "
+        "(`*`: any). Empty: none, every limit counts the connecting address.",
+    )
     max_connections: int = Field(default=10_000, ge=1, description="Streams per process (503).")
     max_connections_per_ip: int = Field(
         default=100, ge=1, description="Streams per client address (429)."
@@ -131,7 +148,9 @@ class Settings(BaseSettings):
             )
         return value
 
-    @field_validator("api_keys", "allowed_origins", mode="before")
+    @field_validator(
+        "api_keys", "allowed_origins", "allowed_hosts", "forwarded_allow_ips", mode="before"
+    )
     @classmethod
     def _comma_list(cls, value: object) -> object:
         if isinstance(value, str):

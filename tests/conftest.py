@@ -208,3 +208,11 @@ def redis_server() -> Iterator[RedisServer]:
 
 def free_port() -> int:
     return _free_port()
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.addoption(
+        "--soak",
+        action="store_true",
+        help="run the adversarial properties and resource attacks long (thousands of examples)",
+    )

@@ -251,6 +251,8 @@ def test_hello_frame_and_recovered_when_history_was_trimmed(
                 "head": head,
                 "first": first,
                 "recovered": False,
+                "epoch": info.epoch,
+                "reset": False,
             }
             lost.assert_exactly(first, head)
             assert (lost.code, lost.reason) == (1000, "run complete")
@@ -287,6 +289,8 @@ def test_hello_frame_and_recovered_when_history_was_trimmed(
                 "head": 0,
                 "first": None,
                 "recovered": True,
+                "epoch": None,
+                "reset": False,
             }
             early.assert_exactly(1, 6)
 

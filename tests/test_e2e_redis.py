@@ -58,6 +58,8 @@ def test_two_clients_see_the_same_complete_ordered_run(
         "head": 0,
         "first": None,
         "recovered": True,
+        "epoch": None,  # the run had not published when the client joined
+        "reset": False,
     }
 
     start = events[0]["payload"]

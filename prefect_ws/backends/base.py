@@ -105,6 +105,10 @@ class RunInfo:
     head: int  # 0: no event was ever stored (or the run's keys expired)
     first: int | None  # oldest seq still retained; None when nothing is retained
     last: str | None  # the newest retained event's text
+    # Made when the run's seq counter is created: a history lost and begun again (a store that
+    # came back empty) has another epoch, so a client's ``since`` from before is recognisably
+    # about other events. None for a run never seen.
+    epoch: str | None = None
 
     @property
     def known(self) -> bool:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import secrets
 import threading
 import time
 import weakref
@@ -21,9 +22,10 @@ from prefect_ws.protocol.events import Draft, join_frames
 
 
 class _RunLog:
-    __slots__ = ("events", "seq", "updated")
+    __slots__ = ("epoch", "events", "seq", "updated")
 
     def __init__(self, maxlen: int) -> None:
+        self.epoch = secrets.token_hex(8)  # a run evicted and published again starts another
         self.seq = 0
         self.updated = 0.0
         self.events: deque[tuple[int, str]] = deque(maxlen=maxlen)
@@ -80,8 +82,10 @@ class MemoryStore:
             if log is None:
                 return RunInfo(head=0, first=None, last=None)
             if not log.events:
-                return RunInfo(head=log.seq, first=None, last=None)
-            return RunInfo(head=log.seq, first=log.events[0][0], last=log.events[-1][1])
+                return RunInfo(head=log.seq, first=None, last=None, epoch=log.epoch)
+            return RunInfo(
+                head=log.seq, first=log.events[0][0], last=log.events[-1][1], epoch=log.epoch
+            )
 
     def history(self, run_id: str, after: int, limit: int) -> list[str]:
         with self._lock:

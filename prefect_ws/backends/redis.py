@@ -37,7 +37,8 @@ from prefect_ws.protocol.events import Draft
 
 logger = logging.getLogger("prefect_ws.transport")
 
-# KEYS[1] sequence counter, KEYS[2] history stream, KEYS[3] recent-runs index (sorted set).
+# KEYS[1] sequence counter, KEYS[2] history stream, KEYS[3] recent-runs index (sorted set),
+# KEYS[4] stored batches per publisher, KEYS[5] the history's epoch (set with the counter).
 # ARGV[1] pub/sub channel, ARGV[2] MAXLEN, ARGV[3] TTL seconds, then (head, tail) pairs.
 PUBLISH_SCRIPT: Final = """
 if ARGV[4] ~= '' then
@@ -52,6 +53,11 @@ if ARGV[4] ~= '' then
 end
 local n = (#ARGV - 5) / 2
 local last = redis.call('INCRBY', KEYS[1], n)
+if last == n or redis.call('EXISTS', KEYS[5]) == 0 then
+  -- A new counter: a new history (also after Redis came back empty).
+  local now = redis.call('TIME')
+  redis.call('SET', KEYS[5], now[1] .. '.' .. now[2] .. '.' .. last, 'EX', ARGV[3])
+end
 local seq = last - n
 local out = {}
 for i = 0, n - 1 do
@@ -63,6 +69,7 @@ end
 redis.call('PUBLISH', ARGV[1], table.concat(out, '\\n'))
 redis.call('EXPIRE', KEYS[1], ARGV[3])
 redis.call('EXPIRE', KEYS[2], ARGV[3])
+redis.call('EXPIRE', KEYS[5], ARGV[3])
 if KEYS[3] then
   local now = redis.call('TIME')
   redis.call('ZADD', KEYS[3], now[1] + now[2] / 1000000, ARGV[1])
@@ -120,6 +127,9 @@ class RedisBackend(StreamBackend):
     def _keys(self, run_id: str) -> tuple[str, str]:
         return f"{self._prefix}:{{{run_id}}}:seq", f"{self._prefix}:{{{run_id}}}:events"
 
+    def _epoch_key(self, run_id: str) -> str:
+        return f"{self._prefix}:{{{run_id}}}:epoch"
+
     async def connect(self) -> None:
         self._queue = asyncio.Queue()
         self._started = asyncio.Event()
@@ -174,7 +184,12 @@ class RedisBackend(StreamBackend):
         for draft in drafts:
             args.append(draft.head)
             args.append(draft.tail)
-        keys = [*self._keys(channel), self._recent_key, f"{self._prefix}:{{{channel}}}:batches"]
+        keys = [
+            *self._keys(channel),
+            self._recent_key,
+            f"{self._prefix}:{{{channel}}}:batches",
+            self._epoch_key(channel),
+        ]
         await self._once_more_on_stale_connection(lambda: self._script(keys=keys, args=args))
 
     async def next_published(self) -> Event:
@@ -195,13 +210,15 @@ class RedisBackend(StreamBackend):
                 pipe.get(seq_key)
                 pipe.xrange(stream, count=1)
                 pipe.xrevrange(stream, count=1)
+                pipe.get(self._epoch_key(run_id))
                 return list(await pipe.execute())
 
-        head, first, last = await self._once_more_on_stale_connection(read)
+        head, first, last, epoch = await self._once_more_on_stale_connection(read)
         return RunInfo(
             head=int(head or 0),
             first=int(first[0][0].split(b"-")[0]) if first else None,
             last=last[0][1][b"d"].decode("utf-8", "replace") if last else None,
+            epoch=epoch.decode("ascii", "replace") if epoch else None,
         )
 
     async def ping(self) -> None:

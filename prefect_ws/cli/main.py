@@ -51,6 +51,11 @@ def serve(
     insecure: bool = typer.Option(
         False, "--insecure", help="Allow a non-loopback address without authentication."
     ),
+    forwarded_allow_ips: str = typer.Option(
+        None,
+        help="Comma-separated proxy addresses whose X-Forwarded-For is believed "
+        "[default: PREFECT_WS_FORWARDED_ALLOW_IPS or none].",
+    ),
 ) -> None:
     """Serve the WebSocket hub (uvicorn)."""
     import uvicorn
@@ -58,7 +63,12 @@ def serve(
     from prefect_ws.server.security.auth import Authenticator, UnsafeBind, check_bind
     from prefect_ws.server.uvicorn.config import uvicorn_config
 
-    settings = _settings(host=host, port=port, broadcast_url=broadcast_url)
+    settings = _settings(
+        host=host,
+        port=port,
+        broadcast_url=broadcast_url,
+        forwarded_allow_ips=forwarded_allow_ips,
+    )
     try:
         check_bind(
             settings.host,
@@ -71,6 +81,14 @@ def serve(
     if bool(ssl_certfile) != bool(ssl_keyfile):
         typer.secho("prefect-ws: --ssl-certfile and --ssl-keyfile go together", err=True, fg="red")
         raise typer.Exit(2)
+    if settings.host in ("0.0.0.0", "::") and not (settings.allowed_hosts or settings.public_url):
+        typer.secho(
+            f"prefect-ws: requests must name this server in Host; serving {settings.host}, set "
+            "PREFECT_WS_ALLOWED_HOSTS or PREFECT_WS_PUBLIC_URL to the names clients use "
+            "(otherwise only localhost and loopback addresses are answered)",
+            err=True,
+            fg="yellow",
+        )
     tls = {"ssl_certfile": ssl_certfile, "ssl_keyfile": ssl_keyfile} if ssl_certfile else {}
     uvicorn.Server(uvicorn_config(settings, host=settings.host, port=settings.port, **tls)).run()
 

@@ -1,12 +1,18 @@
 """A Python client for the stream: follow a run, resuming with ``since`` after any drop.
 
 ``follow`` yields each event once, in ``seq`` order, and returns after ``run_complete``.
+
+A run's ``seq`` counts within one history. If the backend loses a run's history and it begins
+again (Redis restarted empty), the ``hello`` frame names another ``epoch``: the client sends the
+epoch it knew with each reconnect, the server then starts again from the new history's first
+event (``"reset": true`` in ``hello``), and the client starts counting again and reports it.
 """
 
 from __future__ import annotations
 
 import asyncio
 import json
+import logging
 from collections.abc import AsyncIterator, Callable, Sequence
 from typing import Any
 from urllib.parse import quote, urlencode
@@ -15,6 +21,8 @@ from websockets.asyncio.client import connect
 from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidStatus
 
 from prefect_ws.protocol import closecodes
+
+logger = logging.getLogger("prefect_ws.client")
 
 # Codes after which reconnecting with since=<last seq> is the right move.
 RESUMABLE = frozenset(
@@ -48,6 +56,7 @@ def stream_url(
     steps: Sequence[str] = (),
     level: str | None = None,
     wait: float | None = None,
+    epoch: str | None = None,
 ) -> str:
     """``ws://host:port`` + run id -> the run's stream URL, with ``since`` and filters.
 
@@ -65,6 +74,8 @@ def stream_url(
         query.append(("level", level))
     if wait is not None:
         query.append(("wait", f"{wait:g}"))
+    if epoch is not None:
+        query.append(("epoch", epoch))
     return f"{url}?{urlencode(query)}" if query else url
 
 
@@ -82,6 +93,7 @@ async def follow_messages(
     connect_retries: int | None = None,
     open_timeout: float = 10.0,
     on_reconnect: Callable[[int, str], None] | None = None,
+    on_reset: Callable[[int], None] | None = None,
 ) -> AsyncIterator[tuple[str, dict[str, Any]]]:
     """Yield ``(text, event)`` for each event after ``since``, exactly as the server sent it.
 
@@ -91,8 +103,12 @@ async def follow_messages(
     ``on_reconnect(code, reason)`` is called once per outage, before its first reconnect.
     ``connect_retries`` caps the attempts before the first connection succeeds (a wrong URL
     should fail in a second, not after ``max_retries`` backoffs).
+    ``on_reset(last_seq)`` is called when the run's history was lost and begun again: events
+    after ``last_seq`` of the old history may never have been seen, and the events that follow
+    are the new history's from its first ``seq``.
     """
     last_seq = since
+    epoch: str | None = None  # the history last_seq counts in, from the first hello
     failures = 0
     connected = False
     headers = {"Authorization": f"Bearer {token}"} if token else None
@@ -100,7 +116,14 @@ async def follow_messages(
         try:
             async with connect(
                 stream_url(
-                    base_url, run_id, last_seq, types=types, steps=steps, level=level, wait=wait
+                    base_url,
+                    run_id,
+                    last_seq,
+                    types=types,
+                    steps=steps,
+                    level=level,
+                    wait=wait,
+                    epoch=epoch if last_seq else None,
                 ),
                 open_timeout=open_timeout,
                 max_size=2**24,
@@ -112,6 +135,23 @@ async def follow_messages(
                 async for message in websocket:
                     text = message if isinstance(message, str) else message.decode("utf-8")
                     event = json.loads(text)
+                    if isinstance(event, dict) and event.get("type") == "hello":
+                        if event.get("reset") or (
+                            epoch is not None and event.get("epoch") != epoch
+                        ):
+                            logger.warning(
+                                "history of run %s was reset (epoch %s -> %s): events after seq "
+                                "%d may be lost; following the new history from seq 1",
+                                run_id,
+                                epoch,
+                                event.get("epoch"),
+                                last_seq,
+                            )
+                            if on_reset is not None:
+                                on_reset(last_seq)
+                            last_seq = 0
+                        epoch = event.get("epoch")
+                        continue
                     seq = event.get("seq") if isinstance(event, dict) else None
                     if not isinstance(seq, int) or seq <= last_seq:
                         continue

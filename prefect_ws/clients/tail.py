@@ -277,6 +277,12 @@ async def run_tail(
     def reconnecting(code: int, reason: str) -> None:
         err.print(f"[dim]stream interrupted ({code} {reason}); reconnecting...[/]")
 
+    def reset(last_seq: int) -> None:
+        err.print(
+            f"[yellow]the server lost this run's history: lines after seq {last_seq} may be "
+            "missing; following the run's new history from its start[/]"
+        )
+
     stream = follow_messages(
         options.base_url,
         options.run_id,
@@ -288,6 +294,7 @@ async def run_tail(
         token=options.token,
         connect_retries=2,
         on_reconnect=reconnecting,
+        on_reset=reset,
     )
     try:
         if options.json:

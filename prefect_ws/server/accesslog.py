@@ -1,9 +1,13 @@
-"""One structured log line per stream connect and disconnect.
+"""One structured log line per stream connect and disconnect, and per refusal; the metrics.
 
 uvicorn's own access line shows the path and query (where a browser's token may sit) and
 nothing about how a stream ended. These lines carry what an operator needs instead: run id,
 client address, duration, close code and reason, events sent; as ``key=value`` text or JSON.
 Values come from clients, so text values are quoted and escaped: no injected line breaks.
+
+:class:`AccessLogMiddleware` is the outermost of prefect-ws' middlewares: it puts an
+:class:`~prefect_ws.server.security.outcome.Outcome` in each request's scope, the checks and
+endpoints fill it in, and it writes the lines and counts the metrics from it alone.
 """
 
 from __future__ import annotations
@@ -12,10 +16,17 @@ import json
 import logging
 import re
 import sys
+import time
 from collections.abc import Mapping
 from typing import Any, Final
 
+from starlette.types import ASGIApp, Receive, Scope, Send
+
 from prefect_ws.protocol.events import utc_timestamp
+from prefect_ws.server import metrics
+from prefect_ws.server.security.outcome import OUTCOME_SCOPE_KEY, Outcome, describe
+from prefect_ws.server.security.redact import redact
+from prefect_ws.settings import Settings
 
 logger = logging.getLogger("prefect_ws.access")
 
@@ -96,3 +107,56 @@ def client_address(scope: Mapping[str, Any]) -> str | None:
         return None
     host, port = client[0], client[1]
     return f"[{host}]:{port}" if ":" in str(host) else f"{host}:{port}"
+
+
+class AccessLogMiddleware:
+    """Writes each request's :class:`Outcome`: connect/disconnect/refuse lines and metrics."""
+
+    def __init__(self, app: ASGIApp, *, settings: Settings) -> None:
+        self.app = app
+        self.log = AccessLog(
+            enabled=settings.access_log, json_lines=settings.log_json, level=settings.log_level
+        )
+
+    def _run(self, outcome: Outcome) -> str | None:
+        if outcome.run is not None or outcome.raw_run is None:
+            return outcome.run
+        return redact(outcome.raw_run)
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] not in ("http", "websocket"):
+            await self.app(scope, receive, send)
+            return
+        outcome = scope[OUTCOME_SCOPE_KEY] = describe(scope)
+        client = client_address(scope)
+        started = time.monotonic()
+
+        def accepted(outcome: Outcome) -> None:
+            metrics.connection_opened(outcome.transport)
+            self.log.connect(run=self._run(outcome), client=client, transport=outcome.transport)
+
+        outcome.on_accept = accepted
+        try:
+            await self.app(scope, receive, send)
+        finally:
+            if outcome.refusal is not None:
+                metrics.refused(outcome.refusal)
+                self.log.refuse(
+                    run=self._run(outcome),
+                    client=client,
+                    status=outcome.status,
+                    reason=outcome.reason,
+                )
+            elif outcome.accepted:
+                metrics.connection_closed(outcome.transport)
+                if outcome.by_server and outcome.code is not None and outcome.transport == "ws":
+                    metrics.closed(outcome.code)
+                self.log.disconnect(
+                    run=self._run(outcome),
+                    client=client,
+                    transport=outcome.transport,
+                    duration=round(time.monotonic() - started, 3),
+                    code=outcome.code,
+                    reason=outcome.reason or "client disconnected",
+                    events=outcome.events,
+                )

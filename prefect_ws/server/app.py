@@ -20,10 +20,13 @@ from prefect_ws.backends import BackendUnavailable, Transport, create_transport
 from prefect_ws.protocol import closecodes
 from prefect_ws.protocol.events import Frame, frame_from_text
 from prefect_ws.protocol.frames import FRAMES_EXTENSION, coalesce
+from prefect_ws.server import metrics
 from prefect_ws.server.hub import Hub, StreamClosed, Subscription
 from prefect_ws.server.pages import page_routes
-from prefect_ws.server.security.auth import schedule_expiry
-from prefect_ws.server.security.guard import protect
+from prefect_ws.server.security.auth import SUBPROTOCOL, schedule_expiry
+from prefect_ws.server.security.outcome import Outcome, outcome_of
+from prefect_ws.server.security.redact import redact, safe_url
+from prefect_ws.server.security.stack import protect
 from prefect_ws.server.sse import sse_body
 from prefect_ws.server.streams import (
     InvalidRequest,
@@ -61,7 +64,7 @@ def _reason(text: str) -> str:
 
 
 async def _read_until_disconnect(
-    websocket: WebSocket, max_bytes: int, subscription: Subscription
+    websocket: WebSocket, max_bytes: int, subscription: Subscription, outcome: Outcome
 ) -> bool:
     """Clients have nothing to say but pings (answered by the server itself): drain and ignore.
 
@@ -71,6 +74,7 @@ async def _read_until_disconnect(
     while True:
         message = await websocket.receive()
         if message["type"] == "websocket.disconnect":
+            outcome.end(message.get("code", 1005), "client disconnected", by_server=False)
             subscription.abort(closecodes.GOING_AWAY, "client disconnected")
             return False
         size = len(message.get("text") or "") + len(message.get("bytes") or b"")
@@ -85,6 +89,7 @@ async def _write(
     send: Send,
     stream: AsyncIterator[str | list[Frame]],
     watchdog: SendWatchdog,
+    outcome: Outcome,
 ) -> tuple[int, str]:
     """Send the stream: each batch of events as one write of pre-built frames where the server
     takes them (:mod:`~.frames`), else frame by frame. A send blocked for longer than
@@ -98,9 +103,11 @@ async def _write(
                 elif prebuilt:
                     for data, count in coalesce(frame.wire for frame in item):
                         await send({"type": FRAMES_EXTENSION, "data": data, "events": count})
+                        outcome.sent(count)
                 else:
                     for frame in item:
                         await websocket.send_text(frame.data)
+                        outcome.sent(1)
     except StreamClosed as closed:
         return closed.code, closed.reason
     except SendTimeout:
@@ -130,16 +137,22 @@ class StreamEndpoint:
         websocket = WebSocket(scope, receive, send)
         hub: Hub = websocket.app.state.hub
         settings: Settings = websocket.app.state.settings
+        outcome = outcome_of(scope)
+        # The client offered the protocol name next to its token: say it is spoken.
+        subprotocol = SUBPROTOCOL if SUBPROTOCOL in scope.get("subprotocols", []) else None
         try:
             request = _stream_request(websocket)
         except InvalidRequest as exc:
-            await websocket.accept()
+            await websocket.accept(subprotocol)
+            outcome.accept()
+            outcome.end(closecodes.INVALID_REQUEST, _reason(str(exc)))
             await websocket.close(closecodes.INVALID_REQUEST, _reason(str(exc)))
             return
-        await websocket.accept()
+        await websocket.accept(subprotocol)
+        outcome.accept()
         subscription = request.subscription(settings.client_queue_size)
         reader = asyncio.create_task(
-            _read_until_disconnect(websocket, settings.max_inbound_bytes, subscription)
+            _read_until_disconnect(websocket, settings.max_inbound_bytes, subscription, outcome)
         )
         # Closes the stream with 4401 when the client's token expires.
         expiry = schedule_expiry(websocket.scope, subscription)
@@ -150,6 +163,7 @@ class StreamEndpoint:
                 send,
                 open_stream(hub, request, subscription),
                 websocket.app.state.watchdog,
+                outcome,
             )
         except BackendUnavailable as exc:  # backend down: expected, no stack trace
             logger.warning("stream for run %s: backend unavailable (%s)", request.run_id, exc)
@@ -163,9 +177,11 @@ class StreamEndpoint:
             if expiry is not None:
                 expiry.cancel()
             client_there = _client_there(reader)
-        if close is not None and client_there:
-            with contextlib.suppress(Exception):
-                await websocket.close(close[0], _reason(close[1]))
+        if close is not None:
+            outcome.end(close[0], close[1])
+            if client_there:
+                with contextlib.suppress(Exception):
+                    await websocket.close(close[0], _reason(close[1]))
 
 
 def _error(status: int, message: str) -> JSONResponse:
@@ -193,6 +209,9 @@ async def events_endpoint(request: Request) -> Response:
 async def _history_page(
     transport: Transport, settings: Settings, stream_request: StreamRequest, limit: int
 ) -> Response:
+    """Up to ``limit`` matching events after ``since``. A filtered read stops after
+    ``history_scan_max`` stored events whatever it found (``next`` says where to go on), so
+    that one request for a rare type on a long run costs bounded server time."""
     backend = transport.backend
     info = await backend.info(stream_request.run_id)
     if not info.known:
@@ -201,22 +220,26 @@ async def _history_page(
         return _error(400, since_beyond_head(info.head).reason)
     texts: list[str] = []
     cursor = stream_request.since
+    scanned = 0
     more = True
-    while len(texts) < limit and more:
-        page = await backend.history(stream_request.run_id, cursor, settings.replay_page_size)
-        more = len(page) == settings.replay_page_size
+    while len(texts) < limit and more and scanned < settings.history_scan_max:
+        size = min(settings.replay_page_size, settings.history_scan_max - scanned)
+        page = await backend.history(stream_request.run_id, cursor, size)
+        scanned += len(page)
+        more = len(page) == size
         for text in page:
             frame = frame_from_text(text)
             cursor = frame.seq
             if stream_request.filter.matches(frame):
                 texts.append(text)
                 if len(texts) == limit:
-                    more = cursor < info.head
                     break
+        more = cursor < info.head and (more or len(texts) == limit)
     body = (
         f'{{"runId":"{stream_request.run_id}","since":{stream_request.since},'
         f'"head":{info.head},"first":{json.dumps(info.first)},'
         f'"recovered":{json.dumps(not info.missing_after(stream_request.since))},'
+        f'"epoch":{json.dumps(info.epoch)},'
         f'"next":{cursor if more else "null"},"events":[{",".join(texts)}]}}'
     )
     return Response(body, media_type="application/json")
@@ -242,8 +265,12 @@ async def sse_endpoint(request: Request) -> Response:
             return _error(404, "unknown run: no events for this run id (add wait=<seconds>)")
     subscription = stream_request.subscription(settings.client_queue_size)
     schedule_expiry(request.scope, subscription)  # `event: end` 4401 when the token expires
+    outcome = outcome_of(request.scope)
+    outcome.accept()
     body = sse_body(
-        open_stream(hub, stream_request, subscription), keepalive=settings.ping_interval
+        open_stream(hub, stream_request, subscription),
+        keepalive=settings.ping_interval,
+        outcome=outcome,
     )
     return StreamingResponse(
         body,
@@ -261,7 +288,7 @@ async def healthz(request: Request) -> JSONResponse:
             {
                 "status": "unavailable",
                 "backend": transport.backend.name,
-                "error": str(exc) or type(exc).__name__,
+                "error": redact(str(exc)) or type(exc).__name__,
             },
             status_code=503,
         )
@@ -287,8 +314,8 @@ def create_app(settings: Settings | None = None, transport: Transport | None = N
             logger.error(
                 "prefect-ws: the backend at %s is unreachable (%s). Serving anyway: /healthz "
                 "answers 503 and streams start once it is back.",
-                settings.broadcast_url,
-                exc,
+                safe_url(settings.broadcast_url),
+                redact(str(exc)),
             )
         app.state.hub = hub
         app.state.watchdog = watchdog = SendWatchdog(settings.max_lag_seconds)
@@ -305,13 +332,13 @@ def create_app(settings: Settings | None = None, transport: Transport | None = N
             Route(SSE_PATH, sse_endpoint),
             Route(EVENTS_PATH, events_endpoint),
             Route("/healthz", healthz),
+            Route("/metrics", metrics.metrics_endpoint, methods=["GET"]),
+            Route("/livez", metrics.livez, methods=["GET"]),
             *page_routes(),
         ],
         lifespan=lifespan,
     )
     app.state.settings = settings
     app.state.transport = transport
-    protect(
-        app, settings
-    )  # auth, origins, limits, CORS, /metrics: prefect_ws.server.security.guard
+    protect(app, settings)  # hosts, limits, origins, credentials: prefect_ws.server.security
     return app

@@ -64,6 +64,7 @@ class Subscription:
     def __init__(self, run_id: str, *, since: int, queue_size: int) -> None:
         self.run_id = run_id
         self.last_seq = since
+        self.epoch: str | None = None  # the history's epoch when the stream started
         self.sent = 0
         self.finished = False
         self.behind_since: float | None = None
@@ -314,6 +315,8 @@ class Hub:
             yield _until_final(list(islice(recent, wanted - recent[0].seq, None)))
             return
         backend = self.transport.backend
+        if not initial and subscription.epoch is not None:
+            await self._check_same_history(subscription)
         cursor = subscription.last_seq
         while True:
             texts = await backend.history(subscription.run_id, cursor, self.replay_page_size)
@@ -335,6 +338,15 @@ class Hub:
                 if not texts and subscription.last_seq > 0:
                     await self._check_history_kept(subscription)
                 return
+
+    async def _check_same_history(self, subscription: Subscription) -> None:
+        """Before reading on from history: it is still the one the stream started in."""
+        info = await self.transport.backend.info(subscription.run_id)
+        if info.epoch != subscription.epoch:
+            raise StreamClosed(
+                closecodes.INTERNAL_ERROR,
+                "run history was reset (backend restarted empty); reconnect with since=0",
+            )
 
     async def _check_history_kept(self, subscription: Subscription) -> None:
         """A client is level: unless the run's counter went backwards (Redis came back empty)."""

@@ -3,7 +3,7 @@
 No metric has a run id label: runs are unbounded, and one time series per run would grow a
 Prometheus server without limit. Labels only take values from small fixed sets.
 
-The metric objects are process-wide so that the hub, the app and the guard can count with one
+The metric objects are process-wide so that the hub, the access log and the protocols count with one
 call each; every app gets its own registry holding them plus the gauges read from its own state
 (active runs, lagging clients, backend reconnects) at scrape time.
 """
@@ -29,9 +29,7 @@ CONTENT_TYPE: Final = "text/plain; version=0.0.4; charset=utf-8"
 CONNECTIONS_OPEN = Gauge(
     "prefect_ws_connections_open", "Streams open now.", ["transport"], registry=None
 )
-CONNECTIONS = Counter(
-    "prefect_ws_connections", "Streams accepted by the guard.", ["transport"], registry=None
-)
+CONNECTIONS = Counter("prefect_ws_connections", "Streams accepted.", ["transport"], registry=None)
 REFUSALS = Counter(
     "prefect_ws_refusals",
     "Requests refused before the upgrade, by reason (auth and limits).",
@@ -42,6 +40,12 @@ CLOSES = Counter(
     "prefect_ws_closes",
     "WebSocket streams closed by the server, by close code (1013: closed for slowness).",
     ["code"],
+    registry=None,
+)
+ABORTS = Counter(
+    "prefect_ws_aborts",
+    "Connections aborted below the app, by reason (write_stalled: a client that stopped reading).",
+    ["reason"],
     registry=None,
 )
 EVENTS_RECEIVED = Counter(
@@ -83,6 +87,10 @@ def connection_closed(transport: str) -> None:
 
 def refused(reason: str) -> None:
     REFUSALS.labels(reason).inc()
+
+
+def aborted(reason: str) -> None:
+    ABORTS.labels(reason).inc()
 
 
 def closed(code: int) -> None:
@@ -164,6 +172,7 @@ _SHARED: Final = (
     CONNECTIONS,
     REFUSALS,
     CLOSES,
+    ABORTS,
     EVENTS_RECEIVED,
     EVENTS_DELIVERED,
     REPLAYS,

@@ -23,6 +23,7 @@ from starlette.staticfiles import StaticFiles
 from prefect_ws.backends import Transport
 from prefect_ws.backends.base import RecentRun
 from prefect_ws.protocol.events import canonical_run_id
+from prefect_ws.server.streams import ascii_integer
 
 WEB_DIR: Final = Path(__file__).resolve().parent / "web"
 RUNS_PATH: Final = "/api/v2/workflows/runs"
@@ -137,8 +138,8 @@ async def list_runs(request: Request) -> JSONResponse:
     raw = request.query_params.get("limit", "")
     if raw == "":
         limit = DEFAULT_LIMIT
-    elif len(raw) <= 4 and raw.isdigit() and 1 <= int(raw) <= MAX_LIMIT:
-        limit = int(raw)
+    elif (value := ascii_integer(raw)) is not None and 1 <= value <= MAX_LIMIT:
+        limit = value
     else:
         return JSONResponse(
             {"error": f"invalid limit: expected an integer from 1 to {MAX_LIMIT}"}, status_code=400

@@ -17,6 +17,7 @@ from prefect_ws.backends import BackendUnavailable
 from prefect_ws.protocol import closecodes
 from prefect_ws.protocol.events import Frame
 from prefect_ws.server.hub import StreamClosed
+from prefect_ws.server.security.outcome import Outcome
 
 RETRY_MS = 2000
 _END = object()
@@ -34,9 +35,11 @@ def format_end(code: int, reason: str) -> str:
 
 
 async def sse_body(
-    stream: AsyncIterator[str | list[Frame]], *, keepalive: float
+    stream: AsyncIterator[str | list[Frame]], *, keepalive: float, outcome: Outcome
 ) -> AsyncIterator[str]:
-    """The response body; a producer task feeds a one-slot queue so idle time can send pings."""
+    """The response body; a producer task feeds a one-slot queue so idle time can send pings.
+
+    The events sent and the end of the stream are reported in ``outcome``."""
     queue: asyncio.Queue[object] = asyncio.Queue(maxsize=1)
 
     async def produce() -> None:
@@ -62,9 +65,12 @@ async def sse_body(
                 yield ": keepalive\n\n"
                 continue
             if isinstance(item, StreamClosed):
+                outcome.end(item.code, item.reason)
                 yield format_end(item.code, item.reason)
                 return
             yield format_item(cast(str | list[Frame], item))
+            if isinstance(item, list):
+                outcome.sent(len(item))
     finally:
         producer.cancel()
         with contextlib.suppress(BaseException):

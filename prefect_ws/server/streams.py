@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import json
-import math
+import re
 from collections.abc import AsyncIterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Final
@@ -24,6 +24,9 @@ MAX_SINCE: Final = 2**53  # JSON-safe; larger is certainly not a seq we issued
 MAX_STEP_FILTERS: Final = 100
 LEVELS: Final = {"DEBUG": 10, "INFO": 20, "WARNING": 30, "ERROR": 40, "CRITICAL": 50}
 _RUN_EVENTS: Final = frozenset({"run_start", "run_complete"})
+_DIGITS: Final = re.compile(r"[0-9]{1,20}", re.ASCII)
+_SECONDS: Final = re.compile(r"[0-9]{1,9}(\.[0-9]{1,6})?", re.ASCII)
+_EPOCH: Final = re.compile(r"[0-9A-Za-z._-]{1,64}", re.ASCII)
 
 
 class InvalidRequest(ValueError):
@@ -38,12 +41,21 @@ def parse_run_id(raw: str) -> str:
     return run_id
 
 
+def ascii_integer(raw: str) -> int | None:
+    """``raw`` as a non-negative integer when it is 1 to 20 ASCII digits, else None.
+
+    ``str.isdigit`` and ``int`` also take superscripts, circled, Arabic-Indic and fullwidth
+    digits (and ``int`` underscores and spaces): every number on the wire is parsed here.
+    """
+    return int(raw) if _DIGITS.fullmatch(raw) else None
+
+
 def parse_seq(raw: str | None, name: str = "since") -> int:
     if raw is None or raw == "":
         return 0
-    if len(raw) > 20 or not raw.isdigit():
+    value = ascii_integer(raw)
+    if value is None:
         raise InvalidRequest(f"invalid {name}: expected a non-negative integer seq")
-    value = int(raw)
     if value > MAX_SINCE:
         raise InvalidRequest(f"invalid {name}: larger than any seq")
     return value
@@ -55,13 +67,18 @@ def parse_wait(raw: str | None, max_wait: float) -> float | None:
         return None
     if raw == "true":
         return max_wait
-    try:
-        value = float(raw)
-    except ValueError:
-        raise InvalidRequest("invalid wait: expected seconds or true") from None
-    if not math.isfinite(value) or value < 0:
+    if not _SECONDS.fullmatch(raw):
         raise InvalidRequest("invalid wait: expected seconds or true")
-    return min(value, max_wait)
+    return min(float(raw), max_wait)
+
+
+def parse_epoch(raw: str | None) -> str | None:
+    """``epoch=<the hello's epoch>``: the history the client's ``since`` counts in."""
+    if raw is None or raw == "":
+        return None
+    if not _EPOCH.fullmatch(raw):
+        raise InvalidRequest("invalid epoch: expected the epoch of a hello frame")
+    return raw
 
 
 @dataclass(frozen=True, slots=True)
@@ -129,6 +146,7 @@ class StreamRequest:
     since: int
     filter: EventFilter
     wait: float | None
+    epoch: str | None = None  # the history ``since`` counts in (the client's last hello)
 
     def subscription(self, queue_size: int) -> Subscription:
         return Subscription(self.run_id, since=self.since, queue_size=queue_size)
@@ -151,6 +169,7 @@ class StreamRequest:
             since=since,
             filter=EventFilter.parse(query.get("types"), steps, query.get("level")),
             wait=parse_wait(query.get("wait"), max_wait),
+            epoch=parse_epoch(query.get("epoch")),
         )
 
 
@@ -168,19 +187,26 @@ def since_beyond_head(head: int) -> StreamClosed:
     )
 
 
-def hello(request: StreamRequest, info: RunInfo) -> str:
+def hello(request: StreamRequest, info: RunInfo, since: int, reset: bool) -> str:
     return json.dumps(
         {
             "type": "hello",
             "v": 1,
             "runId": request.run_id,
-            "since": request.since,
+            "since": since,
             "head": info.head,
             "first": info.first,
-            "recovered": not info.missing_after(request.since),
+            "recovered": not reset and not info.missing_after(since),
+            "epoch": info.epoch,
+            "reset": reset,
         },
         separators=(",", ":"),
     )
+
+
+def history_reset(info: RunInfo, epoch: str | None) -> bool:
+    """The client's ``since`` counts in another history than the run's current one."""
+    return epoch is not None and epoch != info.epoch
 
 
 async def open_stream(
@@ -196,12 +222,17 @@ async def open_stream(
         info = await hub.transport.backend.info(request.run_id)
         if not info.known and request.wait is None:
             raise unknown_run()
-        if request.since > info.head:
+        since = request.since
+        reset = history_reset(info, request.epoch)
+        if reset:  # the history was lost and begun again: its events from the start
+            since = subscription.last_seq = 0
+        if since > info.head:
             # No client can have seen it; waiting would skip every event, run_complete too.
             raise since_beyond_head(info.head)
-        yield hello(request, info)
+        subscription.epoch = info.epoch
+        yield hello(request, info, since, reset)
         finished = info.last is not None and frame_from_text(info.last).is_final
-        if finished and request.since >= info.head:
+        if finished and since >= info.head:
             return  # a finished run, and the client has all of it
         batches = hub.batches(subscription)
         if not info.known:

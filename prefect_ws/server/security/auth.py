@@ -4,19 +4,17 @@ Prefect OSS guards its streams with one shared secret and no per-run authorizati
 adds tokens that name one flow run (or ``*`` for every run) and expire, so a page can be handed
 a stream of one run and nothing else, for as long as it needs.
 
-Tokens are compact JWTs (HS256) signed with ``PREFECT_WS_TOKEN_SECRET``: any JWT library can mint
-or read them, and this module needs none. Static API keys (several, for rotation) give access to
-every run. Every comparison is constant-time, and nothing here logs a credential.
+Tokens are compact JWTs (HS256) signed with ``PREFECT_WS_TOKEN_SECRET``, made and checked with
+PyJWT: any JWT library can mint or read them. Static API keys (several, for rotation) give access
+to every run. Every comparison is constant-time, and nothing here logs a credential.
 """
 
 from __future__ import annotations
 
 import asyncio
-import base64
 import hashlib
 import hmac
 import ipaddress
-import json
 import re
 import time
 import weakref
@@ -24,6 +22,8 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Final, Protocol
 from urllib.parse import parse_qsl, urlencode
+
+import jwt
 
 from prefect_ws.protocol.events import canonical_run_id
 
@@ -35,7 +35,13 @@ SUBPROTOCOL: Final = "prefect-ws.v1"  # offered next to the token in Sec-WebSock
 BEARER_PROTOCOL_PREFIX: Final = "bearer."
 TOKEN_QUERY_PARAM: Final = "token"
 MAX_CREDENTIAL_LENGTH: Final = 4096
-_HEADER: Final = {"alg": "HS256", "typ": "JWT"}
+ALGORITHM: Final = "HS256"
+_DECODE_OPTIONS: Final[Any] = {
+    "require": ["sub", "exp"],
+    "verify_exp": False,
+    "verify_iat": False,
+    "verify_nbf": False,
+}
 _TTL_RE: Final = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([smhdw]?)\s*$", re.IGNORECASE)
 _TTL_UNITS: Final = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86_400, "w": 604_800}
 PRINCIPAL_SCOPE_KEY: Final = "prefect_ws.principal"
@@ -70,26 +76,8 @@ class Principal:
 ANONYMOUS: Final = Principal(kind="anonymous", scope=ADMIN_SCOPE)
 
 
-def _b64encode(data: bytes) -> str:
-    return base64.urlsafe_b64encode(data).rstrip(b"=").decode("ascii")
-
-
-def _b64decode(text: str) -> bytes:
-    if not re.fullmatch(r"[A-Za-z0-9_-]*", text):
-        raise ValueError("not base64url")
-    return base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
-
-
-def _secret_bytes(secret: str | bytes) -> bytes:
-    return secret.encode("utf-8") if isinstance(secret, str) else secret
-
-
 def _digest(text: str) -> bytes:
     return hashlib.sha256(text.encode("utf-8", "surrogateescape")).digest()
-
-
-def _signature(secret: str | bytes, signing_input: str) -> bytes:
-    return hmac.new(_secret_bytes(secret), signing_input.encode("ascii"), hashlib.sha256).digest()
 
 
 def normalize_scope(run_id: str) -> str:
@@ -123,10 +111,22 @@ def mint_token(
         raise ValueError("the TTL must be positive")
     issued = int(time.time() if now is None else now)
     claims = {"sub": normalize_scope(run_id), "iat": issued, "exp": issued + max(1, round(ttl))}
-    header = _b64encode(json.dumps(_HEADER, separators=(",", ":")).encode())
-    payload = _b64encode(json.dumps(claims, separators=(",", ":")).encode())
-    signing_input = f"{header}.{payload}"
-    return f"{signing_input}.{_b64encode(_signature(secret, signing_input))}"
+    return jwt.encode(claims, secret, algorithm=ALGORITHM, headers={"typ": "JWT"})
+
+
+def _claims(token: str, secret: str | bytes) -> dict[str, Any] | None:
+    """The token's claims if ``secret`` signed it, None if another did; AuthError otherwise."""
+    try:
+        # Expiry is checked by the caller, against its own clock (``now``).
+        return dict(jwt.decode(token, secret, algorithms=[ALGORITHM], options=_DECODE_OPTIONS))
+    except jwt.InvalidSignatureError:
+        return None
+    except jwt.InvalidAlgorithmError:
+        raise AuthError(401, "unsupported token algorithm", "token_malformed") from None
+    except jwt.DecodeError:
+        raise AuthError(401, "malformed token", "token_malformed") from None
+    except jwt.InvalidTokenError:
+        raise AuthError(401, "malformed token claims", "token_malformed") from None
 
 
 def verify_token(
@@ -134,31 +134,20 @@ def verify_token(
 ) -> Principal:
     """The principal a token grants, or :class:`AuthError` (401) saying what is wrong with it.
 
-    The signature is checked (constant-time, against every configured secret) before anything in
-    the token is believed; only ``alg: HS256`` is accepted, so ``alg: none`` tricks fail.
+    The signature is checked against every configured secret before anything in the token is
+    believed; only ``alg: HS256`` is accepted, so ``alg: none`` tricks fail.
     """
-    parts = token.split(".")
-    if len(parts) != 3:
-        raise AuthError(401, "malformed token", "token_malformed")
-    try:
-        header = json.loads(_b64decode(parts[0]))
-        raw_signature = _b64decode(parts[2])
-    except (ValueError, UnicodeDecodeError):
-        raise AuthError(401, "malformed token", "token_malformed") from None
-    if not isinstance(header, dict) or header.get("alg") != "HS256":
-        raise AuthError(401, "unsupported token algorithm", "token_malformed")
-    signing_input = f"{parts[0]}.{parts[1]}"
-    valid = False
+    found: dict[str, Any] | None = None
     for secret in secrets:
         # No early exit: the time taken does not depend on which secret matched.
-        valid |= hmac.compare_digest(_signature(secret, signing_input), raw_signature)
-    if not valid:
+        claims = _claims(token, secret)
+        found = found if claims is None else claims
+    if found is None:
         raise AuthError(401, "invalid token signature", "token_signature")
     try:
-        claims = json.loads(_b64decode(parts[1]))
-        scope = normalize_scope(str(claims["sub"]))
-        expires_at = float(claims["exp"])
-    except (ValueError, KeyError, TypeError, UnicodeDecodeError):
+        scope = normalize_scope(str(found["sub"]))
+        expires_at = float(found["exp"])
+    except (ValueError, KeyError, TypeError):
         raise AuthError(401, "malformed token claims", "token_malformed") from None
     if expires_at <= (time.time() if now is None else now):
         raise AuthError(401, "token expired", "token_expired")
@@ -227,11 +216,15 @@ def extract_credential(
 
 
 def strip_credentials(query_string: bytes) -> bytes:
-    """The query string without ``token=``, so that no later log line can show it."""
-    if b"token" not in query_string:
+    """The query string without ``token=`` in any spelling (``%74oken=``, ``TOKEN=``), so that no
+    later log line can show it."""
+    if not query_string:
         return query_string
     pairs = parse_qsl(query_string.decode("latin-1"), keep_blank_values=True)
-    return urlencode([(k, v) for k, v in pairs if k != TOKEN_QUERY_PARAM]).encode("latin-1")
+    kept = [(k, v) for k, v in pairs if k.strip().lower() != TOKEN_QUERY_PARAM]
+    if len(kept) == len(pairs) and b"%" not in query_string and b"+" not in query_string:
+        return query_string  # nothing to take out: the bytes as they came
+    return urlencode(kept).encode("latin-1")
 
 
 def is_loopback(host: str) -> bool:
@@ -263,7 +256,7 @@ class _Abortable(Protocol):
 
 
 def principal_of(scope: Mapping[str, Any]) -> Principal | None:
-    """The principal the guard accepted for this connection (None when no guard ran)."""
+    """The principal the credentials check accepted (None when no check ran)."""
     principal = scope.get(PRINCIPAL_SCOPE_KEY)
     return principal if isinstance(principal, Principal) else None
 

@@ -12,8 +12,9 @@ from typing import Any
 import uvicorn
 
 from prefect_ws.server.app import create_app
-from prefect_ws.server.security.guard import MAX_HEADER_BYTES, handshake_timeout_protocol
-from prefect_ws.server.uvicorn.wsprotocol import PrefectWsProtocol
+from prefect_ws.server.uvicorn import logs
+from prefect_ws.server.uvicorn.http import MAX_HEAD_BYTES, http_protocol
+from prefect_ws.server.uvicorn.wsprotocol import websocket_protocol
 from prefect_ws.settings import Settings
 
 
@@ -21,13 +22,18 @@ def uvicorn_config(settings: Settings, *, host: str, port: int, **overrides: Any
     """uvicorn's config for prefect-ws.
 
     permessage-deflate is off: ~200-byte JSON events gain little from it while it doubles CPU
-    and memory per connection (measured on uvicorn 0.54 / websockets 16). Inbound
-    frames are capped small: clients have nothing to send but pings.
+    and memory per connection (measured on uvicorn 0.54 / websockets 16). Inbound frames are
+    capped small: clients have nothing to send but pings. ``X-Forwarded-For`` is believed only
+    from ``PREFECT_WS_FORWARDED_ALLOW_IPS`` (none by default): otherwise any client could pick
+    the address its limits count against.
     """
+    logs.install()
+    forwarded = settings.forwarded_allow_ips
     options: dict[str, Any] = {
         "host": host,
         "port": port,
-        "ws": PrefectWsProtocol,  # websockets-sansio, answering unparsable handshakes
+        # websockets-sansio, answering unparsable handshakes, cutting off non-readers
+        "ws": websocket_protocol(settings.max_lag_seconds),
         "ws_per_message_deflate": False,
         "ws_max_size": settings.max_inbound_bytes,
         "ws_ping_interval": settings.ping_interval,
@@ -36,12 +42,15 @@ def uvicorn_config(settings: Settings, *, host: str, port: int, **overrides: Any
         "log_level": settings.log_level.lower(),
         "access_log": False,
         "timeout_graceful_shutdown": 5,
-        # h11 with a deadline for request headers (slowloris): prefect_ws.server.security.guard
-        "http": handshake_timeout_protocol(settings.handshake_timeout),
-        # Let h11 finish parsing header blocks well past the guard's limit, so the guard answers
-        # 431 with a reason; h11 would otherwise cut a header block that arrives in pieces once
-        # 16 KiB are buffered (400, and a reset over the unread rest).
-        "h11_max_incomplete_event_size": 4 * MAX_HEADER_BYTES,
+        # h11 with a deadline for every request's headers (slowloris), 431 and non-readers
+        "http": http_protocol(
+            header_deadline=settings.handshake_timeout, max_lag_seconds=settings.max_lag_seconds
+        ),
+        # Let h11 finish parsing header blocks well past the header check's limit, so that it
+        # answers 431 with a reason; the protocol answers 431 past this.
+        "h11_max_incomplete_event_size": MAX_HEAD_BYTES + 1,
+        "proxy_headers": bool(forwarded),
+        "forwarded_allow_ips": ",".join(forwarded) if forwarded else None,
     }
     options.update(overrides)
     return uvicorn.Config(create_app(settings), **options)

@@ -1,4 +1,4 @@
-"""uvicorn's websockets-sansio protocol, with one extension, one fix and a smaller footprint.
+"""uvicorn's websockets-sansio protocol, with one extension, some fixes and a smaller footprint.
 
 The extension: pre-built frames (:mod:`prefect_ws.protocol.frames`). The scope of every connection
 advertises :data:`~.frames.FRAMES_EXTENSION`, and a send message of that type writes its
@@ -9,6 +9,20 @@ The fix: when the upgrade request is malformed for the websockets parser (a requ
 8 KiB, say), ``websockets.ServerProtocol`` records the error, emits no event and sends nothing;
 uvicorn 0.54 then never answers, so the connection hangs until the client gives up, holding a
 socket per hostile request. This subclass answers ``400 Bad Request`` with the reason and closes.
+
+A client that stops reading must not hold its connection, nor make the server queue bytes for it:
+
+- a close while the client takes no data is written behind the unread bytes at once (uvicorn's
+  waits for room in the write buffer, which a non-reader never makes), and the closing
+  handshake's deadline aborts the transport (uvicorn's closes it, which waits for the buffer);
+- a write buffer that stays over its high-water mark for ``max_lag_seconds`` plus
+  :data:`~.stall.GRACE` aborts the transport (:mod:`.stall`), whatever the app is doing;
+- pings get no pong while the buffer is over its high-water mark (RFC 6455 section 5.5.3 lets
+  an endpoint answer only the latest ping): a ping flood from a non-reader costs nothing.
+
+What a client can trigger at will logs one line without a traceback (invalid UTF-8: 1007), and
+a refusal answered with ``websocket.http.response`` counts as a completed handshake, so uvicorn
+does not log it as an app that forgot to answer.
 
 The footprint: a server mostly holds idle connections, so what each one keeps matters. Measured
 at 3,000 idle connections (docs/benchmarks.md §4), uvicorn's protocol kept ~15 KB per connection
@@ -26,8 +40,11 @@ from uvicorn.protocols.utils import ClientDisconnected
 from uvicorn.protocols.websockets.websockets_sansio_impl import WebSocketsSansIOProtocol
 from websockets.http11 import Request
 from websockets.protocol import Protocol as FrameProtocol
+from websockets.protocol import State
 
 from prefect_ws.protocol.frames import FRAMES_EXTENSION
+from prefect_ws.server.uvicorn import stall
+from prefect_ws.server.uvicorn.logs import client_noise
 
 
 def bad_request(reason: str) -> bytes:
@@ -103,11 +120,15 @@ class Writable:
 
 
 class PrefectWsProtocol(WebSocketsSansIOProtocol):
+    max_stall: float = 30.0 + stall.GRACE  # seconds a full write buffer is tolerated
+
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
+        self.close_timeout = stall.GRACE  # uvicorn: 10 s for the client's close reply
         self.queue = Inbox()  # type: ignore[assignment]
         self.writable = Writable()  # type: ignore[assignment]
         self.conn.id = None  # type: ignore[assignment]  # a uuid4, only for websockets' logs
+        self.stall: asyncio.TimerHandle | None = None
 
     def handle_connect(self, event: Request) -> None:
         super().handle_connect(event)  # builds the scope and schedules the app, not yet run
@@ -128,14 +149,91 @@ class PrefectWsProtocol(WebSocketsSansIOProtocol):
             next(conn.parser)
         super().start_keepalive()
 
-    async def send(self, message: Any) -> None:
-        if message["type"] != FRAMES_EXTENSION:
-            await super().send(message)
+    # -- a client that does not read ------------------------------------------------------------
+
+    def pause_writing(self) -> None:
+        super().pause_writing()
+        self.stall = stall.arm(self.stall, self.loop, self.transport, self.max_stall)
+
+    def resume_writing(self) -> None:
+        super().resume_writing()
+        stall.disarm(self.stall)
+        self.stall = None
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        stall.disarm(self.stall)
+        self.stall = None
+        super().connection_lost(exc)
+
+    def handle_ping(self) -> None:
+        pongs = self.conn.data_to_send()
+        if self.writable.is_set():
+            self.transport.write(b"".join(pongs))
+
+    def keepalive_timeout(self) -> None:
+        if self.transport.get_write_buffer_size():
+            self.close_sent = True
+            self.transport.abort()  # the close frame would wait behind unread bytes
             return
-        await self.writable.wait()
-        if self.disconnected or self.close_sent or not self.handshake_complete:
-            raise ClientDisconnected()
-        self.transport.write(message["data"])
+        super().keepalive_timeout()
+
+    async def send(self, message: Any) -> None:
+        kind = message["type"]
+        if kind == FRAMES_EXTENSION:
+            await self.writable.wait()
+            if self.disconnected or self.close_sent or not self.handshake_complete:
+                raise ClientDisconnected()
+            self.transport.write(message["data"])
+            return
+        if kind == "websocket.close" and not self.writable.is_set() and self._open():
+            # The client takes no data now: put the close frame behind what it has not read
+            # (a client that reads again gets it) instead of waiting for room, forever for a
+            # client that stopped reading; the closing handshake's deadline aborts the rest.
+            code, reason = message.get("code", 1000), message.get("reason") or ""
+            self.queue.put_nowait({"type": "websocket.disconnect", "code": code, "reason": reason})
+            self.conn.send_close(code, reason)
+            self.transport.write(b"".join(self.conn.data_to_send()))
+            self.close_sent = True
+            self.close_timer = self.loop.call_later(self.close_timeout, self.transport.abort)
+            return
+        await super().send(message)
+        if kind == "websocket.close" and self.close_timer is not None:
+            # The closing handshake's deadline: uvicorn's transport.close() would wait for the
+            # write buffer to drain, forever for a client that stopped reading.
+            self.close_timer.cancel()
+            self.close_timer = self.loop.call_later(self.close_timeout, self.transport.abort)
+        elif kind == "websocket.http.response.body" and not message.get("more_body", False):
+            self.handshake_complete = True  # answered (a refusal): not an app that forgot to
+
+    def send_receive_event_to_app(self) -> None:
+        data = self.frames[0] if len(self.frames) == 1 else b"".join(self.frames)
+        self.frames = []
+        if self.close_sent:
+            return  # past the app's close: only the peer's close reply matters
+        if self.curr_msg_data_type == "text":
+            try:
+                self.queue.put_nowait({"type": "websocket.receive", "text": data.decode()})
+            except UnicodeDecodeError:
+                if self.conn.state is not State.OPEN:
+                    return  # already closing (the client's close came first): nothing to add
+                client_noise.warning(
+                    "invalid UTF-8 in a text frame from %s; closed 1007", self.peer
+                )
+                self.conn.send_close(1007)
+                self.handle_parser_exception()
+                return
+        else:
+            self.queue.put_nowait({"type": "websocket.receive", "bytes": data})
+        if not self.read_paused:
+            self.read_paused = True
+            self.transport.pause_reading()
+
+    def _open(self) -> bool:
+        return self.handshake_complete and not self.close_sent and not self.disconnected
+
+    @property
+    def peer(self) -> str:
+        return f"{self.client[0]}:{self.client[1]}" if self.client else "-"
 
     def data_received(self, data: bytes) -> None:
         super().data_received(data)
@@ -144,3 +242,10 @@ class PrefectWsProtocol(WebSocketsSansIOProtocol):
             cause = error.__cause__ or error
             self.transport.write(bad_request(str(cause) or type(cause).__name__))
             self.transport.close()
+
+
+def websocket_protocol(max_lag_seconds: float) -> type[PrefectWsProtocol]:
+    """:class:`PrefectWsProtocol` aborting connections whose writes stall for longer than
+    ``max_lag_seconds`` (when the app closes them with 1013) plus :data:`~.stall.GRACE`."""
+    max_stall = max_lag_seconds + stall.GRACE
+    return type("PrefectWsProtocol", (PrefectWsProtocol,), {"max_stall": max_stall})

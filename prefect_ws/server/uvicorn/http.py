@@ -1,0 +1,120 @@
+"""uvicorn's h11 protocol with deadlines and limits a public server needs.
+
+- every request's head (and body) must arrive within ``handshake_timeout`` of the connection's
+  start or of the previous response: uvicorn times out idle keep-alive connections, but a client
+  dribbling one byte at a time (slowloris) resets that timer with each byte;
+- a request head over :data:`MAX_HEAD_BYTES` is answered ``431`` (h11 would say 400);
+- a WebSocket upgrade must be HTTP/1.1 (RFC 6455 section 4.1): anything else gets ``400``;
+- a write buffer full for ``max_lag_seconds`` plus :data:`~.stall.GRACE` aborts the connection
+  (:mod:`.stall`): an SSE client that stopped reading.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from typing import Any, Final
+
+import h11
+from uvicorn.protocols.http.h11_impl import H11Protocol
+
+from prefect_ws.server import metrics
+from prefect_ws.server.security.headers import MAX_HEADER_BYTES
+from prefect_ws.server.uvicorn import stall
+
+# uvicorn's h11 parses header blocks up to this size, so that the header check answers 431 with
+# its reason for anything between MAX_HEADER_BYTES and this; larger is answered here.
+MAX_HEAD_BYTES: Final = 4 * MAX_HEADER_BYTES
+_INCOMPLETE: Final = (h11.IDLE, h11.SEND_BODY)
+
+
+def _plain_answer(status: int, phrase: str, reason: str) -> bytes:
+    body = json.dumps({"error": reason, "status": status}).encode()
+    head = (
+        f"HTTP/1.1 {status} {phrase}\r\ncontent-type: application/json\r\n"
+        f"content-length: {len(body)}\r\nconnection: close\r\n\r\n"
+    )
+    return head.encode() + body
+
+
+class PrefectWsHttpProtocol(H11Protocol):
+    header_deadline: float = 10.0
+    max_stall: float = 30.0
+
+    def connection_made(self, transport: Any) -> None:
+        super().connection_made(transport)
+        self.head_bytes = 0
+        self.stall: asyncio.TimerHandle | None = None
+        self.deadline: asyncio.TimerHandle | None = None
+        self._arm_deadline()
+
+    def _arm_deadline(self) -> None:
+        if self.deadline is not None:
+            self.deadline.cancel()
+        self.deadline = self.loop.call_later(self.header_deadline, self._deadline_expired)
+
+    def _deadline_expired(self) -> None:
+        self.deadline = None
+        upgraded = self.transport.get_protocol() is not self
+        waiting = self.conn.their_state in _INCOMPLETE
+        if waiting and not upgraded and not self.transport.is_closing():
+            metrics.refused("handshake_timeout")
+            self.transport.abort()
+
+    def on_response_complete(self) -> None:
+        super().on_response_complete()
+        if not self.transport.is_closing():
+            self._arm_deadline()  # the next request on this keep-alive connection
+
+    def data_received(self, data: bytes) -> None:
+        if self.conn.their_state is h11.IDLE:
+            self.head_bytes += len(data)
+            if self.head_bytes > MAX_HEAD_BYTES:
+                metrics.refused("headers_too_large")
+                reason = "request headers too large"
+                self.transport.write(_plain_answer(431, "Request Header Fields Too Large", reason))
+                self.transport.close()
+                return
+        super().data_received(data)
+        if self.conn.their_state is not h11.IDLE:
+            self.head_bytes = 0
+
+    def handle_websocket_upgrade(self, event: Any) -> None:
+        # The WebSocket protocol takes over: its timers are its own.
+        if self.deadline is not None:
+            self.deadline.cancel()
+            self.deadline = None
+        if event.http_version != b"1.1":
+            metrics.refused("http_version")
+            self.transport.write(
+                _plain_answer(400, "Bad Request", "WebSocket upgrades need HTTP/1.1")
+            )
+            self.transport.close()
+            return
+        super().handle_websocket_upgrade(event)
+
+    def pause_writing(self) -> None:
+        super().pause_writing()
+        self.stall = stall.arm(self.stall, self.loop, self.transport, self.max_stall)
+
+    def resume_writing(self) -> None:
+        super().resume_writing()
+        stall.disarm(self.stall)
+        self.stall = None
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        stall.disarm(self.stall)
+        self.stall = None
+        if self.deadline is not None:
+            self.deadline.cancel()
+            self.deadline = None
+        super().connection_lost(exc)
+
+
+def http_protocol(*, header_deadline: float, max_lag_seconds: float) -> type[PrefectWsHttpProtocol]:
+    """:class:`PrefectWsHttpProtocol` with the server's deadlines."""
+    return type(
+        "PrefectWsHttpProtocol",
+        (PrefectWsHttpProtocol,),
+        {"header_deadline": header_deadline, "max_stall": max_lag_seconds + stall.GRACE},
+    )
