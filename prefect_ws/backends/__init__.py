@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 from broadcaster import Broadcast
 
-from prefect_ws.backends.base import RESYNC, RunInfo, StreamBackend
+from prefect_ws.backends.base import RESYNC, PublishResult, RunInfo, StreamBackend
 from prefect_ws.backends.memory import MemoryBackend
 from prefect_ws.backends.redis import RedisBackend
 from prefect_ws.settings import Settings
@@ -14,6 +14,7 @@ from prefect_ws.settings import Settings
 __all__ = [
     "RESYNC",
     "MemoryBackend",
+    "PublishResult",
     "RedisBackend",
     "RunInfo",
     "StreamBackend",
