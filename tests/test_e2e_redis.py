@@ -64,6 +64,7 @@ def test_two_clients_see_the_same_complete_ordered_run(
         "head": 0,
         "first": None,
         "recovered": True,
+        "waiting": "Pending",  # created in Prefect, not started: the stream waits for it
     }
 
     start = events[0]["payload"]

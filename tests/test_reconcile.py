@@ -22,6 +22,7 @@ from uuid import UUID
 
 import httpx
 import pytest
+import yaml
 from conftest import free_port
 from delivery_support import (
     ServerProcess,
@@ -43,8 +44,11 @@ from helpers import (
     stream_path,
 )
 from reconcile_flows import hooked_sleeper
+from test_asyncapi import assert_valid
 
 from prefect_ws.settings import Settings
+
+ASYNCAPI = yaml.safe_load((TESTS.parent / "docs" / "asyncapi.yaml").read_text())
 
 END_WITHIN = 5.0  # seconds from Prefect recording a final state to clients seeing run_complete
 
@@ -128,6 +132,9 @@ def test_run_cancelled_through_the_api_ends_its_stream_cancelled(
         ("run_complete", "cancelled"),
     ]
     assert events[-1]["payload"]["reconciled"] is True
+    assert ("step_complete", "cancelled") in assert_valid(
+        ASYNCAPI, [json.dumps(client.hello), *client.frames]
+    )
     print(f"cancelled: run_complete reached the client {seen - recorded:.2f} s after Prefect")
     assert seen - recorded < END_WITHIN, f"run_complete {seen - recorded:.2f} s after Prefect"
     stored = redis_history(redis_url, redis_prefix, run_id)
@@ -215,6 +222,7 @@ def test_two_replicas_end_a_crashed_run_once(
     assert events[-2]["payload"]["status"] == "crashed"
     assert events[-1]["payload"]["status"] == "crashed"
     assert "exited with code -9" in events[-1]["payload"]["error"]
+    assert ("step_complete", "crashed") in assert_valid(ASYNCAPI, reference.frames)
     stored = redis_history(redis_url, redis_prefix, run_id)
     assert [e["type"] for e in stored].count("run_complete") == 1
 
