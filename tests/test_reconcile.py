@@ -15,6 +15,7 @@ import socket
 import sys
 import threading
 import time
+import uuid
 from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager, contextmanager
 from typing import Any
@@ -25,6 +26,7 @@ import pytest
 import yaml
 from conftest import free_port
 from delivery_support import (
+    VENV_BIN,
     ServerProcess,
     new_run_id,
     publish_logs,
@@ -46,6 +48,7 @@ from helpers import (
 from reconcile_flows import hooked_sleeper
 from test_asyncapi import assert_valid
 
+from prefect_ws.protocol.events import Draft, encode
 from prefect_ws.settings import Settings
 
 ASYNCAPI = yaml.safe_load((TESTS.parent / "docs" / "asyncapi.yaml").read_text())
@@ -309,3 +312,91 @@ def test_a_broken_prefect_api_never_stalls_streaming(
     assert prefect["reachable"] is False and prefect["error"], prefect
     assert "Traceback" not in log, log[-3000:]
     assert log.count("is unavailable") == 1, log[-3000:]  # said once, not per request
+
+
+def test_tail_says_waiting_then_shows_a_subflow_step_with_its_run_id(
+    prefect_api: str, redis_url: str, redis_prefix: str
+) -> None:
+    settings = settings_for(redis_url, redis_prefix)
+    run_id = create_flow_run(hooked_sleeper, {"seconds": 1})
+    set_prefect_state(run_id, "SCHEDULED")
+    child = str(uuid.uuid4())
+
+    async def main(base: str) -> tuple[int, str, str]:
+        tail = await asyncio.create_subprocess_exec(
+            str(VENV_BIN / "prefect-ws"),
+            "tail",
+            run_id,
+            "--url",
+            base,  # no --wait: Prefect knows the run, the server waits for it
+            env={**os.environ, "COLUMNS": "200", "NO_COLOR": "1", "TERM": "dumb"},
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.PIPE,
+        )
+        assert tail.stderr is not None
+        first = await asyncio.wait_for(tail.stderr.readline(), 30)
+        # The parent's hooks: the subflow is a step of the parent that names the child run.
+        async with redis_backend(settings) as backend:
+            await backend.publish(run_id, parent_run(run_id, child))
+        stdout, rest = await asyncio.wait_for(tail.communicate(), 30)
+        assert tail.returncode is not None
+        return tail.returncode, stdout.decode(), first.decode() + rest.decode()
+
+    with serve_app(settings) as (base, _):
+        code, stdout, stderr = asyncio.run(main(base))
+
+    assert code == 0, stderr
+    assert "waiting for the run to start (Prefect state: Scheduled)" in stderr
+    assert f"child started  subflow run {child}" in stdout  # the step_start line
+    assert f"child → subflow {child}" in stdout  # the live view's step row
+
+
+def parent_run(run_id: str, child: str) -> list[Draft]:
+    """A parent flow's events with one subflow step (``childRunId``)."""
+    return [
+        encode(
+            run_id,
+            "run_start",
+            {
+                "flowName": "parent",
+                "flowRunId": run_id,
+                "flowRunName": "calm-cat",
+                "parameters": {},
+                "layers": None,
+            },
+        ),
+        encode(
+            run_id,
+            "step_start",
+            {
+                "stepId": "child",
+                "taskRunId": None,
+                "layer": None,
+                "attempt": 1,
+                "childRunId": child,
+            },
+        ),
+        encode(
+            run_id,
+            "step_complete",
+            {
+                "stepId": "child",
+                "taskRunId": None,
+                "status": "completed",
+                "duration": 0.5,
+                "error": None,
+                "childRunId": child,
+            },
+        ),
+        encode(
+            run_id,
+            "run_complete",
+            {
+                "status": "completed",
+                "duration": 1.0,
+                "steps": {"completed": 1, "failed": 0, "skipped": 0, "cancelled": 0},
+                "failedSteps": [],
+                "error": None,
+            },
+        ),
+    ]

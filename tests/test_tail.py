@@ -92,7 +92,8 @@ def test_json_output_is_the_stream_byte_for_byte_and_exit_0(
     events = [json.loads(line) for line in lines]
     assert_run_sequence(events, FOUR_STEPS_LOGS)
     assert events[-1]["payload"]["status"] == "completed"
-    assert stderr == ""
+    # stdout is the stream alone; stderr said the run was awaited (created, not started yet).
+    assert stderr == "waiting for the run to start (Prefect state: Pending)...\n"
 
 
 def test_failed_run_exits_1_and_the_live_view_shows_steps_logs_and_failure(
