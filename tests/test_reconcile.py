@@ -42,13 +42,13 @@ from helpers import (
     StreamRecorder,
     assert_run_sequence,
     create_flow_run,
+    parent_run,
     redis_history,
     stream_path,
 )
 from reconcile_flows import hooked_sleeper
 from test_asyncapi import assert_valid
 
-from prefect_ws.protocol.events import Draft, encode
 from prefect_ws.settings import Settings
 
 ASYNCAPI = yaml.safe_load((TESTS.parent / "docs" / "asyncapi.yaml").read_text())
@@ -349,54 +349,3 @@ def test_tail_says_waiting_then_shows_a_subflow_step_with_its_run_id(
     assert "waiting for the run to start (Prefect state: Scheduled)" in stderr
     assert f"child started  subflow run {child}" in stdout  # the step_start line
     assert f"child → subflow {child}" in stdout  # the live view's step row
-
-
-def parent_run(run_id: str, child: str) -> list[Draft]:
-    """A parent flow's events with one subflow step (``childRunId``)."""
-    return [
-        encode(
-            run_id,
-            "run_start",
-            {
-                "flowName": "parent",
-                "flowRunId": run_id,
-                "flowRunName": "calm-cat",
-                "parameters": {},
-                "layers": None,
-            },
-        ),
-        encode(
-            run_id,
-            "step_start",
-            {
-                "stepId": "child",
-                "taskRunId": None,
-                "layer": None,
-                "attempt": 1,
-                "childRunId": child,
-            },
-        ),
-        encode(
-            run_id,
-            "step_complete",
-            {
-                "stepId": "child",
-                "taskRunId": None,
-                "status": "completed",
-                "duration": 0.5,
-                "error": None,
-                "childRunId": child,
-            },
-        ),
-        encode(
-            run_id,
-            "run_complete",
-            {
-                "status": "completed",
-                "duration": 1.0,
-                "steps": {"completed": 1, "failed": 0, "skipped": 0, "cancelled": 0},
-                "failedSteps": [],
-                "error": None,
-            },
-        ),
-    ]
