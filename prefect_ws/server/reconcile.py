@@ -4,9 +4,10 @@ The flow process's hooks are the fast path; they cannot speak when the process i
 run is cancelled or crashes while no process runs it, or when the flow carries no hooks. So each
 server process asks Prefect's API (:mod:`.prefect_api`) about the runs it streams: every
 ``interval`` seconds, one ``read_flow_runs`` for all of its watched runs that have not ended. A
-run Prefect records in a final state (Completed, Failed, Crashed, Cancelled) gets ``grace``
-seconds for its own hooks to end the stream (Prefect records the state just before the process
-runs its hooks); after that the server ends it: ``step_complete`` for every step still open
+run Prefect records in a final state (Completed, Failed, Crashed, Cancelled) is left to its own
+hooks while its history keeps growing (Prefect records the state just before the process runs
+its hooks, and a busy publisher may still be sending a backlog of logs); once it has been final
+and quiet for ``grace`` seconds the server ends it: ``step_complete`` for every step still open
 (``cancelled`` for a cancelled run, else ``crashed``) and ``run_complete`` with Prefect's status.
 
 Polling rather than Prefect's ``/api/events/out`` stream: a poll cannot miss a state across a
@@ -22,7 +23,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import logging
 import time
 from collections.abc import Callable, Collection
@@ -36,6 +36,7 @@ logger = logging.getLogger("prefect_ws.reconcile")
 
 END_ATTEMPTS: Final = 5  # reads of the history before giving up a run whose head keeps moving
 HISTORY_PAGE: Final = 1000
+QUIET_TOLERANCE: Final = 0.05  # seconds: a poll that wakes a hair early still counts as on time
 STEP_COUNTS: Final = ("completed", "failed", "skipped", "cancelled")
 
 
@@ -167,7 +168,8 @@ class Reconciler:
         self._grace = grace
         self._timeout = timeout
         self._ended: set[str] = set()  # watched runs seen ended: not asked about again
-        self._final_since: dict[str, float] = {}  # run -> when this process saw it final
+        # run -> (its head, since when) while Prefect says final: ended once quiet for grace
+        self._quiet: dict[str, tuple[int, float]] = {}
         self._task: asyncio.Task[None] | None = None
 
     async def start(self) -> None:
@@ -265,9 +267,9 @@ class Reconciler:
         assert self.prefect is not None
         watched = set(self._watched())
         self._ended &= watched
-        for run_id in list(self._final_since):
+        for run_id in list(self._quiet):
             if run_id not in watched:
-                del self._final_since[run_id]
+                del self._quiet[run_id]
         candidates = sorted(watched - self._ended)
         if not candidates:
             return
@@ -277,20 +279,21 @@ class Reconciler:
             self._set_reachable(False, str(exc))
             return
         self._set_reachable(True, None)
-        now = time.monotonic()
         for run_id, state in states.items():
             if not state.final:
-                self._final_since.pop(run_id, None)
+                self._quiet.pop(run_id, None)
                 continue
-            since = self._final_since.setdefault(run_id, now)
-            if now - since < self._grace:
+            info = await self.backend.info(run_id)
+            if info.last is not None and frame_from_text(info.last).is_final:
+                self._ended.add(run_id)  # its hooks ended it: nothing to ask about any more
                 continue
-            if not await self.end(run_id, state):
-                await self._note_if_ended(run_id)
-            else:
-                self._ended.add(run_id)
-
-    async def _note_if_ended(self, run_id: str) -> None:
-        info = await self.backend.info(run_id)
-        if info.last is not None and json.loads(info.last).get("type") == "run_complete":
-            self._ended.add(run_id)
+            now = time.monotonic()
+            seen = self._quiet.get(run_id)
+            if seen is None or seen[0] != info.head:
+                self._quiet[run_id] = (info.head, now)  # still publishing: give its hooks time
+                if self._grace > 0:
+                    continue
+            elif now - seen[1] < self._grace - QUIET_TOLERANCE:
+                continue
+            if await self.end(run_id, state):
+                self._ended.add(run_id)  # else the next round sees who ended it, or tries again
