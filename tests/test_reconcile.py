@@ -53,6 +53,7 @@ from prefect_ws.settings import Settings
 
 ASYNCAPI = yaml.safe_load((TESTS.parent / "docs" / "asyncapi.yaml").read_text())
 
+SECRET = "s3cret-in-the-url"
 END_WITHIN = 5.0  # seconds from Prefect recording a final state to clients seeing run_complete
 
 
@@ -248,8 +249,8 @@ class _GarbageHandler(http.server.BaseHTTPRequestHandler):
 @contextmanager
 def broken_api(kind: str) -> Iterator[str]:
     """A ``PREFECT_API_URL`` that refuses connections, answers garbage, or never answers."""
-    if kind == "unreachable":
-        yield f"http://127.0.0.1:{free_port()}/api"
+    if kind == "unreachable":  # with credentials in the URL, which no log line may show
+        yield f"http://prefect:{SECRET}@127.0.0.1:{free_port()}/api"
         return
     if kind == "garbage":
         server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _GarbageHandler)
@@ -312,6 +313,7 @@ def test_a_broken_prefect_api_never_stalls_streaming(
     assert prefect["reachable"] is False and prefect["error"], prefect
     assert "Traceback" not in log, log[-3000:]
     assert log.count("is unavailable") == 1, log[-3000:]  # said once, not per request
+    assert SECRET not in log and SECRET not in out["health"].text
 
 
 def test_tail_says_waiting_then_shows_a_subflow_step_with_its_run_id(

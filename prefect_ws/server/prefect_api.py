@@ -10,9 +10,11 @@ turns any failure (unreachable, slow, an error status, an answer that is not a f
 from __future__ import annotations
 
 import asyncio
+import re
 import uuid
 from dataclasses import dataclass
 from typing import Any, Final
+from urllib.parse import urlsplit, urlunsplit
 
 FINAL_STATES: Final = frozenset({"COMPLETED", "FAILED", "CRASHED", "CANCELLED"})
 RUN_STATUS_OF: Final = {
@@ -22,6 +24,23 @@ RUN_STATUS_OF: Final = {
     "CANCELLED": "cancelled",
 }
 LOOKUP_CHUNK: Final = 200  # flow run ids per read_flow_runs call (Prefect's default page size)
+
+
+def without_credentials(url: str) -> str:
+    """``url`` without a ``user:password@`` part, fit for a log line."""
+    parts = urlsplit(url)
+    if "@" not in parts.netloc:
+        return url
+    return urlunsplit(parts._replace(netloc=parts.netloc.rsplit("@", 1)[1]))
+
+
+_USERINFO: Final = re.compile(r"//[^/@\s]+@")
+
+
+def describe(what: str, exc: BaseException) -> str:
+    """One line for a failed call: no credentials (an HTTP error names the URL), at most 300
+    characters."""
+    return _USERINFO.sub("//", f"{what}: {type(exc).__name__}: {exc}")[:300]
 
 
 class PrefectUnavailable(Exception):
@@ -67,7 +86,7 @@ class PrefectRuns:
     """Flow-run reads from Prefect's API with one long-lived client."""
 
     def __init__(self, api_url: str, client: Any, timeout: float) -> None:
-        self.api_url = api_url
+        self.api_url = without_credentials(api_url)  # shown in logs and /healthz
         self._client = client
         self._timeout = timeout
 
@@ -106,13 +125,13 @@ class PrefectRuns:
         except asyncio.CancelledError:
             raise
         except Exception as exc:
-            raise PrefectUnavailable(f"{what}: {type(exc).__name__}: {exc}"[:300]) from None
+            raise PrefectUnavailable(describe(what, exc)) from None
 
     async def ping(self) -> None:
         """Raise :class:`PrefectUnavailable` unless the API answers its health check."""
         answer = await self._call("health check", self._client.api_healthcheck())
         if answer is not None:  # the client returns the exception instead of raising it
-            raise PrefectUnavailable(f"health check: {type(answer).__name__}: {answer}"[:300])
+            raise PrefectUnavailable(describe("health check", answer))
 
     async def lookup(self, run_id: str) -> RunState | None:
         """The run as Prefect records it; None when Prefect does not know it or rejects the id."""
@@ -131,7 +150,7 @@ class PrefectRuns:
             status = getattr(getattr(exc, "response", None), "status_code", None)
             if isinstance(status, int) and 400 <= status < 500 and status not in (401, 403, 429):
                 return None  # Prefect rejects the id: for a client, the run is unknown
-            raise PrefectUnavailable(f"read_flow_run: {type(exc).__name__}: {exc}"[:300]) from None
+            raise PrefectUnavailable(describe("read_flow_run", exc)) from None
         return self._checked(flow_run, run_id)
 
     async def states(self, run_ids: list[str]) -> dict[str, RunState]:

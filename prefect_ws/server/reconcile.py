@@ -30,7 +30,7 @@ from typing import Any, Final
 
 from prefect_ws.backends import StreamBackend
 from prefect_ws.protocol.events import Draft, encode, frame_from_text
-from prefect_ws.server.prefect_api import PrefectRuns, PrefectUnavailable, RunState
+from prefect_ws.server.prefect_api import PrefectRuns, PrefectUnavailable, RunState, describe
 
 logger = logging.getLogger("prefect_ws.reconcile")
 
@@ -177,7 +177,7 @@ class Reconciler:
         try:
             self.prefect = await PrefectRuns.connect(self._timeout)
         except Exception as exc:  # a malformed PREFECT_API_URL or profile
-            self.error = f"{type(exc).__name__}: {exc}"[:300]
+            self.error = describe("Prefect client", exc)
             logger.warning("prefect-ws: Prefect API client unavailable (%s)", self.error)
             return
         if self.prefect is None:
