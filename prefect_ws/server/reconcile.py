@@ -180,8 +180,8 @@ class Reconciler:
             self.error = describe("Prefect client", exc)
             logger.warning("prefect-ws: Prefect API client unavailable (%s)", self.error)
             return
-        if self.prefect is None:
-            logger.warning(
+        if self.prefect is None:  # a choice, not a fault: said at the INFO level
+            logger.info(
                 "prefect-ws: PREFECT_API_URL is not set: streams end only by their flows' "
                 "own hooks (a killed or cancelled run's stream stays open)"
             )
