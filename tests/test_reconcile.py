@@ -167,6 +167,18 @@ def test_unknown_run_is_4404_at_once_and_a_scheduled_one_waits(
         assert (waiting.hello["head"], waiting.hello["waiting"]) == (0, "Scheduled")
         await asyncio.sleep(0.5)  # still open: it waits for the run, not for a timeout
         assert not watching.done()
+        # Server-Sent Events alike: the known run is waited for, the unknown one is a 404.
+        http = base.replace("ws://", "http://")
+        async with httpx.AsyncClient(base_url=http, timeout=10) as client:
+            sse = f"/api/v2/workflows/runs/{run_id}/events/stream"
+            async with client.stream("GET", sse) as response:
+                assert response.status_code == 200
+                async for line in response.aiter_lines():
+                    if line.startswith("data:"):
+                        assert json.loads(line[5:])["waiting"] == "Scheduled"
+                        break
+            missing = await client.get(f"/api/v2/workflows/runs/{UUID(int=7)}/events/stream")
+            assert missing.status_code == 404
         # The run never starts: cancelled while scheduled, its stream ends cancelled.
         set_prefect_state(run_id, "CANCELLED")
         await watching
