@@ -173,7 +173,8 @@ class Reconciler:
         self._task: asyncio.Task[None] | None = None
 
     async def start(self) -> None:
-        """Connect to Prefect's API, say once whether it answers, then check watched runs."""
+        """Connect a client for Prefect's API; in the background, say once whether it answers,
+        then check the watched runs every interval."""
         try:
             self.prefect = await PrefectRuns.connect(self._timeout)
         except Exception as exc:  # a malformed PREFECT_API_URL or profile
@@ -186,12 +187,7 @@ class Reconciler:
                 "own hooks (a killed or cancelled run's stream stays open)"
             )
             return
-        try:
-            await self.prefect.ping()
-            self._set_reachable(True, None)
-            logger.info("prefect-ws: reconciling run ends with Prefect at %s", self.api_url)
-        except PrefectUnavailable as exc:
-            self._set_reachable(False, str(exc))
+        # Checked in the background: a slow API must not hold up serving.
         self._task = asyncio.create_task(self._run(), name="prefect-ws reconciler")
 
     async def close(self) -> None:
@@ -253,6 +249,13 @@ class Reconciler:
         return ended
 
     async def _run(self) -> None:
+        assert self.prefect is not None
+        try:
+            await self.prefect.ping()
+            self._set_reachable(True, None)
+            logger.info("prefect-ws: reconciling run ends with Prefect at %s", self.api_url)
+        except PrefectUnavailable as exc:
+            self._set_reachable(False, str(exc))
         while True:
             await asyncio.sleep(self._interval)
             try:
