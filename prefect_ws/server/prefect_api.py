@@ -16,6 +16,8 @@ from dataclasses import dataclass
 from typing import Any, Final
 from urllib.parse import urlsplit, urlunsplit
 
+import httpx
+
 FINAL_STATES: Final = frozenset({"COMPLETED", "FAILED", "CRASHED", "CANCELLED"})
 RUN_STATUS_OF: Final = {
     "COMPLETED": "completed",
@@ -105,7 +107,10 @@ class PrefectRuns:
             url = get_current_settings().api.url
             if not url:
                 return None, None
-            return url, get_client(httpx_settings={"timeout": timeout})
+            # No connection retries (Prefect's client sets 3: 1.5 s before a refused connection
+            # fails): a stream waiting on a lookup waits for one attempt; the poll retries.
+            transport = httpx.AsyncHTTPTransport(retries=0)
+            return url, get_client(httpx_settings={"timeout": timeout, "transport": transport})
 
         url, client = await asyncio.to_thread(load)
         if url is None:
@@ -128,10 +133,9 @@ class PrefectRuns:
             raise PrefectUnavailable(describe(what, exc)) from None
 
     async def ping(self) -> None:
-        """Raise :class:`PrefectUnavailable` unless the API answers its health check."""
-        answer = await self._call("health check", self._client.api_healthcheck())
-        if answer is not None:  # the client returns the exception instead of raising it
-            raise PrefectUnavailable(describe("health check", answer))
+        """Raise :class:`PrefectUnavailable` unless the API answers a flow-run read: a health
+        endpoint alone says nothing of an API that answers garbage."""
+        await self._call("read_flow_runs", self._client.read_flow_runs(limit=1))
 
     async def lookup(self, run_id: str) -> RunState | None:
         """The run as Prefect records it; None when Prefect does not know it or rejects the id."""

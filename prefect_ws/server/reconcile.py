@@ -171,6 +171,7 @@ class Reconciler:
         # run -> (its head, since when) while Prefect says final: ended once quiet for grace
         self._quiet: dict[str, tuple[int, float]] = {}
         self._task: asyncio.Task[None] | None = None
+        self._lookups: dict[str, asyncio.Future[RunState | None]] = {}  # one call per run at once
 
     async def start(self) -> None:
         """Connect a client for Prefect's API; in the background, say once whether it answers,
@@ -229,9 +230,21 @@ class Reconciler:
 
     async def lookup(self, run_id: str) -> RunState | None:
         """The run as Prefect records it, for a stream opened before the run published anything;
-        None when Prefect does not know it, rejects the id, or does not answer."""
-        if self.prefect is None:
+        None when Prefect does not know it, rejects the id, or does not answer.
+
+        While the API is known to be unavailable nothing is asked (clients get what they would
+        without Prefect, at once); clients opening the same run at once share one call.
+        """
+        if self.prefect is None or self.reachable is False:
             return None
+        pending = self._lookups.get(run_id)
+        if pending is None:
+            pending = self._lookups[run_id] = asyncio.ensure_future(self._lookup(run_id))
+            pending.add_done_callback(lambda _: self._lookups.pop(run_id, None))
+        return await asyncio.shield(pending)
+
+    async def _lookup(self, run_id: str) -> RunState | None:
+        assert self.prefect is not None
         try:
             state = await self.prefect.lookup(run_id)
         except PrefectUnavailable as exc:
@@ -259,7 +272,12 @@ class Reconciler:
         while True:
             await asyncio.sleep(self._interval)
             try:
+                if self.reachable is False:  # lookups wait for this to say it is back
+                    await self.prefect.ping()
+                    self._set_reachable(True, None)
                 await self.check()
+            except PrefectUnavailable:
+                pass  # still unavailable: said when it became so
             except asyncio.CancelledError:
                 raise
             except Exception as exc:  # a backend outage: the next round tries again
