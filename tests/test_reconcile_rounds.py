@@ -28,6 +28,7 @@ class ScriptedPrefect(http.server.ThreadingHTTPServer):
         super().__init__(("127.0.0.1", 0), _Handler)
         self.runs: list[dict[str, Any]] = []
         self.calls = 0
+        self.read_status = 404  # GET /api/flow_runs/<id>: how Prefect answers a single run
 
     @property
     def url(self) -> str:
@@ -48,6 +49,8 @@ class _Handler(http.server.BaseHTTPRequestHandler):
     def do_GET(self) -> None:
         if self.path.startswith("/api/health"):
             self._answer(200, True)
+        elif self.path.startswith("/api/flow_runs/"):
+            self._answer(self.server.read_status, {"detail": "scripted"})
         else:  # /csrf-token: an API without CSRF protection
             self._answer(404, {"detail": "Not Found"})
 
@@ -161,6 +164,23 @@ def test_a_run_still_publishing_after_prefect_recorded_its_end_is_left_to_its_ho
         await asyncio.sleep(0.35)
         await reconciler.check()
         assert await _types(backend, silent) == ["step_log", "run_complete"]
+        await reconciler.close()
+
+    asyncio.run(main())
+
+
+@pytest.mark.parametrize(("status", "reachable"), [(404, True), (422, True), (500, False)])
+def test_a_run_prefect_does_not_know_or_rejects_is_unknown(
+    prefect: ScriptedPrefect, status: int, reachable: bool
+) -> None:
+    """404 (no such run) and 422 (an id Prefect rejects) are an unknown run: the stream is a
+    4404; an error of Prefect's own (500) is an unavailable API, said in /healthz."""
+    prefect.read_status = status
+
+    async def main() -> None:
+        reconciler, _ = await _reconciler(prefect, set(), grace=0)
+        assert await reconciler.lookup(new_run_id()) is None
+        assert reconciler.reachable is reachable
         await reconciler.close()
 
     asyncio.run(main())
