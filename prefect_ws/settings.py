@@ -62,6 +62,24 @@ class Settings(BaseSettings):
         description="Most stored events one filtered history request reads; `next` resumes.",
     )
 
+    # Reconciliation with Prefect's API (PREFECT_API_URL): docs/deployments.md
+    reconcile_interval: float = Field(
+        default=1.0,
+        gt=0,
+        le=3600,
+        description="Seconds between asking Prefect's API how the streamed runs stand.",
+    )
+    reconcile_grace: float = Field(
+        default=1.0,
+        ge=0,
+        le=3600,
+        description="Seconds a run Prefect reports finished has to end its stream by its own "
+        "hooks before the server ends it from Prefect's record.",
+    )
+    prefect_api_timeout: float = Field(
+        default=3.0, gt=0, le=60, description="Longest wait for one answer of Prefect's API."
+    )
+
     # Storage
     history_maxlen: int = Field(
         default=110_000, ge=10, description="Events kept per run (Redis stream MAXLEN ~)."

@@ -213,3 +213,56 @@ def redis_history(
             await backend.disconnect()
 
     return [json.loads(text) for text in asyncio.run(read())]
+
+
+def parent_run(run_id: str, child: str) -> list[Any]:
+    """A parent flow's events, as its hooks publish them, with one subflow step (``childRunId``)."""
+    from prefect_ws.protocol.events import encode
+
+    return [
+        encode(
+            run_id,
+            "run_start",
+            {
+                "flowName": "parent",
+                "flowRunId": run_id,
+                "flowRunName": "calm-cat",
+                "parameters": {},
+                "layers": None,
+            },
+        ),
+        encode(
+            run_id,
+            "step_start",
+            {
+                "stepId": "child",
+                "taskRunId": None,
+                "layer": None,
+                "attempt": 1,
+                "childRunId": child,
+            },
+        ),
+        encode(
+            run_id,
+            "step_complete",
+            {
+                "stepId": "child",
+                "taskRunId": None,
+                "status": "completed",
+                "duration": 0.5,
+                "error": None,
+                "childRunId": child,
+            },
+        ),
+        encode(
+            run_id,
+            "run_complete",
+            {
+                "status": "completed",
+                "duration": 1.0,
+                "steps": {"completed": 1, "failed": 0, "skipped": 0, "cancelled": 0},
+                "failedSteps": [],
+                "error": None,
+            },
+        ),
+    ]

@@ -60,6 +60,7 @@ def test_two_clients_see_the_same_complete_ordered_run(
         "recovered": True,
         "epoch": None,  # the run had not published when the client joined
         "reset": False,
+        "waiting": "Pending",  # created in Prefect, not started: the stream waits for it
     }
 
     start = events[0]["payload"]

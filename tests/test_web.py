@@ -177,8 +177,9 @@ def test_run_page_shows_a_workflow_live_then_finished(
     reference = Recorder(server.replace("http://", "ws://") + stream_path(run_id))
     page.goto(f"{server}/runs/{run_id}")
     # Unknown to the server so far: the page says so, clearly, and keeps waiting.
+    # Created in Prefect, not started: the page says it waits for the run to start.
     page.wait_for_selector('#notice[data-kind="waiting"]', timeout=WAIT_MS)
-    assert "Unknown run" in page.inner_text("#notice")
+    assert "Waiting for the run to start (Prefect state: Pending)" in page.inner_text("#notice")
     assert page.get_attribute("#connection", "data-state") == "waiting"
     workflow.go.set()
 
@@ -585,3 +586,37 @@ def test_runs_list_over_redis_is_newest_first_with_status_and_capped(
     finally:
         client.delete(*client.keys(f"{redis_prefix}*"))
         client.close()
+
+
+def test_run_page_waits_for_a_scheduled_run_and_links_its_subflows(server: str, page: Any) -> None:
+    from helpers import create_flow_run, parent_run
+    from reconcile_flows import plain_sleeper
+    from test_reconcile import set_prefect_state
+
+    from prefect_ws.backends import MemoryBackend
+
+    run_id = create_flow_run(plain_sleeper)
+    set_prefect_state(run_id, "SCHEDULED")
+    child = str(uuid.uuid4())
+    page.goto(f"{server}/runs/{run_id}")
+    page.wait_for_selector('#notice[data-kind="waiting"]', timeout=WAIT_MS)
+    assert "Waiting for the run to start (Prefect state: Scheduled)" in page.inner_text("#notice")
+    assert page.get_attribute("#connection", "data-state") == "waiting"
+
+    async def publish() -> None:
+        backend = MemoryBackend("memory://")
+        await backend.connect()
+        await backend.publish(run_id, parent_run(run_id, child))
+        await backend.disconnect()
+
+    # Playwright's sync API runs an event loop in this thread: publish from another one.
+    publisher = threading.Thread(target=lambda: asyncio.run(publish()))
+    publisher.start()
+    publisher.join(30)
+    page.wait_for_selector('#run-status[data-status="completed"]', timeout=WAIT_MS)
+    link = page.locator("a.subflow-link")
+    assert link.count() == 1
+    assert link.get_attribute("href").endswith(f"/runs/{child}")
+    assert child in link.inner_text()
+    link.click()
+    page.wait_for_url(f"**/runs/{child}", timeout=WAIT_MS)

@@ -6,7 +6,13 @@ from dataclasses import dataclass
 
 from broadcaster import Broadcast
 
-from prefect_ws.backends.base import RESYNC, BackendUnavailable, RunInfo, StreamBackend
+from prefect_ws.backends.base import (
+    RESYNC,
+    BackendUnavailable,
+    PublishResult,
+    RunInfo,
+    StreamBackend,
+)
 from prefect_ws.backends.memory import MemoryBackend
 from prefect_ws.backends.redis import RedisBackend
 from prefect_ws.settings import Settings
@@ -15,6 +21,7 @@ __all__ = [
     "RESYNC",
     "BackendUnavailable",
     "MemoryBackend",
+    "PublishResult",
     "RedisBackend",
     "RunInfo",
     "StreamBackend",

@@ -10,6 +10,10 @@ before that point, so the hub reconciles its clients from history.
 :class:`StreamBackend` is an ABC: a backend that leaves out a method cannot be instantiated.
 A backend that cannot reach its store raises :class:`BackendUnavailable`, the one error server
 code catches (its own client library's error types stay inside the backend).
+
+A run ends once: the batch holding its ``run_complete`` marks it ended in the same atomic step
+that stores it, and every later batch of the run is refused. So the flow's own hooks and any
+number of server replicas that end a run Prefect reports finished never give it two ends.
 """
 
 from __future__ import annotations
@@ -54,6 +58,15 @@ class StreamBackend(BroadcastBackend, ABC):
     async def next_published(self) -> Event: ...
 
     @abstractmethod
+    async def publish_end(self, run_id: str, drafts: list[Draft], *, head: int) -> PublishResult:
+        """Store ``drafts`` (ending with ``run_complete``) only if the run has not ended and its
+        newest ``seq`` is still ``head``, in one atomic step.
+
+        The caller computed ``drafts`` from the history up to ``head`` (the steps still open);
+        when the head moved it reads again and retries, when the run ended it stops.
+        """
+
+    @abstractmethod
     async def history(self, run_id: str, after: int, limit: int) -> list[str]:
         """Up to ``limit`` stored events of the run with ``seq > after``, in ``seq`` order."""
 
@@ -79,6 +92,27 @@ class StreamBackend(BroadcastBackend, ABC):
         Not abstract so that a backend without a run index still serves streams.
         """
         return []
+
+
+class PublishResult(int):
+    """What :meth:`StreamBackend.publish_end` did: the run's newest ``seq`` once stored, else
+    :attr:`ENDED` (the run had ended: nothing was stored) or :attr:`MOVED` (events were added
+    after ``head``: nothing was stored)."""
+
+    ENDED: Final = -1
+    MOVED: Final = -2
+
+    @property
+    def stored(self) -> bool:
+        return self >= 0
+
+    @property
+    def ended(self) -> bool:
+        return self == self.ENDED
+
+    @property
+    def moved(self) -> bool:
+        return self == self.MOVED
 
 
 class Batch(list[Draft]):

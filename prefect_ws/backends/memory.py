@@ -17,16 +17,17 @@ from typing import Any
 
 from broadcaster import Event
 
-from prefect_ws.backends.base import RESYNC, RecentRun, RunInfo, StreamBackend
+from prefect_ws.backends.base import RESYNC, PublishResult, RecentRun, RunInfo, StreamBackend
 from prefect_ws.protocol.events import Draft, join_frames
 
 
 class _RunLog:
-    __slots__ = ("epoch", "events", "seq", "updated")
+    __slots__ = ("ended", "epoch", "events", "seq", "updated")
 
     def __init__(self, maxlen: int) -> None:
         self.epoch = secrets.token_hex(8)  # a run evicted and published again starts another
         self.seq = 0
+        self.ended = False  # its run_complete is stored: every later append is refused
         self.updated = 0.0
         self.events: deque[tuple[int, str]] = deque(maxlen=maxlen)
 
@@ -49,9 +50,15 @@ class MemoryStore:
         with self._lock:
             self._backends.discard(backend)
 
-    def append(self, run_id: str, drafts: list[Draft]) -> None:
+    def append(self, run_id: str, drafts: list[Draft], head: int | None = None) -> PublishResult:
+        """Store and deliver ``drafts`` up to a ``run_complete``, unless the run has ended (or,
+        given ``head``, its newest seq moved past it): the end-once rule, under the lock."""
         with self._lock:
             log = self._runs.get(run_id)
+            if log is not None and log.ended:
+                return PublishResult(PublishResult.ENDED)
+            if head is not None and (log.seq if log is not None else 0) != head:
+                return PublishResult(PublishResult.MOVED)
             if log is None:
                 log = self._runs[run_id] = _RunLog(self._history_maxlen)
                 while len(self._runs) > self._max_runs:
@@ -65,10 +72,14 @@ class MemoryStore:
                 text = draft.complete(log.seq)
                 log.events.append((log.seq, text))
                 texts.append(text)
+                if draft.type == "run_complete":
+                    log.ended = True  # events after it in the same batch are dropped with it
+                    break
             message = join_frames(texts)
             # Delivered under the lock so every subscriber sees one run's messages in seq order.
             for backend in list(self._backends):
                 backend._deliver(run_id, message)
+            return PublishResult(log.seq)
 
     def recent_runs(self, limit: int) -> list[RecentRun]:
         """Newest first: ``_runs`` is kept in order of last append."""
@@ -147,6 +158,9 @@ class MemoryBackend(StreamBackend):
 
     async def next_published(self) -> Event:
         return await self._queue.get()
+
+    async def publish_end(self, run_id: str, drafts: list[Draft], *, head: int) -> PublishResult:
+        return self._store.append(run_id, drafts, head)
 
     async def history(self, run_id: str, after: int, limit: int) -> list[str]:
         return self._store.history(run_id, after, limit)

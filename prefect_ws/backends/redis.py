@@ -7,6 +7,9 @@ This one:
 - publishes with one Lua script per batch: ``INCRBY`` the run's sequence, ``XADD`` each event to
   the run's capped stream under the id ``<seq>-0`` (so history is a ``seq`` range), ``PUBLISH`` the
   batch, and refresh both keys' TTL. Any number of publishers agree on one order;
+- ends a run once: the same script sets the run's ``ended`` key with its ``run_complete`` and
+  refuses every later batch, so of the flow's hooks and any number of reconciling replicas
+  exactly one ends the run (:meth:`RedisBackend.publish_end`);
 - listens on one pub/sub connection per process and, after any connection loss, reconnects with
   backoff, resubscribes every channel and emits :data:`RESYNC` for each, so the hub replays what
   was missed from the stream;
@@ -29,6 +32,7 @@ from redis.exceptions import MaxConnectionsError, RedisError
 from prefect_ws.backends.base import (
     RESYNC,
     BackendUnavailable,
+    PublishResult,
     RecentRun,
     RunInfo,
     StreamBackend,
@@ -38,9 +42,18 @@ from prefect_ws.protocol.events import Draft
 logger = logging.getLogger("prefect_ws.transport")
 
 # KEYS[1] sequence counter, KEYS[2] history stream, KEYS[3] recent-runs index (sorted set),
-# KEYS[4] stored batches per publisher, KEYS[5] the history's epoch (set with the counter).
-# ARGV[1] pub/sub channel, ARGV[2] MAXLEN, ARGV[3] TTL seconds, then (head, tail) pairs.
+# KEYS[4] stored batches per publisher, KEYS[5] the history's epoch (set with the counter),
+# KEYS[6] the "ended" marker.
+# ARGV[1] pub/sub channel, ARGV[2] MAXLEN, ARGV[3] TTL seconds, ARGV[4] publisher id, ARGV[5]
+# batch number, ARGV[6] the head the batch requires ('' for any), then (head, tail) pairs.
+# Returns the newest seq, REFUSED_ENDED when the run had ended, REFUSED_MOVED when the head moved.
 PUBLISH_SCRIPT: Final = """
+if redis.call('EXISTS', KEYS[6]) == 1 then
+  return -1  -- the run ended: nothing of a run follows its run_complete
+end
+if ARGV[6] ~= '' and tonumber(redis.call('GET', KEYS[1]) or '0') ~= tonumber(ARGV[6]) then
+  return -2
+end
 if ARGV[4] ~= '' then
   -- A batch a publisher sends again (its reply was lost) is stored once: KEYS[4] maps each
   -- publisher id to the number of its newest stored batch for this run.
@@ -51,7 +64,16 @@ if ARGV[4] ~= '' then
   redis.call('HSET', KEYS[4], ARGV[4], ARGV[5])
   redis.call('EXPIRE', KEYS[4], ARGV[3])
 end
-local n = (#ARGV - 5) / 2
+local n = (#ARGV - 6) / 2
+local final = '{"v":1,"type":"run_complete"'
+local ended = false
+for i = 0, n - 1 do
+  if string.sub(ARGV[7 + 2 * i], 1, #final) == final then
+    n = i + 1  -- events after run_complete in the same batch are dropped with it
+    ended = true
+    break
+  end
+end
 local last = redis.call('INCRBY', KEYS[1], n)
 if last == n or redis.call('EXISTS', KEYS[5]) == 0 then
   -- A new counter: a new history (also after Redis came back empty).
@@ -62,7 +84,7 @@ local seq = last - n
 local out = {}
 for i = 0, n - 1 do
   seq = seq + 1
-  local text = ARGV[6 + 2 * i] .. seq .. ARGV[7 + 2 * i]
+  local text = ARGV[7 + 2 * i] .. seq .. ARGV[8 + 2 * i]
   redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[2], seq .. '-0', 'd', text)
   out[i + 1] = text
 end
@@ -70,6 +92,9 @@ redis.call('PUBLISH', ARGV[1], table.concat(out, '\\n'))
 redis.call('EXPIRE', KEYS[1], ARGV[3])
 redis.call('EXPIRE', KEYS[2], ARGV[3])
 redis.call('EXPIRE', KEYS[5], ARGV[3])
+if ended then
+  redis.call('SET', KEYS[6], last, 'EX', ARGV[3])
+end
 if KEYS[3] then
   local now = redis.call('TIME')
   redis.call('ZADD', KEYS[3], now[1] + now[2] / 1000000, ARGV[1])
@@ -176,21 +201,33 @@ class RedisBackend(StreamBackend):
 
     async def publish(self, channel: str, message: Any) -> None:
         drafts: list[Draft] = message
-        if not drafts:
-            return
-        key: tuple[str, int] | None = getattr(message, "key", None)  # see Batch
-        args: list[Any] = [self.channel_name(channel), self._maxlen, self._ttl]
+        if drafts:
+            key: tuple[str, int] | None = getattr(message, "key", None)  # see Batch
+            await self._run_script(channel, drafts, key=key, head=None)
+
+    async def publish_end(self, run_id: str, drafts: list[Draft], *, head: int) -> PublishResult:
+        return PublishResult(await self._run_script(run_id, drafts, key=None, head=head))
+
+    async def _run_script(
+        self, run_id: str, drafts: list[Draft], *, key: tuple[str, int] | None, head: int | None
+    ) -> int:
+        args: list[Any] = [self.channel_name(run_id), self._maxlen, self._ttl]
         args += [key[0], key[1]] if key is not None else ["", 0]
+        args.append("" if head is None else head)
         for draft in drafts:
             args.append(draft.head)
             args.append(draft.tail)
         keys = [
-            *self._keys(channel),
+            *self._keys(run_id),
             self._recent_key,
-            f"{self._prefix}:{{{channel}}}:batches",
-            self._epoch_key(channel),
+            f"{self._prefix}:{{{run_id}}}:batches",
+            self._epoch_key(run_id),
+            f"{self._prefix}:{{{run_id}}}:ended",
         ]
-        await self._once_more_on_stale_connection(lambda: self._script(keys=keys, args=args))
+        result: Any = await self._once_more_on_stale_connection(
+            lambda: self._script(keys=keys, args=args)
+        )
+        return int(result)
 
     async def next_published(self) -> Event:
         return await self._queue.get()

@@ -44,6 +44,8 @@ def render_event(event: dict[str, Any]) -> Text:
         line.append(str(payload.get("stepId")), style="bold blue")
         attempt = payload.get("attempt") or 1
         line.append(" started" + (f" (attempt {attempt})" if attempt > 1 else ""))
+        if payload.get("childRunId"):
+            line.append(f"  subflow run {payload['childRunId']}", style="dim")
     elif kind == "step_log":
         level = str(payload.get("level", "INFO"))
         line.append(f"    {level:<7} ", style=LEVEL_STYLES.get(level, ""))

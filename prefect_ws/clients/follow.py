@@ -94,13 +94,15 @@ async def follow_messages(
     open_timeout: float = 10.0,
     on_reconnect: Callable[[int, str], None] | None = None,
     on_reset: Callable[[int], None] | None = None,
+    on_hello: Callable[[dict[str, Any]], None] | None = None,
 ) -> AsyncIterator[tuple[str, dict[str, Any]]]:
     """Yield ``(text, event)`` for each event after ``since``, exactly as the server sent it.
 
     Frames without ``seq`` (control frames such as ``hello``) are skipped. After a drop the
     client reconnects with ``since=<last seq>``, so nothing is lost or repeated. The token goes
     in an ``Authorization`` header rather than the URL, so it stays out of proxy logs.
-    ``on_reconnect(code, reason)`` is called once per outage, before its first reconnect.
+    ``on_reconnect(code, reason)`` is called once per outage, before its first reconnect;
+    ``on_hello(frame)`` with each connection's ``hello`` (``waiting``: the run has not started).
     ``connect_retries`` caps the attempts before the first connection succeeds (a wrong URL
     should fail in a second, not after ``max_retries`` backoffs).
     ``on_reset(last_seq)`` is called when the run's history was lost and begun again: events
@@ -154,6 +156,8 @@ async def follow_messages(
                         continue
                     seq = event.get("seq") if isinstance(event, dict) else None
                     if not isinstance(seq, int) or seq <= last_seq:
+                        if on_hello is not None and seq is None and event.get("type") == "hello":
+                            on_hello(event)
                         continue
                     last_seq = seq
                     yield text, event

@@ -25,6 +25,7 @@ from rich.text import Text
 from prefect_ws.clients.console import STATUS_STYLES, render_event
 from prefect_ws.clients.follow import StreamError, follow_messages
 from prefect_ws.clients.tail_args import LEVELS
+from prefect_ws.protocol.events import canonical_run_id
 
 # Exit codes: a script can tell a failed run from a refused or unreachable stream.
 EXIT_COMPLETED: Final = 0
@@ -97,6 +98,7 @@ class StepState:
     duration: float | None = None
     attempt: int = 1
     error: str | None = None
+    child_run_id: str | None = None  # a subflow run: a step with a stream of its own
 
 
 @dataclass
@@ -118,6 +120,7 @@ class RunView:
     duration: float | None = None
     error: str | None = None
     logs: int = 0
+    waiting_for: str | None = None  # Prefect's state of a run that has not started (hello)
 
     def apply(self, event: dict[str, Any]) -> None:
         kind = event.get("type")
@@ -138,7 +141,11 @@ class RunView:
             if not isinstance(layer, int):
                 layer = self._layer_of(step_id)
             self.steps[step_id] = StepState(
-                step_id, layer, started=ts, attempt=int(payload.get("attempt") or 1)
+                step_id,
+                layer,
+                started=ts,
+                attempt=int(payload.get("attempt") or 1),
+                child_run_id=_child_of(payload),
             )
             if self.status == "waiting":
                 self.status = "running"
@@ -149,6 +156,7 @@ class RunView:
             duration = payload.get("duration")
             step.duration = float(duration) if isinstance(duration, int | float) else None
             step.error = payload.get("error")
+            step.child_run_id = _child_of(payload) or step.child_run_id
             self.steps[step_id] = step
         elif kind == "step_log":
             self.logs += 1
@@ -193,6 +201,8 @@ class RunView:
         if self.run_name:
             title.append(f"({self.run_name}) ", style="magenta")
         title.append(self.status, style="bold " + STATUS_STYLES.get(self.status, "cyan"))
+        if self.status == "waiting" and self.waiting_for:
+            title.append(f" for the run to start (Prefect state: {self.waiting_for})", style="cyan")
         elapsed = self.duration
         if elapsed is None and self.started is not None:
             elapsed = max(0.0, now - self.started)
@@ -231,7 +241,10 @@ class RunView:
                 status = Text(step.status, style=STATUS_STYLES.get(step.status, "blue"))
                 if step.attempt > 1:
                     status.append(f" (attempt {step.attempt})", style="dim")
-                table.add_row(label, icon, Text(step_id, style="bold"), status, timing)
+                name = Text(step_id, style="bold")
+                if step.child_run_id:
+                    name.append(f" → subflow {step.child_run_id}", style="dim")
+                table.add_row(label, icon, name, status, timing)
 
         total, finished = self.total_steps(), self.finished_steps()
         bar = Table.grid(padding=(0, 1))
@@ -245,11 +258,27 @@ class RunView:
         return Group(*parts)
 
 
+def _child_of(payload: dict[str, Any]) -> str | None:
+    """The subflow run id a step carries, if it is a subflow run (``childRunId``)."""
+    child = payload.get("childRunId")
+    return canonical_run_id(child) if isinstance(child, str) else None
+
+
+def waiting_message(hello: dict[str, Any]) -> str | None:
+    """What to show while the server holds the stream for a run that has not started."""
+    state = hello.get("waiting")
+    if not isinstance(state, str):
+        return None
+    return f"waiting for the run to start (Prefect state: {state[:40]})"
+
+
 def _log_line(event: dict[str, Any]) -> Text | None:
     """What scrolls above the live view: logs, failures and the end of the run."""
     kind = event.get("type")
     payload = event.get("payload") or {}
     if kind in ("step_log", "run_start", "run_complete"):
+        return render_event(event)
+    if kind == "step_start" and _child_of(payload):
         return render_event(event)
     if kind == "step_complete" and payload.get("status") != "completed":
         return render_event(event)
@@ -277,6 +306,17 @@ async def run_tail(
     def reconnecting(code: int, reason: str) -> None:
         err.print(f"[dim]stream interrupted ({code} {reason}); reconnecting...[/]")
 
+    view = RunView(options.run_id)
+    said_waiting = False
+
+    def greeted(hello: dict[str, Any]) -> None:
+        nonlocal said_waiting
+        message = waiting_message(hello)
+        if message is not None and not said_waiting:
+            said_waiting = True  # once, not on every reconnect
+            view.waiting_for = str(hello["waiting"])[:40]
+            err.print(Text(f"{message}...", style="cyan"))
+
     def reset(last_seq: int) -> None:
         err.print(
             f"[yellow]the server lost this run's history: lines after seq {last_seq} may be "
@@ -295,6 +335,7 @@ async def run_tail(
         connect_retries=2,
         on_reconnect=reconnecting,
         on_reset=reset,
+        on_hello=greeted,
     )
     try:
         if options.json:
@@ -306,7 +347,7 @@ async def run_tail(
                 if event.get("type") == "run_complete":
                     final_status = str((event.get("payload") or {}).get("status"))
         else:
-            final_status = await _live(options, stream, console or Console(highlight=False))
+            final_status = await _live(options, stream, console or Console(highlight=False), view)
     except StreamError as exc:
         err.print(f"[red]prefect-ws tail: {_explain(exc)}[/]", highlight=False)
         return EXIT_STREAM_ERROR
@@ -315,11 +356,10 @@ async def run_tail(
     return exit_code_for(final_status)
 
 
-async def _live(options: TailOptions, stream: Any, console: Console) -> str | None:
+async def _live(options: TailOptions, stream: Any, console: Console, view: RunView) -> str | None:
     """The live view, started with the first event: a refused stream shows only its reason."""
     from rich.live import Live
 
-    view = RunView(options.run_id)
     final_status: str | None = None
     live: Live | None = None
     try:

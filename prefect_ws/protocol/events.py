@@ -34,7 +34,7 @@ EVENT_TYPES: Final[tuple[str, ...]] = (
     "step_complete",
     "run_complete",
 )
-STEP_STATUSES: Final[tuple[str, ...]] = ("completed", "failed", "skipped", "cancelled")
+STEP_STATUSES: Final[tuple[str, ...]] = ("completed", "failed", "skipped", "cancelled", "crashed")
 RUN_STATUSES: Final[tuple[str, ...]] = ("completed", "failed", "cancelled", "crashed")
 
 

@@ -23,6 +23,7 @@ from prefect_ws.protocol.frames import FRAMES_EXTENSION, coalesce
 from prefect_ws.server import metrics
 from prefect_ws.server.hub import Hub, StreamClosed, Subscription
 from prefect_ws.server.pages import page_routes
+from prefect_ws.server.reconcile import Reconciler
 from prefect_ws.server.security.auth import SUBPROTOCOL, schedule_expiry
 from prefect_ws.server.security.outcome import Outcome, outcome_of
 from prefect_ws.server.security.redact import redact, safe_url
@@ -161,7 +162,7 @@ class StreamEndpoint:
             close = await _write(
                 websocket,
                 send,
-                open_stream(hub, request, subscription),
+                open_stream(hub, request, subscription, websocket.app.state.reconciler),
                 websocket.app.state.watchdog,
                 outcome,
             )
@@ -261,14 +262,15 @@ async def sse_endpoint(request: Request) -> Response:
                 "stream for run %s: backend unavailable (%s)", stream_request.run_id, exc
             )
             return _error(503, BACKEND_UNAVAILABLE)
-        if not info.known:
+        reconciler: Reconciler = request.app.state.reconciler
+        if not info.known and await reconciler.lookup(stream_request.run_id) is None:
             return _error(404, "unknown run: no events for this run id (add wait=<seconds>)")
     subscription = stream_request.subscription(settings.client_queue_size)
     schedule_expiry(request.scope, subscription)  # `event: end` 4401 when the token expires
     outcome = outcome_of(request.scope)
     outcome.accept()
     body = sse_body(
-        open_stream(hub, stream_request, subscription),
+        open_stream(hub, stream_request, subscription, request.app.state.reconciler),
         keepalive=settings.ping_interval,
         outcome=outcome,
     )
@@ -280,7 +282,11 @@ async def sse_endpoint(request: Request) -> Response:
 
 
 async def healthz(request: Request) -> JSONResponse:
+    """200 while streams can be served (the backend answers), else 503. ``prefect`` says whether
+    run ends are reconciled with Prefect's API; an unreachable API does not stop streaming."""
     transport: Transport = request.app.state.transport
+    reconciler: Reconciler | None = getattr(request.app.state, "reconciler", None)
+    prefect = reconciler.status() if reconciler is not None else {"reconciling": False}
     try:
         await transport.backend.ping()
     except Exception as exc:
@@ -289,10 +295,11 @@ async def healthz(request: Request) -> JSONResponse:
                 "status": "unavailable",
                 "backend": transport.backend.name,
                 "error": redact(str(exc)) or type(exc).__name__,
+                "prefect": prefect,
             },
             status_code=503,
         )
-    return JSONResponse({"status": "ok", "backend": transport.backend.name})
+    return JSONResponse({"status": "ok", "backend": transport.backend.name, "prefect": prefect})
 
 
 def create_app(settings: Settings | None = None, transport: Transport | None = None) -> Starlette:
@@ -318,11 +325,21 @@ def create_app(settings: Settings | None = None, transport: Transport | None = N
                 redact(str(exc)),
             )
         app.state.hub = hub
+        app.state.reconciler = reconciler = Reconciler(
+            transport.backend,
+            hub.runs.keys,
+            interval=settings.reconcile_interval,
+            grace=settings.reconcile_grace,
+            timeout=settings.prefect_api_timeout,
+            max_wait=settings.max_wait_seconds,
+        )
+        await reconciler.start()
         app.state.watchdog = watchdog = SendWatchdog(settings.max_lag_seconds)
         watchdog.start()
         try:
             yield {}
         finally:
+            await reconciler.close()
             await hub.close()
             await watchdog.stop()
 

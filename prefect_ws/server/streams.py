@@ -13,12 +13,15 @@ import json
 import re
 from collections.abc import AsyncIterator, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Final
+from typing import TYPE_CHECKING, Final
 
 from prefect_ws.backends import RunInfo
 from prefect_ws.protocol import closecodes
 from prefect_ws.protocol.events import EVENT_TYPES, Frame, canonical_run_id, frame_from_text
 from prefect_ws.server.hub import Hub, StreamClosed, Subscription
+
+if TYPE_CHECKING:
+    from prefect_ws.server.reconcile import Reconciler
 
 MAX_SINCE: Final = 2**53  # JSON-safe; larger is certainly not a seq we issued
 MAX_STEP_FILTERS: Final = 100
@@ -187,21 +190,25 @@ def since_beyond_head(head: int) -> StreamClosed:
     )
 
 
-def hello(request: StreamRequest, info: RunInfo, since: int, reset: bool) -> str:
-    return json.dumps(
-        {
-            "type": "hello",
-            "v": 1,
-            "runId": request.run_id,
-            "since": since,
-            "head": info.head,
-            "first": info.first,
-            "recovered": not reset and not info.missing_after(since),
-            "epoch": info.epoch,
-            "reset": reset,
-        },
-        separators=(",", ":"),
-    )
+def hello(
+    request: StreamRequest, info: RunInfo, since: int, reset: bool, waiting: str | None = None
+) -> str:
+    """The control frame that opens every stream. ``waiting``: the Prefect state (``Scheduled``,
+    ``Pending``, ``Late``, ``Paused``...) of a run Prefect knows but that has not published yet."""
+    fields: dict[str, object] = {
+        "type": "hello",
+        "v": 1,
+        "runId": request.run_id,
+        "since": since,
+        "head": info.head,
+        "first": info.first,
+        "recovered": not reset and not info.missing_after(since),
+        "epoch": info.epoch,
+        "reset": reset,
+    }
+    if waiting is not None:
+        fields["waiting"] = waiting
+    return json.dumps(fields, separators=(",", ":"))
 
 
 def history_reset(info: RunInfo, epoch: str | None) -> bool:
@@ -210,17 +217,35 @@ def history_reset(info: RunInfo, epoch: str | None) -> bool:
 
 
 async def open_stream(
-    hub: Hub, request: StreamRequest, subscription: Subscription
+    hub: Hub,
+    request: StreamRequest,
+    subscription: Subscription,
+    prefect: Reconciler | None = None,
 ) -> AsyncIterator[str | list[Frame]]:
     """The hello frame's text first, then the run's events in batches of frames that passed
     the filters (never empty; consecutive ``seq`` unless filtered).
+
+    A run with no events yet is looked up in Prefect (``prefect``): one Prefect has not started
+    is waited for as if the client had asked ``wait=``; one Prefect recorded as finished is
+    ended from that record now; one Prefect does not know is unknown (4404).
 
     Ends normally after ``run_complete``; raises :class:`StreamClosed` when the stream must end
     otherwise (unknown run, lagging client, shutdown, or ``subscription.abort``).
     """
     async with hub.attach(subscription):
-        info = await hub.transport.backend.info(request.run_id)
-        if not info.known and request.wait is None:
+        backend = hub.transport.backend
+        info = await backend.info(request.run_id)
+        wait = request.wait
+        waiting: str | None = None
+        if not info.known and prefect is not None:
+            state = await prefect.lookup(request.run_id)
+            if state is not None and state.final:
+                await prefect.end(request.run_id, state)
+                info = await backend.info(request.run_id)
+            elif state is not None:
+                waiting = state.name
+                wait = max(wait or 0.0, prefect.max_wait)
+        if not info.known and wait is None:
             raise unknown_run()
         since = request.since
         reset = history_reset(info, request.epoch)
@@ -230,19 +255,19 @@ async def open_stream(
             # No client can have seen it; waiting would skip every event, run_complete too.
             raise since_beyond_head(info.head)
         subscription.epoch = info.epoch
-        yield hello(request, info, since, reset)
+        yield hello(request, info, since, reset, waiting)
         finished = info.last is not None and frame_from_text(info.last).is_final
         if finished and since >= info.head:
             return  # a finished run, and the client has all of it
         batches = hub.batches(subscription)
         if not info.known:
-            assert request.wait is not None
+            assert wait is not None
             try:
-                async with asyncio.timeout(request.wait):
+                async with asyncio.timeout(wait):
                     first = await anext(batches, None)
             except TimeoutError:
                 raise StreamClosed(
-                    closecodes.UNKNOWN_RUN, f"run did not start within {request.wait:g} s"
+                    closecodes.UNKNOWN_RUN, f"run did not start within {wait:g} s"
                 ) from None
             if first is None:
                 return

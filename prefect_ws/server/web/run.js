@@ -21,9 +21,10 @@
     duration: null,
     error: null,
     layers: [], // declared: [[stepId, ...], ...]
-    steps: new Map(), // stepId -> {id, layer, status, started, duration, attempt, error}
+    steps: new Map(), // stepId -> {id, layer, status, started, duration, attempt, error, childRunId}
     complete: false,
     logCount: 0,
+    waitingFor: null, // the Prefect state of a run that has not started yet (hello.waiting)
   };
 
   // -- model ------------------------------------------------------------------------------
@@ -64,6 +65,7 @@
           duration: null,
           attempt: payload.attempt || 1,
           error: null,
+          childRunId: payload.childRunId || null, // a subflow run: a step with a stream of its own
         });
         if (state.status === "waiting") state.status = "running";
         addStepOption(id);
@@ -76,6 +78,7 @@
         step.status = String(payload.status);
         step.duration = typeof payload.duration === "number" ? payload.duration : null;
         step.error = payload.error || null;
+        if (payload.childRunId) step.childRunId = payload.childRunId;
         state.steps.set(id, step);
         addStepOption(id);
         renderDag();
@@ -157,6 +160,11 @@
           applyFilters();
         });
         column.append(card);
+        if (step && step.childRunId) {
+          // A subflow run: its own stream is one click away (a link cannot sit inside a button).
+          const href = PrefectWs.pageUrl("/runs/" + encodeURIComponent(step.childRunId));
+          column.append(el("a", { class: "subflow-link", href, "data-child": step.childRunId }, "subflow run " + step.childRunId + " →"));
+        }
       }
       dag.append(column);
     });
@@ -293,7 +301,7 @@
       connection("live", "live");
       // Nothing replayed shortly after joining: the server has no events for this run id.
       setTimeout(() => {
-        if (state.lastSeq === 0 && socket.readyState === WebSocket.OPEN) unknownRun();
+        if (state.lastSeq === 0 && !state.waitingFor && socket.readyState === WebSocket.OPEN) unknownRun();
       }, 1500);
     };
     socket.onmessage = (message) => {
@@ -319,6 +327,13 @@
   }
 
   function control(frame) {
+    if (frame.type === "hello" && typeof frame.waiting === "string" && state.lastSeq === 0) {
+      // Prefect knows the run but it has not started: the server holds the stream open for it.
+      state.waitingFor = frame.waiting;
+      notice("waiting", "Waiting for the run to start (Prefect state: " + frame.waiting + ")…");
+      connection("waiting", "waiting for the run to start");
+      return;
+    }
     if (frame.type === "hello" && frame.head === 0 && state.lastSeq === 0) unknownRun();
     if (frame.type === "hello" && frame.recovered === false) {
       notice("warning", "Some earlier events of this run are no longer retained by the server; showing what is.");
