@@ -153,11 +153,11 @@ async def follow_messages(
                                 on_reset(last_seq)
                             last_seq = 0
                         epoch = event.get("epoch")
+                        if on_hello is not None:
+                            on_hello(event)
                         continue
                     seq = event.get("seq") if isinstance(event, dict) else None
                     if not isinstance(seq, int) or seq <= last_seq:
-                        if on_hello is not None and seq is None and event.get("type") == "hello":
-                            on_hello(event)
                         continue
                     last_seq = seq
                     yield text, event
