@@ -36,6 +36,7 @@ class PrefectWsHandler(logging.Handler):
             run_id = attributes.get("flow_run_id")
             if not run_id:
                 return
+            from prefect_ws.publish.lifecycle import step_id_for
             from prefect_ws.publish.publisher import get_publisher
 
             publisher = get_publisher()
@@ -45,12 +46,16 @@ class PrefectWsHandler(logging.Handler):
             if record.exc_info:
                 message = f"{message}\n{logging.Formatter().formatException(record.exc_info)}"
             task_run_id = attributes.get("task_run_id")
+            step_id = attributes.get("task_run_name")
+            if task_run_id:
+                task_run_id = str(task_run_id)
+                step_id = step_id_for(str(run_id), task_run_id, step_id)
             publisher.emit(
                 str(run_id),
                 "step_log",
                 {
-                    "stepId": attributes.get("task_run_name"),
-                    "taskRunId": str(task_run_id) if task_run_id else None,
+                    "stepId": step_id,
+                    "taskRunId": task_run_id or None,
                     "level": record.levelname,
                     "message": message,
                     "logger": record.name,
