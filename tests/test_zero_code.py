@@ -27,6 +27,7 @@ from test_asyncapi import ROOT, assert_valid
 from prefect_ws.server.uvicorn.config import serve_in_thread
 from prefect_ws.settings import Settings
 
+PUBLIC_URL = "wss://streams.example.test"
 ASYNCAPI = yaml.safe_load((ROOT / "docs" / "asyncapi.yaml").read_text())
 
 
@@ -41,6 +42,7 @@ def _zero_code_env(settings: Settings, home: Path) -> dict[str, str]:
         "PREFECT_HOME": str(home),  # no logging config of the user's own
         "PREFECT_WS_BROADCAST_URL": settings.broadcast_url,
         "PREFECT_WS_REDIS_PREFIX": settings.redis_prefix,
+        "PREFECT_WS_PUBLIC_URL": PUBLIC_URL,
     }
 
 
@@ -113,6 +115,25 @@ def test_plain_flow_streams_every_step_with_readable_ids(
     assert done["steps"] == {"completed": 5, "failed": 0, "skipped": 0, "cancelled": 0}
     assert events[0]["payload"]["flowName"] == "zero-code-shapes"
     assert events[0]["payload"]["attempt"] == 1
+
+    # Prefect's UI shows the run's artifacts: one is the link to the live page.
+    links = _artifacts_of(events[0]["runId"])
+    assert links == [
+        f"[Open the live stream](https://streams.example.test/runs/{events[0]['runId']})"
+    ]
+
+
+def _artifacts_of(run_id: str) -> list[str]:
+    from uuid import UUID
+
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId
+
+    with get_client(sync_client=True) as client:
+        artifacts = client.read_artifacts(
+            artifact_filter=ArtifactFilter(flow_run_id=ArtifactFilterFlowRunId(any_=[UUID(run_id)]))
+        )
+    return [str(a.data) for a in artifacts]
 
 
 def test_flow_retry_is_one_stream_with_each_attempt_announced(

@@ -27,6 +27,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Final
 
+from prefect_ws.publish import ui_link
 from prefect_ws.publish.publisher import get_publisher
 
 _RUNS_KEPT: Final = 10_000  # runs whose end this process never saw are forgotten after this many
@@ -62,6 +63,7 @@ class _Run:
     counts: Counter[str] = field(default_factory=Counter)
     failed_steps: list[str] = field(default_factory=list)
     parent: tuple[str, str] | None = None  # (parent flow run id, parent task run id)
+    link: threading.Thread | None = None  # creating the Prefect UI's link to the live page
 
 
 _lock = threading.Lock()
@@ -271,6 +273,7 @@ def _run_running(
         if run.parent is not None:
             payload["parentRunId"] = run.parent[0]
         publisher.emit(run_id, "run_start", payload)
+        run.link = ui_link.start_link(run_id)
         if run.parent is not None:
             parent = _run(run.parent[0])
             step = _Step(_unique(parent, flow.name), run.parent[1], attempt=1)
@@ -347,3 +350,5 @@ def _run_done(flow_run: Any, status: str, state: Any) -> None:
         _runs.pop(run_id, None)
         _runs[run_id] = _Run(run_id, finished=True)  # later reports of this run are ignored
     publisher.flush()
+    if run.link is not None:
+        run.link.join(ui_link.END_OF_RUN_WAIT)

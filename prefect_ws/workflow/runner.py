@@ -15,6 +15,7 @@ reads the outcomes to fail the flow run when a step failed. A step whose upstrea
 from __future__ import annotations
 
 import asyncio
+import functools
 import inspect
 import json
 import sys
@@ -230,22 +231,29 @@ def final_state(future: PrefectFuture[Any]) -> Any:
 
 
 def _resolve(
-    definition: dict[str, Any] | str, workflow_dir: str | None, check_targets: bool = True
+    definition: dict[str, Any] | str, workflow_dir: str | None
 ) -> tuple[Workflow, str | None]:
+    """The run's workflow. A definition given as a mapping (what ``run_workflow`` and the CLI
+    pass) is loaded and validated once per flow run: ``run_start`` (the layers) and the flow body
+    share one result. A file path is read each time (the file may change between runs)."""
     if isinstance(definition, str):
         path = Path(definition)
         base_dir = workflow_dir or str(path.resolve().parent)
-        return load_workflow(path, base_dir=base_dir, check_targets=check_targets), base_dir
-    return load_workflow(
-        definition, base_dir=workflow_dir, check_targets=check_targets
-    ), workflow_dir
+        return load_workflow(path, base_dir=base_dir), base_dir
+    return _load_mapping(json.dumps([definition, workflow_dir], sort_keys=True, default=str))
+
+
+@functools.lru_cache(maxsize=16)
+def _load_mapping(key: str) -> tuple[Workflow, str | None]:
+    definition, workflow_dir = json.loads(key)
+    return load_workflow(definition, base_dir=workflow_dir), workflow_dir
 
 
 def _layers_of(flow_run: Any) -> list[list[str]] | None:
     """The layers for ``run_start``, from the run's own parameters."""
     try:
         parameters = flow_run.parameters or {}
-        workflow, _ = _resolve(parameters["definition"], parameters.get("workflow_dir"), False)
+        workflow, _ = _resolve(parameters["definition"], parameters.get("workflow_dir"))
         return dag.layers(graph_of(workflow))
     except (KeyError, TypeError, ValueError, WorkflowError):
         return None  # the flow itself reports an invalid definition
@@ -329,7 +337,13 @@ def prepare_run(
     """Validate everything (raises :class:`WorkflowError` / ValueError); return flow parameters."""
     if isinstance(definition, str | Path) and base_dir is None:
         base_dir = Path(definition).resolve().parent
-    workflow = load_workflow(definition, base_dir=base_dir)
+    # A Workflow the caller already loaded (``prefect-ws run``) is not validated twice here; the
+    # flow run validates what it receives once more, in its own process.
+    workflow = (
+        definition
+        if isinstance(definition, Workflow)
+        else load_workflow(definition, base_dir=base_dir)
+    )
     values = merge_parameters(workflow, parameters)
     return workflow, {
         "definition": workflow.model_dump(mode="json", exclude_defaults=True),
