@@ -14,6 +14,7 @@ from typing import Any
 
 import plain_flows
 import pytest
+import sample_flows
 import yaml
 from helpers import (
     StreamRecorder,
@@ -255,3 +256,21 @@ def test_async_flow_with_gathered_tasks_streams_like_a_sync_one(
 
 def _of_logs(events: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return [e for e in events if e["type"] == "step_log"]
+
+
+def test_decorated_flow_with_the_plugin_on_publishes_each_event_once(
+    prefect_api: str, redis_settings: Settings, tmp_path: Path
+) -> None:
+    """Hooks and engine watch both report the same states: the stream shows each once."""
+    report, client = _run(
+        redis_settings,
+        tmp_path,
+        sample_flows.four_steps,
+        "sample_flows:four_steps",
+        {"fail": False},
+    )
+    assert report["state"] == "COMPLETED", report["stderr"][-3000:]
+    assert_run_sequence(client.events, sample_flows.FOUR_STEPS_LOGS)  # no duplicate, in order
+    types = [e["type"] for e in client.events]
+    assert types.count("step_start") == 4 == types.count("step_complete")
+    assert client.close_code == 1000
