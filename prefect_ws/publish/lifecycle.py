@@ -225,12 +225,13 @@ def flow_state(
         _run_running(flow, flow_run, layers, parent_run_id)
     elif kind in _RUN_STATUS:
         _run_done(flow_run, _RUN_STATUS[kind], state)
-    elif kind in ("SCHEDULED", "PENDING", "PAUSED"):
+    elif kind == "SCHEDULED":  # AwaitingRetry: the next Running is a new attempt
         with _lock:
             run = _runs.get(str(flow_run.id))
             if run is not None and run.running:
-                run.running = False  # e.g. AwaitingRetry: the next Running is a new attempt
+                run.running = False
                 run.retry_error = str(getattr(state, "message", None) or state.name)
+    # Paused, then Running again, is a resumed attempt: nothing to announce.
 
 
 def _run_running(
