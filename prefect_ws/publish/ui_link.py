@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import logging
 import threading
-from typing import Final
+from typing import Any, Final
 from uuid import UUID
 
 from prefect_ws.settings import Settings, get_settings
@@ -39,20 +39,35 @@ def link_artifact_markdown(url: str) -> str:
 
 
 def start_link(run_id: str) -> threading.Thread | None:
-    """Create the run's link artifact in the background; the thread, or None if there is no API."""
-    try:
-        from prefect.settings import get_current_settings
+    """Create the run's link artifact in the background; the thread, or None if there is no API.
 
-        if not get_current_settings().api.url:
+    The thread uses the caller's Prefect settings (a flow may run under temporary settings or a
+    profile; a new thread would otherwise see only the process's defaults).
+    """
+    try:
+        from prefect.context import SettingsContext
+
+        current = SettingsContext.get()
+        if current is None or not current.settings.api.url:
             return None
         url = live_page_url(run_id)
     except Exception:  # settings that cannot be read: no link, the stream is unaffected
         return None
     thread = threading.Thread(
-        target=_create, args=(run_id, url), name="prefect-ws-ui-link", daemon=True
+        target=_create_with,
+        args=(current.profile, current.settings, run_id, url),
+        name="prefect-ws-ui-link",
+        daemon=True,
     )
     thread.start()
     return thread
+
+
+def _create_with(profile: Any, settings: Any, run_id: str, url: str) -> None:
+    from prefect.context import SettingsContext
+
+    with SettingsContext(profile=profile, settings=settings):
+        _create(run_id, url)
 
 
 def _create(run_id: str, url: str) -> None:
