@@ -92,16 +92,15 @@ def _unique(run: _Run, name: str) -> str:
     return name if count == 1 else f"{name}#{count}"
 
 
-def step_id_of(task_run: Any, run: _Run) -> str:
+def step_id_of(task_run: Any, run: _Run, map_index: int | None) -> str:
     """The step id rule (documented in docs/asyncapi.yaml): see the module docstring."""
     name = str(task_run.name)
     dynamic_key = str(getattr(task_run, "dynamic_key", "") or "")
     default_suffix = f"-{dynamic_key[:3]}"
     if dynamic_key and name.endswith(default_suffix):  # Prefect's "<task name>-<3 chars>"
         base = name[: -len(default_suffix)]
-        index = _map_index(task_run)
-        if index is not None:
-            return _unique(run, f"{base}[{index}]")
+        if map_index is not None:
+            return _unique(run, f"{base}[{map_index}]")
         return _unique(run, base)
     return _unique(run, name)
 
@@ -150,11 +149,12 @@ def task_state(task_run: Any, state: Any, layer: int | None = None) -> None:
 def _step_running(run_id: str, task_run: Any, layer: int | None) -> None:
     attempt = max(1, int(getattr(task_run, "run_count", 1) or 1))
     task_run_id = str(task_run.id)
+    map_index = _map_index(task_run)  # may wait for Task.map to return: never under the lock
     with _lock:
         run = _run(run_id)
         step = run.steps.get(task_run_id)
         if step is None:
-            step = run.steps[task_run_id] = _Step(step_id_of(task_run, run), task_run_id)
+            step = run.steps[task_run_id] = _Step(step_id_of(task_run, run, map_index), task_run_id)
         if step.status is not None or attempt <= step.attempt or run.finished:
             return  # a re-entered Running of an attempt already announced
         step.attempt, step.started = attempt, time.monotonic()
@@ -169,13 +169,14 @@ def _step_running(run_id: str, task_run: Any, layer: int | None) -> None:
 
 def _step_done(run_id: str, task_run: Any, status: str, state: Any) -> None:
     task_run_id = str(task_run.id)
+    map_index = _map_index(task_run)
     with _lock:
         run = _run(run_id)
         if run.finished:
             return
         step = run.steps.get(task_run_id)
         if step is None:
-            step = run.steps[task_run_id] = _Step(step_id_of(task_run, run), task_run_id)
+            step = run.steps[task_run_id] = _Step(step_id_of(task_run, run, map_index), task_run_id)
         if step.status is not None:
             return
         payload: dict[str, Any] = {
