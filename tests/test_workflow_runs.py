@@ -281,6 +281,7 @@ def test_a_run_loads_and_validates_its_workflow_once_before_and_once_inside(
         return real_load(definition, **kwargs)
 
     monkeypatch.setattr(runner, "load_workflow", counting_load)
+    runner._load_mapping.cache_clear()  # an identical earlier run in this process would share it
     definition = {
         "id": "load-once",
         "steps": [
