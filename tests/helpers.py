@@ -70,7 +70,7 @@ async def run_flow_in_subprocess(
         spec,
         run_id,
         json.dumps(parameters or {}),
-        env={**os.environ, "PYTHONPATH": str(TESTS), **(env or {})},
+        env={**os.environ, "PYTHONPATH": python_path(), **(env or {})},
         stdout=asyncio.subprocess.PIPE,
         stderr=asyncio.subprocess.PIPE,
     )
@@ -81,6 +81,12 @@ async def run_flow_in_subprocess(
     report: dict[str, Any] = json.loads(lines[-1])
     report["stderr"] = stderr.decode()
     return report
+
+
+def python_path() -> str:
+    """PYTHONPATH for a child process: the tests folder, then the repository checked out here
+    (so a child imports this tree's package, not another installed copy)."""
+    return os.pathsep.join([str(TESTS), str(TESTS.parent), os.environ.get("PYTHONPATH", "")])
 
 
 class StreamRecorder:
@@ -139,9 +145,15 @@ def assert_run_sequence(
     assert [e["type"] for e in events].count("run_complete") == 1
 
     position: dict[tuple[str, str], int] = {}
+    seen_attempts: set[tuple[str, str, int]] = set()
     for index, event in enumerate(events):
         step = event["payload"].get("stepId")
-        if event["type"] in ("step_start", "step_complete"):
+        if event["type"] == "step_start":  # once per attempt; logs follow the first
+            attempt = (event["type"], step, event["payload"]["attempt"])
+            assert attempt not in seen_attempts, f"duplicate {attempt}"
+            seen_attempts.add(attempt)
+            position.setdefault(("step_start", step), index)
+        elif event["type"] == "step_complete":
             key = (event["type"], step)
             assert key not in position, f"duplicate {key}"
             position[key] = index

@@ -5,7 +5,9 @@ Prints one JSON line with the final state type. Used to run flows in a separate 
 
 from __future__ import annotations
 
+import asyncio
 import importlib
+import inspect
 import json
 import sys
 from uuid import UUID
@@ -26,6 +28,8 @@ def main() -> None:
         with get_client(sync_client=True) as client:
             flow_run = client.read_flow_run(UUID(run_id))
         state = run_flow(flow, flow_run=flow_run, parameters=parameters, return_type="state")
+        if inspect.iscoroutine(state):  # an async flow
+            state = asyncio.run(state)
     assert isinstance(state, State), state
     result = state.result(raise_on_failure=False) if state.is_completed() else None
     print(json.dumps({"state": state.type.value, "result": result}), flush=True)

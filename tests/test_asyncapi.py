@@ -35,6 +35,7 @@ ROOT = Path(__file__).resolve().parent.parent
 DOC_URI = "urn:prefect-ws:asyncapi"
 SCHEMA_OF = {
     "run_start": "RunStart",
+    "run_attempt": "RunAttempt",
     "step_start": "StepStart",
     "step_log": "StepLog",
     "step_complete": "StepComplete",

@@ -4,14 +4,20 @@ from __future__ import annotations
 
 import asyncio
 import json
+import pickle
 
+import cloudpickle
 import prefect
 import pytest
+import sample_flows
 from prefect import get_run_logger
 
 import prefect_ws
 from prefect_ws.backends import MemoryBackend
+from prefect_ws.publish.hooks import RunHooks, StepHooks
 from prefect_ws.publish.publisher import reset_publisher
+from prefect_ws.workflow.model import Step
+from prefect_ws.workflow.runner import step_task, workflow_flow
 
 
 def test_every_decorator_form_returns_prefect_objects_with_our_hooks() -> None:
@@ -30,11 +36,14 @@ def test_every_decorator_form_returns_prefect_objects_with_our_hooks() -> None:
 
     for flow in (bare, called, named, direct):
         assert isinstance(flow, prefect.Flow)
-        assert [h.__name__ for h in flow.on_running_hooks] == ["prefect_ws_run_running"]
-        assert flow.on_completion_hooks[-1].__name__ == "prefect_ws_run_completed"
-        assert flow.on_failure_hooks[-1].__name__ == "prefect_ws_run_failed"
-        assert flow.on_crashed_hooks[-1].__name__ == "prefect_ws_run_crashed"
-        assert flow.on_cancellation_hooks[-1].__name__ == "prefect_ws_run_cancelled"
+        assert flow.on_running_hooks == [RunHooks()]
+        for hooks in (
+            flow.on_completion_hooks,
+            flow.on_failure_hooks,
+            flow.on_crashed_hooks,
+            flow.on_cancellation_hooks,
+        ):
+            assert hooks[-1] == RunHooks() and hooks[-1].__name__.startswith("prefect_ws_")
     assert named.name == "named" and named.retries == 2 and named.log_prints is True
     assert named.on_completion_hooks[0] is user_hook  # the user's hook stays, and runs first
 
@@ -46,6 +55,32 @@ def test_every_decorator_form_returns_prefect_objects_with_our_hooks() -> None:
     assert step.retries == 3
     assert step.on_failure_hooks == [user_hook, *prefect_ws.task_hooks()["on_failure"]]
     assert step.on_running_hooks == prefect_ws.task_hooks()["on_running"]
+
+
+def test_decorated_flows_and_tasks_survive_pickle_and_cloudpickle() -> None:
+    """flow.serve() and workers pickle the flow: our hooks must not reach a lock or a closure."""
+    # A decorated function's module attribute is the Flow, not the function: only cloudpickle
+    # (what Prefect uses) can copy such a flow; plain pickle copies anything defined by reference.
+    for obj in (sample_flows.four_steps, sample_flows.prepare, workflow_flow):
+        copy = cloudpickle.loads(cloudpickle.dumps(obj))
+        assert copy.name == obj.name
+        assert copy.on_running_hooks == obj.on_running_hooks
+    for dumps, loads in ((pickle.dumps, pickle.loads), (cloudpickle.dumps, cloudpickle.loads)):
+        copied = loads(dumps(workflow_flow))
+        layers = next(h for h in copied.on_running_hooks if isinstance(h, RunHooks)).layers
+        assert layers is not None and layers.__name__ == "_layers_of"
+        step = loads(dumps(step_task(Step(id="s", run="m:f"), 3)))
+        assert step.on_running_hooks == [StepHooks(3)]
+        assert loads(dumps(prefect_ws.flow_hooks())) == prefect_ws.flow_hooks()
+
+
+def test_hook_factories_take_what_the_stream_needs() -> None:
+    def describe(flow_run: object) -> list[list[str]]:
+        return [["a"]]
+
+    assert prefect_ws.flow_hooks(layers=describe)["on_running"] == [RunHooks(describe)]
+    assert prefect_ws.task_hooks(layer=2)["on_failure"] == [StepHooks(2)]
+    assert StepHooks(2) != StepHooks(1)
 
 
 def test_hook_lists_for_wiring_by_hand() -> None:

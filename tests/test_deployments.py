@@ -24,7 +24,7 @@ from typing import Any, cast
 from delivery_support import VENV_BIN, ServerProcess, servers
 from helpers import TESTS, StreamRecorder, assert_run_sequence, stream_path
 
-ZERO_CODE_LIFECYCLE = False  # True once the plugin streams run and step events of plain flows
+ZERO_CODE_LIFECYCLE = True
 PLAIN_LOGS: dict[str | None, list[str]] = {"plain-work": ["plain work started"]}
 
 

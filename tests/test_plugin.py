@@ -1,4 +1,4 @@
-"""Zero-code mode: with PREFECT_PLUGINS_ENABLED=true, a plain Prefect flow streams its logs."""
+"""Zero-code mode: with PREFECT_PLUGINS_ENABLED=true, a plain Prefect flow streams its run."""
 
 from __future__ import annotations
 
@@ -8,13 +8,13 @@ import subprocess
 import sys
 from pathlib import Path
 
-from helpers import redis_history
+from helpers import python_path, redis_history
 
 TESTS = Path(__file__).resolve().parent
 
 
 def _run_plain_flow(extra_env: dict[str, str]) -> subprocess.CompletedProcess[str]:
-    env = {**os.environ, "PYTHONPATH": str(TESTS), **extra_env}
+    env = {**os.environ, "PYTHONPATH": python_path(), **extra_env}
     return subprocess.run(
         [sys.executable, str(TESTS / "plain_prefect_flow.py")],
         env=env,
@@ -40,14 +40,25 @@ def test_plugin_streams_logs_of_a_flow_that_never_imports_prefect_ws(
 
     events = redis_history(redis_url, redis_prefix, run_id)
     logs = [
-        (e["payload"]["stepId"], e["payload"]["level"], e["payload"]["message"]) for e in events
+        (e["payload"]["stepId"], e["payload"]["level"], e["payload"]["message"])
+        for e in events
+        if e["type"] == "step_log"
     ]
     assert logs == [
         (None, "WARNING", "plain flow warns"),
         ("plain-step", "INFO", "plain step logs"),
         ("plain-step", "INFO", "plain step prints"),
     ]
-    assert [e["seq"] for e in events] == [1, 2, 3]
+    assert [e["type"] for e in events] == [
+        "run_start",
+        "step_log",
+        "step_start",
+        "step_log",
+        "step_log",
+        "step_complete",
+        "run_complete",
+    ]  # the lifecycle too: the engine watch is installed by the plugin
+    assert [e["seq"] for e in events] == list(range(1, 8))
     # Prefect's own console handler kept working beside ours.
     assert "plain step logs" in result.stderr
 

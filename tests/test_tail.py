@@ -128,7 +128,7 @@ def test_failed_run_exits_1_and_the_live_view_shows_steps_logs_and_failure(
     assert sorted([labels["left"], labels["right"]]) == ["", "1"]
     order = [r[2] if r[0].isdigit() else r[1] for r in rows if any(s in r for s in step_rows)]
     assert order[0] == "prepare" and set(order[1:]) == {"left", "right"}
-    assert "3/3 steps finished" in view
+    assert "4/4 steps finished" in view  # finish, skipped after right failed, counts too
     assert "layer" in view and "status" in view
 
 

@@ -268,6 +268,41 @@ def test_a_step_starts_when_its_own_needs_are_done(hub: str) -> None:
     assert client.index("step_start", "join") > client.index("step_complete", "slow")
 
 
+def test_a_run_loads_and_validates_its_workflow_once_before_and_once_inside(
+    hub: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Before the flow run exists (to refuse an invalid one) and once in the flow run, shared by
+    run_start's layers and the flow body; every step carries its layer."""
+    from prefect_ws.workflow import runner
+
+    loads: list[str] = []
+    real_load = runner.load_workflow
+
+    def counting_load(definition: Any, **kwargs: Any) -> Any:
+        loads.append(type(definition).__name__)
+        return real_load(definition, **kwargs)
+
+    monkeypatch.setattr(runner, "load_workflow", counting_load)
+    runner._load_mapping.cache_clear()  # an identical earlier run in this process would share it
+    definition = {
+        "id": "load-once",
+        "steps": [
+            {"id": "a", "run": f"{HERE}:nap", "params": {"seconds": 0}},
+            {"id": "b", "run": f"{HERE}:nap", "needs": ["a"], "params": {"seconds": 0}},
+        ],
+    }
+    result, client = run_watched(hub, definition)
+    assert result.ok
+    assert loads == ["dict", "dict"]
+    assert client.events[0]["payload"]["layers"] == [["a"], ["b"]]
+    layers = {
+        e["payload"]["stepId"]: e["payload"]["layer"]
+        for e in client.events
+        if e["type"] == "step_start"
+    }
+    assert layers == {"a": 0, "b": 1}
+
+
 def test_print_in_parallel_steps_is_always_streamed(hub: str) -> None:
     """Prefect patches builtins.print per task; a task that ends first must not un-patch it for a
     step still running (regression: 'late' printed to the terminal instead of the stream)."""

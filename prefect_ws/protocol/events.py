@@ -26,9 +26,12 @@ from prefect_ws.protocol.frames import text_frame
 
 PROTOCOL_VERSION: Final = 1
 
-EventType = Literal["run_start", "step_start", "step_log", "step_complete", "run_complete"]
+EventType = Literal[
+    "run_start", "run_attempt", "step_start", "step_log", "step_complete", "run_complete"
+]
 EVENT_TYPES: Final[tuple[str, ...]] = (
     "run_start",
+    "run_attempt",  # a flow run's retry begins (attempt 2, 3, ...); same stream, same seq
     "step_start",
     "step_log",
     "step_complete",

@@ -9,7 +9,8 @@ may load it from a logging config file while ``prefect`` itself is still importi
 from __future__ import annotations
 
 import logging
-from typing import Final
+from collections.abc import Callable
+from typing import Any, Final
 
 RUN_LOGGERS: Final = ("prefect.flow_runs", "prefect.task_runs")
 # Lines such as "Beginning flow run ...", "Running hook ...", "Finished in state Completed()"
@@ -22,6 +23,7 @@ class PrefectWsHandler(logging.Handler):
 
     def __init__(self, level: int = logging.NOTSET) -> None:
         super().__init__(level)
+        self._lifecycle: tuple[Callable[[], Any], Callable[[str, str, Any], Any]] | None = None
 
     def handle(self, record: logging.LogRecord) -> bool:
         # The publisher's deque is thread-safe: skip logging's per-handler lock.
@@ -36,8 +38,12 @@ class PrefectWsHandler(logging.Handler):
             run_id = attributes.get("flow_run_id")
             if not run_id:
                 return
-            from prefect_ws.publish.publisher import get_publisher
+            if self._lifecycle is None:  # imported on first use: this module must stay light
+                from prefect_ws.publish.lifecycle import step_id_for as step_id_of_run
+                from prefect_ws.publish.publisher import get_publisher as publisher_of_process
 
+                self._lifecycle = (publisher_of_process, step_id_of_run)
+            get_publisher, step_id_for = self._lifecycle
             publisher = get_publisher()
             if record.module in ENGINE_MODULES and not publisher.settings.include_engine_logs:
                 return
@@ -45,12 +51,16 @@ class PrefectWsHandler(logging.Handler):
             if record.exc_info:
                 message = f"{message}\n{logging.Formatter().formatException(record.exc_info)}"
             task_run_id = attributes.get("task_run_id")
+            step_id = attributes.get("task_run_name")
+            if task_run_id:
+                task_run_id = str(task_run_id)
+                step_id = step_id_for(str(run_id), task_run_id, step_id)
             publisher.emit(
                 str(run_id),
                 "step_log",
                 {
-                    "stepId": attributes.get("task_run_name"),
-                    "taskRunId": str(task_run_id) if task_run_id else None,
+                    "stepId": step_id,
+                    "taskRunId": task_run_id or None,
                     "level": record.levelname,
                     "message": message,
                     "logger": record.name,

@@ -6,8 +6,10 @@ varied, so we cover both: we point ``PREFECT_LOGGING_CONFIG_PATH`` at a packaged
 Prefect's default logging config that adds the prefect-ws handler (used when logging is set up
 afterwards, and inherited by child processes), and we attach the handler to the run loggers now
 (kept when logging was already set up: Prefect 3.9.1 then only re-applies levels). Every flow
-run in the environment then streams its logs with no code change.
-Lifecycle events still need the hooks (``prefect_ws.flow`` / ``prefect_ws.task``).
+run in the environment then streams its logs with no code change. The lifecycle events
+(``run_start``, ``step_start``, ``step_complete``, ``run_complete``) come from the engine watch
+(:mod:`.engine_watch`), installed here too, so a flow with plain ``@flow``/``@task`` streams
+completely.
 """
 
 from __future__ import annotations
@@ -27,6 +29,9 @@ _CONFIG_VARIABLES = ("PREFECT_LOGGING_CONFIG_PATH", "PREFECT_LOGGING_SETTINGS_PA
 
 @register_hook
 def setup_environment(*, ctx: Any) -> SetupResult | None:
+    from prefect_ws.publish import engine_watch
+
+    engine_watch.install()
     for variable in _CONFIG_VARIABLES:
         if os.environ.get(variable):
             return SetupResult(

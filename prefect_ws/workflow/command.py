@@ -81,7 +81,9 @@ def run_command(
                 watcher.start()
 
         try:
-            result = run_workflow(path, overrides, on_start=announce)
+            result = run_workflow(
+                workflow, overrides, base_dir=path.resolve().parent, on_start=announce
+            )
         except KeyboardInterrupt:
             _error("interrupted")
             return EXIT_INTERRUPTED
