@@ -129,9 +129,16 @@ def stream_path(run_id: str, since: int | None = None, wait: float | None = 60) 
 
 
 def assert_run_sequence(
-    events: list[dict[str, Any]], expected_logs: dict[str | None, list[str]]
+    events: list[dict[str, Any]],
+    expected_logs: dict[str | None, list[str]],
+    *,
+    preamble: bool = False,
 ) -> None:
-    """The protocol's promises for one complete run, checked on content, order and counts."""
+    """The protocol's promises for one complete run, checked on content, order and counts.
+
+    ``preamble``: run-level logs may precede ``run_start`` (a deployment's runner logs its pull
+    steps for the flow run before the flow's engine starts it).
+    """
     assert events, "no events received"
     assert [e["seq"] for e in events] == list(range(1, len(events) + 1)), (
         "seq must be 1..N without gaps"
@@ -140,7 +147,10 @@ def assert_run_sequence(
         assert set(event) == {"v", "type", "runId", "seq", "ts", "payload"}
         assert event["v"] == 1
         assert event["runId"] == events[0]["runId"]
-    assert events[0]["type"] == "run_start"
+    start = next((i for i, e in enumerate(events) if e["type"] == "run_start"), None)
+    assert start is not None, "no run_start"
+    assert start == 0 or preamble, f"{events[0]['type']} before run_start"
+    assert all(e["type"] == "step_log" and e["payload"]["stepId"] is None for e in events[:start])
     assert events[-1]["type"] == "run_complete"
     assert [e["type"] for e in events].count("run_complete") == 1
 
