@@ -17,6 +17,7 @@ import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -208,3 +209,18 @@ def redis_server() -> Iterator[RedisServer]:
 
 def free_port() -> int:
     return _free_port()
+
+
+@pytest.fixture(scope="session")
+def redis_cluster() -> Iterator[Any]:
+    """A 3-master Redis Cluster on loopback ports for the session (tests/redis_cluster.py)."""
+    from redis_cluster import RedisClusterProcesses, cluster_binaries
+
+    if cluster_binaries() is None:
+        pytest.skip("a Redis Cluster needs redis-server and redis-cli 7+ on PATH (Debian: redis)")
+    cluster = RedisClusterProcesses()
+    try:
+        cluster.start()
+        yield cluster
+    finally:
+        cluster.close()

@@ -1,4 +1,5 @@
-"""Transport: broadcaster's ``Broadcast`` over prefect-ws backends (``memory://``, ``redis://``)."""
+"""Transport: broadcaster's ``Broadcast`` over prefect-ws backends (``memory://``, ``redis://``,
+``redis+cluster://``)."""
 
 from __future__ import annotations
 
@@ -7,12 +8,14 @@ from dataclasses import dataclass
 from broadcaster import Broadcast
 
 from prefect_ws.backends.base import RESYNC, RunInfo, StreamBackend
+from prefect_ws.backends.cluster import ClusterBackend, is_cluster_url
 from prefect_ws.backends.memory import MemoryBackend
 from prefect_ws.backends.redis import RedisBackend
 from prefect_ws.settings import Settings
 
 __all__ = [
     "RESYNC",
+    "ClusterBackend",
     "MemoryBackend",
     "RedisBackend",
     "RunInfo",
@@ -40,7 +43,8 @@ def create_backend(settings: Settings) -> StreamBackend:
         return MemoryBackend(
             url, history_maxlen=settings.history_maxlen, max_runs=settings.memory_max_runs
         )
-    return RedisBackend(
+    backend = ClusterBackend if is_cluster_url(url) else RedisBackend
+    return backend(
         url,
         prefix=settings.redis_prefix,
         history_maxlen=settings.history_maxlen,

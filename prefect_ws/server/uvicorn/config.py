@@ -17,16 +17,14 @@ from prefect_ws.server.uvicorn.wsprotocol import PrefectWsProtocol
 from prefect_ws.settings import Settings
 
 
-def uvicorn_config(settings: Settings, *, host: str, port: int, **overrides: Any) -> uvicorn.Config:
-    """uvicorn's config for prefect-ws.
+def uvicorn_options(settings: Settings) -> dict[str, Any]:
+    """uvicorn's options for prefect-ws, but for the app and the HTTP protocol.
 
     permessage-deflate is off: ~200-byte JSON events gain little from it while it doubles CPU
     and memory per connection (measured in shared/research/broadcaster.md §4, §6). Inbound
     frames are capped small: clients have nothing to send but pings.
     """
-    options: dict[str, Any] = {
-        "host": host,
-        "port": port,
+    return {
         "ws": PrefectWsProtocol,  # websockets-sansio, answering unparsable handshakes
         "ws_per_message_deflate": False,
         "ws_max_size": settings.max_inbound_bytes,
@@ -35,16 +33,39 @@ def uvicorn_config(settings: Settings, *, host: str, port: int, **overrides: Any
         "lifespan": "on",
         "log_level": settings.log_level.lower(),
         "access_log": False,
+        # On shutdown uvicorn closes every WebSocket with 1012 (service restart); clients
+        # resume with since=<last seq> on any process.
         "timeout_graceful_shutdown": 5,
-        # h11 with a deadline for request headers (slowloris): prefect_ws.server.security.guard
-        "http": handshake_timeout_protocol(settings.handshake_timeout),
         # Let h11 finish parsing header blocks well past the guard's limit, so the guard answers
         # 431 with a reason; h11 would otherwise cut a header block that arrives in pieces once
         # 16 KiB are buffered (400, and a reset over the unread rest).
         "h11_max_incomplete_event_size": 4 * MAX_HEADER_BYTES,
     }
-    options.update(overrides)
+
+
+def uvicorn_config(settings: Settings, *, host: str, port: int, **overrides: Any) -> uvicorn.Config:
+    """uvicorn's config for one prefect-ws process serving ``create_app(settings)``."""
+    options = uvicorn_options(settings)
+    # h11 with a deadline for request headers (slowloris): prefect_ws.server.security.guard
+    options["http"] = handshake_timeout_protocol(settings.handshake_timeout)
+    options.update(host=host, port=port, **overrides)
     return uvicorn.Config(create_app(settings), **options)
+
+
+def workers_config(
+    settings: Settings, *, host: str, port: int, workers: int, **overrides: Any
+) -> uvicorn.Config:
+    """uvicorn's config for ``workers`` processes on one port (uvicorn's process supervisor).
+
+    uvicorn binds the socket once and starts each worker as a fresh (spawned) process, passing
+    it this config by pickling: the app factory and the HTTP protocol go by import string
+    (:mod:`.worker`), and every worker reads its settings from the environment, which must
+    hold the same ``PREFECT_WS_*`` values as ``settings``.
+    """
+    options = uvicorn_options(settings)
+    options.update(host=host, port=port, workers=workers, factory=True, **overrides)
+    options["http"] = "prefect_ws.server.uvicorn.worker:HttpProtocol"
+    return uvicorn.Config("prefect_ws.server.uvicorn.worker:create_worker_app", **options)
 
 
 def free_port(host: str = "127.0.0.1") -> int:
