@@ -224,3 +224,11 @@ def redis_cluster() -> Iterator[Any]:
         yield cluster
     finally:
         cluster.close()
+
+
+@pytest.fixture(params=["redis", "redis-cluster"])
+def shared_backend_url(request: pytest.FixtureRequest) -> str:
+    """A backend every process shares: the single Redis, then the 3-master Redis Cluster."""
+    if request.param == "redis":
+        return str(request.getfixturevalue("redis_url"))
+    return str(request.getfixturevalue("redis_cluster").url)

@@ -42,8 +42,8 @@ from redis.asyncio.cluster import ClusterNode, RedisCluster
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.crc import key_slot
+from redis.exceptions import AskError, RedisClusterException, RedisError
 from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import RedisClusterException, RedisError
 
 from prefect_ws.backends.base import RESYNC, RecentRun
 from prefect_ws.backends.redis import _NETWORK_ERRORS, PUBLISH_SCRIPT, RedisBackend
@@ -257,11 +257,17 @@ class _NodeListener:
                         backend._queue.put_nowait(Event(run_id, RESYNC))
                     elif kind == "sunsubscribe" and run_id in self.channels:
                         # Not ours: the slot moved to another master.
+                        logger.info("run %s moved off %s; following its slot", run_id, self.name)
                         backend._confirmed.discard(run_id)
                         backend._topology_changed.set()
                 await self._close_pubsub()
             except asyncio.CancelledError:
                 raise
+            except AskError as exc:  # MOVED too: a slot of ours moved to another master
+                await self._close_pubsub()
+                logger.info("a slot moved off %s (%s); following it", self.name, exc)
+                backend._topology_changed.set()
+                await asyncio.sleep(0.05)
             except _NETWORK_ERRORS as exc:
                 await self._close_pubsub()
                 if not outage:
@@ -340,8 +346,9 @@ class ClusterBackend(RedisBackend):
     async def _touch_index(self, run_id: str) -> None:
         """Add the run to its index bucket, at most once per INDEX_INTERVAL from this process.
 
-        Not atomic with the publish: an index update lost to a crash in between is redone by
-        the run's next batch. The index only lists runs; streams never read it.
+        Not atomic with the publish, and never fails it: an update lost to a crash or to the
+        bucket's shard being down is redone by the run's next batch. The index only lists
+        runs; streams never read it.
         """
         now = time.time()
         if now - self._indexed.get(run_id, 0.0) < INDEX_INTERVAL:
@@ -359,7 +366,13 @@ class ClusterBackend(RedisBackend):
                 pipe.expire(key, self._ttl)
                 await pipe.execute()
 
-        await self._once_more_on_stale_connection(write)
+        try:
+            await write()
+        except (RedisError, RedisClusterException, OSError) as exc:
+            # The bucket's shard is down: the events are stored, so the publish succeeded;
+            # the run's next batch tries the index again.
+            del self._indexed[run_id]
+            logger.debug("recent-runs index update of run %s failed (%s)", run_id, exc)
 
     async def recent_runs(self, limit: int) -> list[RecentRun]:
         """Newest first, merged from the index buckets; each run's head read on its shard."""
