@@ -111,19 +111,13 @@ def _check_backend(settings: Settings) -> None:
 def _serve_workers(settings: Settings, tls: dict[str, Any]) -> None:
     """N processes on one port under uvicorn's supervisor (restarts a dead worker; SIGHUP
     replaces them one by one; SIGTERM stops them, each closing its clients with 1012)."""
-    from uvicorn.supervisors import Multiprocess
-
-    from prefect_ws.server.uvicorn.config import workers_config
+    from prefect_ws.server.uvicorn.config import serve_workers
 
     # Workers read their settings from the environment: put the command line's there.
     os.environ["PREFECT_WS_HOST"] = settings.host
     os.environ["PREFECT_WS_PORT"] = str(settings.port)
     os.environ["PREFECT_WS_BROADCAST_URL"] = settings.broadcast_url
-    config = workers_config(
-        settings, host=settings.host, port=settings.port, workers=settings.workers, **tls
-    )
-    config.configure_logging()
-    Multiprocess(config, sockets=[config.bind_socket()]).run()
+    serve_workers(settings, host=settings.host, port=settings.port, workers=settings.workers, **tls)
 
 
 @app.command()

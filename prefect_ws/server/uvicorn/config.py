@@ -68,6 +68,22 @@ def workers_config(
     return uvicorn.Config("prefect_ws.server.uvicorn.worker:create_worker_app", **options)
 
 
+def serve_workers(
+    settings: Settings, *, host: str, port: int, workers: int, **overrides: Any
+) -> None:
+    """Run ``workers`` processes on ``host:port`` until SIGINT/SIGTERM (see workers_config).
+
+    uvicorn's supervisor binds the socket once and shares it: the kernel hands each new
+    connection to one worker, which then holds it; a dead worker is replaced; SIGHUP replaces
+    them one by one, each new one ready before an old one stops.
+    """
+    from uvicorn.supervisors import Multiprocess
+
+    config = workers_config(settings, host=host, port=port, workers=workers, **overrides)
+    config.configure_logging()
+    Multiprocess(config, sockets=[config.bind_socket()]).run()
+
+
 def free_port(host: str = "127.0.0.1") -> int:
     with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as sock:
         sock.bind((host, 0))
