@@ -408,14 +408,12 @@ class ClusterBackend(RedisBackend):
     async def ping(self) -> None:
         """PING every master; raise naming the ones that do not answer."""
         try:
-            primaries = self._redis.get_primaries() or [
-                ClusterNode(host, port) for host, port in self._parsed.nodes
-            ]
-        except RedisClusterException as exc:
-            raise ClusterUnreachable(f"Redis Cluster {self._display_url}: {exc}") from None
-        if not primaries:
-            await self._once_more_on_stale_connection(self._redis.initialize)
+            if not self._redis.get_primaries():  # no command yet: read the slot map first
+                await asyncio.wait_for(self._redis.initialize(), 5.0)
             primaries = self._redis.get_primaries()
+        except Exception as exc:
+            reason = str(exc) or type(exc).__name__
+            raise ClusterUnreachable(f"Redis Cluster {self._display_url}: {reason}") from None
 
         async def ping(node: ClusterNode) -> str | None:
             try:
