@@ -155,7 +155,7 @@ def test_master_killed_and_restarted_mid_run_loses_nothing(
         port = own_cluster.node_of_slot(own_cluster.keyslot(f"{redis_prefix}:{{{run_id}}}")).port
         runs.setdefault(port, run_id)
     victim = own_cluster.nodes[0]
-    events = 1500
+    events = 3000
 
     async def publish(backend: Any, run_id: str) -> None:
         """Like a publisher: a batch that fails (its shard is down) is sent again."""
@@ -184,7 +184,8 @@ def test_master_killed_and_restarted_mid_run_loses_nothing(
                 others = [r for port, r in runs.items() if port != victim.port]
                 heads = [await _head(client, r) for r in others]
                 await asyncio.sleep(1.5)
-                seen["others_moved"] = [await _head(client, r) for r in others] > heads
+                later = [await _head(client, r) for r in others]
+                seen["others_moved"] = all(b > a for a, b in zip(heads, later, strict=True))
             await asyncio.to_thread(own_cluster.restart, victim)
             await asyncio.gather(*publishing)
         results = {port: list(await asyncio.gather(*tasks)) for port, tasks in clients.items()}
