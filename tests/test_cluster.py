@@ -328,3 +328,15 @@ def test_cluster_url_forms() -> None:
     assert parsed.nodes == (("a", 7000), ("b", 7001), ("c", 6379))
     assert (parsed.username, parsed.password, parsed.tls) == ("user", "p@ss", True)
     assert ClusterUrl.parse("redis+cluster://10.0.0.1:7000").tls is False
+
+
+def test_cluster_script_is_the_single_redis_script_on_its_shard() -> None:
+    """The cluster's publish script is derived from the single-Redis one: SPUBLISH for PUBLISH,
+    and the recent-runs index (outside the run's slot) switched off."""
+    from prefect_ws.backends.cluster import CLUSTER_PUBLISH_SCRIPT
+    from prefect_ws.backends.redis import PUBLISH_SCRIPT
+
+    assert CLUSTER_PUBLISH_SCRIPT.startswith("KEYS[3] = false\n")
+    assert "'SPUBLISH'" in CLUSTER_PUBLISH_SCRIPT and "'PUBLISH'" not in CLUSTER_PUBLISH_SCRIPT
+    body = CLUSTER_PUBLISH_SCRIPT.removeprefix("KEYS[3] = false\n")
+    assert body.replace("'SPUBLISH'", "'PUBLISH'") == PUBLISH_SCRIPT

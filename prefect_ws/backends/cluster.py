@@ -55,10 +55,12 @@ INDEX_BUCKETS: Final = 16
 INDEX_INTERVAL: Final = 1.0  # seconds between index updates of one run from one process
 INDEX_KEPT: Final = 1000  # newest runs kept per bucket
 
-# The single-Redis script with SPUBLISH for PUBLISH, and without its recent-runs index (KEYS[3]
-# is the run's own seq key here, never read: the index lives outside the run's slot).
+# The single-Redis script with SPUBLISH for PUBLISH, and without its recent-runs index: the
+# script updates the index only `if KEYS[3]`, and the index lives outside the run's slot, so
+# KEYS[3] (the run's own seq key here, to stay in the slot) is blanked before it runs.
 _PUBLISH = "redis.call('PUBLISH', ARGV[1],"
-assert _PUBLISH in PUBLISH_SCRIPT, "the publish script no longer publishes as expected"
+if _PUBLISH not in PUBLISH_SCRIPT or "if KEYS[3] then" not in PUBLISH_SCRIPT:
+    raise ImportError("prefect_ws.backends.redis.PUBLISH_SCRIPT changed: update cluster.py")
 CLUSTER_PUBLISH_SCRIPT: Final = "KEYS[3] = false\n" + PUBLISH_SCRIPT.replace(
     _PUBLISH, "redis.call('SPUBLISH', ARGV[1],"
 )
