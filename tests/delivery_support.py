@@ -265,7 +265,8 @@ class ServerProcess:
             except httpx.HTTPError:
                 pass
             time.sleep(0.1)
-        raise RuntimeError("prefect-ws serve did not become healthy")
+        log = self.stop()  # never leave it running (with --workers, its workers too)
+        raise RuntimeError(f"prefect-ws serve did not become healthy in {timeout} s: {log[-2000:]}")
 
     def log(self) -> str:
         if self._log.closed:

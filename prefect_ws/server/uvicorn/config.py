@@ -63,6 +63,10 @@ def workers_config(
     hold the same ``PREFECT_WS_*`` values as ``settings``.
     """
     options = uvicorn_options(settings)
+    # How long a new worker may take to be ready before a rolling restart gives up, and a
+    # worker may take to answer the supervisor before it is killed: uvicorn's 5 s is less than
+    # a worker's start-up (importing Prefect and the app) on a busy host.
+    options["timeout_worker_healthcheck"] = 30
     options.update(host=host, port=port, workers=workers, factory=True, **overrides)
     options["http"] = "prefect_ws.server.uvicorn.worker:HttpProtocol"
     return uvicorn.Config("prefect_ws.server.uvicorn.worker:create_worker_app", **options)
