@@ -250,7 +250,7 @@ class ServerProcess:
         self.proc: subprocess.Popen[bytes] | None = None
         self._log = tempfile.TemporaryFile()  # noqa: SIM115 - closed in stop()
 
-    def start(self, timeout: float = 20.0) -> None:
+    def start(self, timeout: float = 60.0) -> None:
         self.proc = subprocess.Popen(
             self._args, env=self._env, stdout=subprocess.DEVNULL, stderr=self._log
         )
