@@ -69,9 +69,23 @@ def rss_kb(pid: int) -> int:
 
 
 def cpu_seconds(pid: int) -> float:
+    """CPU time of the process and its live children (the workers of ``--workers N``)."""
     with open(f"/proc/{pid}/stat") as stat:
         fields = stat.read().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    own = (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    try:
+        with open(f"/proc/{pid}/task/{pid}/children") as listing:
+            children = [int(child) for child in listing.read().split()]
+    except OSError:
+        children = []
+    return own + sum(_child_cpu_seconds(child) for child in children)
+
+
+def _child_cpu_seconds(pid: int) -> float:
+    try:
+        return cpu_seconds(pid)
+    except OSError:  # it exited meanwhile
+        return 0.0
 
 
 def stop(proc: subprocess.Popen[Any] | None, timeout: float = 10.0) -> None:
@@ -120,6 +134,9 @@ LOAD_LIMITS = {
 }
 
 
+SERVE = (PYTHON, str(HERE / "_serve.py"))
+
+
 @contextlib.contextmanager
 def prefect_ws_server(
     broadcast_url: str,
@@ -128,6 +145,7 @@ def prefect_ws_server(
     mode: str = "prefect-ws",
     extra_env: dict[str, str] | None = None,
     loop: str = "asyncio",
+    workers: int = 1,
 ) -> Iterator[tuple[subprocess.Popen[bytes], int]]:
     """``benchmarks/_serve.py`` in a child process; yields (process, port).
 
@@ -146,7 +164,7 @@ def prefect_ws_server(
     }
     log = tempfile.NamedTemporaryFile(prefix=f"bench-{mode}-", suffix=".log", delete=False)  # noqa: SIM115
     proc = subprocess.Popen(
-        [PYTHON, str(HERE / "_serve.py"), "--port", str(port), "--mode", mode, "--loop", loop],
+        [*SERVE, "--port", str(port), "--mode", mode, "--loop", loop, "--workers", str(workers)],
         env=env,
         stdout=log,
         stderr=subprocess.STDOUT,

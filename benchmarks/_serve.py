@@ -1,7 +1,8 @@
 """One server process for the benchmarks: ``python benchmarks/_serve.py --port P --mode MODE``.
 
 Modes:
-- ``prefect-ws``: the app as ``prefect-ws serve`` runs it (``uvicorn_config``);
+- ``prefect-ws``: the app as ``prefect-ws serve`` runs it (``uvicorn_config``; with
+  ``--workers N``, N processes on the port as ``prefect-ws serve --workers N`` runs them);
 - ``uvicorn-defaults``: the same app under uvicorn's defaults (``ws=auto``, permessage-deflate on),
   the comparison the connections benchmark asks for;
 - ``naive``: ``naive_server.py``, one broadcaster subscription and one unbounded queue per client.
@@ -42,6 +43,9 @@ def main() -> None:
         "--mode", choices=["prefect-ws", "uvicorn-defaults", "naive"], default="prefect-ws"
     )
     parser.add_argument("--loop", default="auto", help="uvicorn --loop (auto, asyncio, uvloop)")
+    parser.add_argument(
+        "--workers", type=int, default=1, help="prefect-ws processes on the port (as serve)"
+    )
     args = parser.parse_args()
 
     from prefect_ws.settings import Settings
@@ -54,6 +58,11 @@ def main() -> None:
         "backlog": 8192,
         "loop": args.loop,
     }
+    if args.mode == "prefect-ws" and args.workers > 1:
+        from prefect_ws.server.uvicorn.config import serve_workers
+
+        serve_workers(settings, workers=args.workers, **common)
+        return
     if args.mode == "prefect-ws":
         from prefect_ws.server.uvicorn.config import uvicorn_config
 

@@ -2,6 +2,7 @@
 
     .venv/bin/python benchmarks/bench_fanout.py [--quick] [--repeats 3] [--loop asyncio|uvloop]
     .venv/bin/python benchmarks/bench_fanout.py --clients none --multi-run 100x10  # that case only
+    .venv/bin/python benchmarks/bench_fanout.py --workers 1,2 --clients 1000 --multi-run none
 
 Both servers run side by side on the Redis backend (``prefect-ws``: one backend subscription per
 run and a bounded queue per client; ``naive``: one broadcaster subscription and unbounded queue
@@ -56,6 +57,16 @@ from _common import (
 )
 
 MODES = ("prefect-ws", "naive")
+
+
+def server_modes(workers: str) -> dict[str, int]:
+    """Server label -> prefect-ws worker processes (0: the naive server).
+
+    ``--workers 1,2`` compares ``prefect-ws`` (one process) with ``prefect-ws x2`` (two
+    processes on one port, as ``prefect-ws serve --workers 2``), beside the naive endpoint."""
+    counts = [int(w) for w in workers.split(",") if w.strip()] or [1]
+    modes = {("prefect-ws" if n == 1 else f"prefect-ws x{n}"): n for n in counts}
+    return {**modes, "naive": 0}
 
 
 def _read_line(proc: subprocess.Popen[str], prefix: str, timeout: float) -> str:
@@ -256,7 +267,12 @@ def main() -> None:
         default="100x10",
         help="RUNSxCLIENTS cases, comma-separated (CLIENTS on each of RUNS runs); 'none' skips",
     )
-    parser.add_argument("--tag", default="", help="suffix for the result file name")
+    parser.add_argument(
+        "--workers",
+        default="1",
+        help="prefect-ws worker counts to compare, e.g. 1,2 (each a server of its own)",
+    )
+    parser.add_argument("--tag", default="", help="suffix for the result file")
     parser.add_argument(
         "--profile", action="store_true", help="py-spy each server in the first flood cases"
     )
@@ -267,6 +283,9 @@ def main() -> None:
     if args.loop != "asyncio":
         suffix += f"-{args.loop}"
     single = args.clients.strip().lower() not in ("", "none")
+    modes = server_modes(args.workers)
+    if args.workers.strip() != "1":
+        suffix += "-workers"
 
     # Cases: (runs, clients per run, flood events per run, paced events per run, paced rate).
     # One run is paced at 100 events/s; several runs at 10 events/s each (100 runs: 1000/s in
@@ -292,15 +311,22 @@ def main() -> None:
     try:
         with contextlib.ExitStack() as stack:
             servers = {
-                mode: stack.enter_context(
-                    prefect_ws_server(REDIS_URL, prefix, mode=mode, loop=args.loop)
+                label: stack.enter_context(
+                    prefect_ws_server(
+                        REDIS_URL,
+                        prefix,
+                        mode="prefect-ws" if workers else "naive",
+                        loop=args.loop,
+                        workers=max(workers, 1),
+                    )
                 )
-                for mode in MODES
+                for label, workers in modes.items()
             }
             for repeat in range(repeats):
                 for runs, clients, n, paced_n, paced_rate in plan:
                     for kind, rate, count in (("flood", 0.0, n), ("paced", paced_rate, paced_n)):
-                        for mode in MODES if repeat % 2 == 0 else reversed(MODES):
+                        order = list(modes) if repeat % 2 == 0 else list(reversed(modes))
+                        for mode in order:
                             proc, port = servers[mode]
                             label = f"K{clients}" if runs == 1 else f"R{runs}xK{clients}"
                             profile = (
@@ -355,7 +381,7 @@ def main() -> None:
             "paced_n_per_run": paced_n,
             "paced_rate_per_run": paced_rate / runs,
         }
-        for mode in MODES:
+        for mode in modes:
             flood, paced = select(mode, "flood"), select(mode, "paced")
             row[mode] = {
                 "flood_events_per_s": median([r["events_per_s"] for r in flood]),
@@ -366,11 +392,17 @@ def main() -> None:
                 "all_delivered": all(r["delivered"] == r["expected"] for r in flood + paced),
                 "server_cpu_s": median([r["server_cpu_s"] for r in flood]),
             }
-        ratios = [
-            ratio(a["events_per_s"], b["events_per_s"])
-            for a, b in zip(select("prefect-ws", "flood"), select("naive", "flood"), strict=False)
-        ]
-        row["throughput_ratio"] = median(ratios)
+
+        def flood_ratio(mode: str, other: str) -> float | None:
+            """Median over repetitions of mode's flood events/s over other's, same repetition."""
+            pairs = zip(select(mode, "flood"), select(other, "flood"), strict=False)
+            return median([ratio(a["events_per_s"], b["events_per_s"]) for a, b in pairs])
+
+        row["throughput_ratio"] = flood_ratio("prefect-ws", "naive")
+        for mode in modes:
+            if mode != "naive":
+                row[mode]["ratio_vs_naive"] = flood_ratio(mode, "naive")
+                row[mode]["ratio_vs_one_process"] = flood_ratio(mode, "prefect-ws")
         summary.append(row)
 
     print_table(
@@ -386,6 +418,7 @@ def main() -> None:
             "paced p99 ms",
             "all delivered",
             "ratio vs naive",
+            "ratio vs 1 process",
         ],
         [
             [
@@ -397,10 +430,11 @@ def main() -> None:
                 row[mode]["paced_p50_ms"],
                 row[mode]["paced_p99_ms"],
                 row[mode]["all_delivered"],
-                row["throughput_ratio"] if mode == "prefect-ws" else "",
+                row[mode].get("ratio_vs_naive", ""),
+                row[mode].get("ratio_vs_one_process", "") if mode != "prefect-ws" else "",
             ]
             for row in summary
-            for mode in MODES
+            for mode in modes
         ],
     )
     write_results(
@@ -408,6 +442,7 @@ def main() -> None:
         args.quick,
         {
             "loop": args.loop,
+            "workers": modes,
             "plan": [
                 {
                     "runs": r,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from functools import lru_cache
 from typing import Annotated, Literal
 
@@ -16,7 +17,8 @@ class Settings(BaseSettings):
 
     broadcast_url: str = Field(
         default="memory://",
-        description="Transport: memory:// (one process) or redis://host:port/db (distributed).",
+        description="Transport: memory:// (one process), redis://host:port/db (distributed) or "
+        "redis+cluster://host:port,host:port (a Redis Cluster, Redis 7+).",
     )
     redis_prefix: str = Field(
         default="prefect-ws",
@@ -29,6 +31,12 @@ class Settings(BaseSettings):
     # Serving side
     host: str = Field(default="127.0.0.1", description="Address `prefect-ws serve` binds to.")
     port: int = Field(default=8000, ge=0, le=65535, description="Port `prefect-ws serve` binds to.")
+    workers: int = Field(
+        default=1,
+        ge=1,
+        le=1024,
+        description="Server processes `prefect-ws serve` runs on its port (`auto`: one per core).",
+    )
     public_url: str | None = Field(
         default=None,
         description="Base URL clients use to reach the server (printed in stream URLs).",
@@ -160,10 +168,22 @@ class Settings(BaseSettings):
     @classmethod
     def _known_scheme(cls, value: str) -> str:
         scheme = value.split("://", 1)[0].lower() if "://" in value else ""
-        if scheme not in {"memory", "redis", "rediss", "unix"}:
+        if scheme not in {"memory", "redis", "rediss", "unix", "redis+cluster", "rediss+cluster"}:
             raise ValueError(
-                f"unsupported broadcast URL {value!r}: use memory:// or redis://host:port/db"
+                f"unsupported broadcast URL {value!r}: use memory://, redis://host:port/db or "
+                "redis+cluster://host:port,host:port"
             )
+        if scheme.endswith("+cluster"):
+            from prefect_ws.backends.cluster import ClusterUrl
+
+            ClusterUrl.parse(value)  # a ValueError names what is wrong
+        return value
+
+    @field_validator("workers", mode="before")
+    @classmethod
+    def _cores(cls, value: object) -> object:
+        if isinstance(value, str) and value.strip().lower() == "auto":
+            return available_cores()
         return value
 
     @field_validator(
@@ -190,6 +210,14 @@ class Settings(BaseSettings):
     @classmethod
     def _upper(cls, value: object) -> object:
         return value.upper() if isinstance(value, str) else value
+
+
+def available_cores() -> int:
+    """The cores this process may run on (its CPU affinity, else the host's count)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
 
 
 @lru_cache(maxsize=1)

@@ -17,6 +17,7 @@ import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -216,3 +217,26 @@ def pytest_addoption(parser: pytest.Parser) -> None:
         action="store_true",
         help="run the adversarial properties and resource attacks long (thousands of examples)",
     )
+
+
+@pytest.fixture(scope="session")
+def redis_cluster() -> Iterator[Any]:
+    """A 3-master Redis Cluster on loopback ports for the session (tests/redis_cluster.py)."""
+    from redis_cluster import RedisClusterProcesses, cluster_binaries
+
+    if cluster_binaries() is None:
+        pytest.skip("a Redis Cluster needs redis-server and redis-cli 7+ on PATH (Debian: redis)")
+    cluster = RedisClusterProcesses()
+    try:
+        cluster.start()
+        yield cluster
+    finally:
+        cluster.close()
+
+
+@pytest.fixture(params=["redis", "redis-cluster"])
+def shared_backend_url(request: pytest.FixtureRequest) -> str:
+    """A backend every process shares: the single Redis, then the 3-master Redis Cluster."""
+    if request.param == "redis":
+        return str(request.getfixturevalue("redis_url"))
+    return str(request.getfixturevalue("redis_cluster").url)

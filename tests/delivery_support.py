@@ -21,7 +21,7 @@ import httpx
 from websockets.asyncio.client import connect
 from websockets.exceptions import ConnectionClosed
 
-from prefect_ws.backends import RedisBackend
+from prefect_ws.backends import RedisBackend, create_backend
 from prefect_ws.protocol.events import Draft, encode, frame_from_text
 from prefect_ws.settings import Settings
 
@@ -90,12 +90,8 @@ async def publish_logs(
 
 @contextlib.asynccontextmanager
 async def redis_backend(settings: Settings) -> Any:
-    backend = RedisBackend(
-        settings.broadcast_url,
-        prefix=settings.redis_prefix,
-        history_maxlen=settings.history_maxlen,
-        history_ttl_seconds=settings.history_ttl_seconds,
-    )
+    """The backend of ``settings.broadcast_url`` (one Redis or a Redis Cluster), connected."""
+    backend = create_backend(settings)
     await backend.connect()
     try:
         yield backend
@@ -279,6 +275,7 @@ class ServerProcess:
             except httpx.HTTPError as exc:
                 seen = repr(exc)
             time.sleep(0.1)
+        self.stop()  # never leave it running (with --workers, its workers too)
         raise RuntimeError(f"prefect-ws serve not healthy within {timeout} s; last seen: {seen}")
 
     def log(self) -> str:

@@ -70,6 +70,18 @@ def test_fanout_quick(redis_url: str, results: Path) -> None:
     assert all(r["latency"]["n"] > 0 for r in flood if r["mode"] == "prefect-ws")
 
 
+def test_fanout_quick_workers(redis_url: str, results: Path) -> None:
+    """One process and two worker processes on one port, beside the naive endpoint."""
+    _run("bench_fanout.py", results, "--workers", "1,2", "--multi-run", "none")
+    data = _result(results, "fanout-workers")
+    assert data["workers"] == {"prefect-ws": 1, "prefect-ws x2": 2, "naive": 0}
+    (row,) = data["summary"]
+    for mode in ("prefect-ws", "prefect-ws x2"):
+        assert row[mode]["all_delivered"], row
+        assert row[mode]["ratio_vs_naive"] is not None
+    assert row["prefect-ws x2"]["ratio_vs_one_process"] is not None
+
+
 def test_fanout_uvloop_quick(redis_url: str, results: Path) -> None:
     """``--loop uvloop`` for both servers; ``--clients none``: only the many-runs case."""
     pytest.importorskip("uvloop")
@@ -118,3 +130,18 @@ def test_encode_quick(results: Path) -> None:
     if importlib.util.find_spec("orjson") is not None:
         assert "encode, orjson" in variants
     assert all(r["median_us"] and r["median_us"] > 0 for r in encoded)
+
+
+def test_capacity_quick(redis_url: str, results: Path) -> None:
+    """The Redis cost of an event is counted on a private Redis; the plan has every row."""
+    _run("bench_capacity.py", results)
+    data = _result(results, "capacity")
+    single, batched = data["redis_cost"]
+    assert single["round_trips_per_event"] == 1  # one script call per batch of one event
+    assert single["commands_per_event"] > batched["commands_per_event"]
+    assert single["bytes_per_retained_event"] > 100
+    assert single["pubsub_messages_per_event_per_subscriber"] == 1
+    sizes = {(r["clients"], r["runs"]) for r in data["plan"]}
+    assert sizes == {(c, r) for c in (10_000, 100_000, 1_000_000) for r in (1_000, 10_000)}
+    row = data["row_check"]
+    assert row["delivered"] == row["expected"]

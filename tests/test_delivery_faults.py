@@ -392,9 +392,10 @@ print(json.dumps({"published": publisher.published, "dropped": publisher.dropped
 
 @pytest.mark.timeout(120)
 def test_three_replicas_three_publishers_identical_sequences(
-    redis_url: str, redis_prefix: str
+    shared_backend_url: str, redis_prefix: str
 ) -> None:
     per_publisher = 1500
+    redis_url = shared_backend_url
     env = {
         **os.environ,
         "PREFECT_WS_BROADCAST_URL": redis_url,
@@ -459,6 +460,8 @@ def test_three_replicas_three_publishers_identical_sequences(
         return per_replica, reports
 
     with servers(redis_url, redis_prefix, 3) as replicas:
+        backend = httpx.get(f"{replicas[0].http}/healthz").json()["backend"]
+        assert backend == ("redis-cluster" if "+cluster://" in redis_url else "redis")
         per_replica, reports = asyncio.run(main(replicas))
         logs = [r.stop() for r in replicas]
     head = 3 * per_publisher + 1

@@ -17,6 +17,7 @@ from prefect_ws.backends import (
     MemoryBackend,
     RedisBackend,
     StreamBackend,
+    create_backend,
     create_transport,
 )
 from prefect_ws.protocol.events import encode, frames_from_message
@@ -39,12 +40,22 @@ async def next_frames(subscriber, timeout: float = 5.0) -> list:
             return frames_from_message(event.message)
 
 
-def test_redis_py_8_delivers_through_broadcaster(redis_url: str, redis_prefix: str) -> None:
+def backend_for(url: str, prefix: str) -> RedisBackend:
+    """The backend of ``url``: one Redis or a Redis Cluster."""
+    backend = create_backend(Settings(broadcast_url=url, redis_prefix=prefix))
+    assert isinstance(backend, RedisBackend)
+    return backend
+
+
+def test_redis_py_8_delivers_through_broadcaster(
+    shared_backend_url: str, redis_prefix: str
+) -> None:
     """Regression: stock broadcaster 0.3.1 + redis-py 8 delivers 0 of N messages."""
     assert int(redis_sync.__version__.split(".")[0]) >= 8
 
     async def scenario() -> list:
-        transport = create_transport(Settings(broadcast_url=redis_url, redis_prefix=redis_prefix))
+        settings = Settings(broadcast_url=shared_backend_url, redis_prefix=redis_prefix)
+        transport = create_transport(settings)
         await transport.broadcast.connect()
         try:
             async with transport.broadcast.subscribe(RUN) as subscriber:
@@ -64,7 +75,7 @@ def test_redis_py_8_delivers_through_broadcaster(redis_url: str, redis_prefix: s
 
 
 def test_subscribes_while_the_listener_connects_are_not_lost(
-    redis_url: str, redis_prefix: str
+    shared_backend_url: str, redis_prefix: str
 ) -> None:
     """Regression: a SUBSCRIBE sent while the listener's pub/sub connection was still opening
     went out on a second connection that nobody reads; its run never went live (the first
@@ -73,7 +84,7 @@ def test_subscribes_while_the_listener_connects_are_not_lost(
     async def scenario() -> list[bool]:
         outcomes = []
         for attempt in range(30):
-            backend = RedisBackend(redis_url, prefix=redis_prefix)
+            backend = backend_for(shared_backend_url, redis_prefix)
             await backend.connect()
             first, second = f"{RUN}-a{attempt}", f"{RUN}-b{attempt}"
             try:
@@ -96,11 +107,13 @@ def test_subscribes_while_the_listener_connects_are_not_lost(
     assert asyncio.run(scenario()) == [True] * 30
 
 
-def test_seq_is_atomic_across_concurrent_publishers(redis_url: str, redis_prefix: str) -> None:
+def test_seq_is_atomic_across_concurrent_publishers(
+    shared_backend_url: str, redis_prefix: str
+) -> None:
     """Five publishers with their own connections, 200 events each: one order, no gap or repeat."""
 
     async def publisher(index: int) -> None:
-        backend = RedisBackend(redis_url, prefix=redis_prefix)
+        backend = backend_for(shared_backend_url, redis_prefix)
         await backend.connect()
         try:
             for batch in range(20):
@@ -110,7 +123,7 @@ def test_seq_is_atomic_across_concurrent_publishers(redis_url: str, redis_prefix
 
     async def scenario() -> list[str]:
         await asyncio.gather(*(publisher(i) for i in range(5)))
-        reader = RedisBackend(redis_url, prefix=redis_prefix)
+        reader = backend_for(shared_backend_url, redis_prefix)
         await reader.connect()
         try:
             return await reader.history(RUN, 0, 10_000)

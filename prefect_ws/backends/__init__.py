@@ -1,4 +1,5 @@
-"""Transport: broadcaster's ``Broadcast`` over prefect-ws backends (``memory://``, ``redis://``)."""
+"""Transport: broadcaster's ``Broadcast`` over prefect-ws backends (``memory://``, ``redis://``,
+``redis+cluster://``)."""
 
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ from prefect_ws.backends.base import (
     RunInfo,
     StreamBackend,
 )
+from prefect_ws.backends.cluster import ClusterBackend, is_cluster_url
 from prefect_ws.backends.memory import MemoryBackend
 from prefect_ws.backends.redis import RedisBackend
 from prefect_ws.settings import Settings
@@ -20,6 +22,7 @@ from prefect_ws.settings import Settings
 __all__ = [
     "RESYNC",
     "BackendUnavailable",
+    "ClusterBackend",
     "MemoryBackend",
     "PublishResult",
     "RedisBackend",
@@ -48,7 +51,8 @@ def create_backend(settings: Settings) -> StreamBackend:
         return MemoryBackend(
             url, history_maxlen=settings.history_maxlen, max_runs=settings.memory_max_runs
         )
-    return RedisBackend(
+    backend = ClusterBackend if is_cluster_url(url) else RedisBackend
+    return backend(
         url,
         prefix=settings.redis_prefix,
         history_maxlen=settings.history_maxlen,

@@ -125,16 +125,8 @@ class RedisBackend(StreamBackend):
         self._maxlen = history_maxlen
         self._ttl = history_ttl_seconds
         self._reconnect_max_delay = reconnect_max_delay
-        options: dict[str, Any] = {"socket_connect_timeout": 2.0, "health_check_interval": 10}
-        # Commands wait for a free connection rather than fail when many clients replay at
-        # once (the default pool raises MaxConnectionsError past 100 concurrent commands).
-        pool = aioredis.BlockingConnectionPool.from_url(
-            url, max_connections=100, timeout=60.0, socket_timeout=5.0, **options
-        )
-        self._redis = aioredis.Redis.from_pool(pool)
-        # Pub/sub gets a pool of its own: resetting the command pool must not cut the listener.
-        self._pubsub_redis = aioredis.Redis.from_url(url, **options)
-        self._script = self._redis.register_script(PUBLISH_SCRIPT)
+        self._redis, self._pubsub_redis = self._clients(url)
+        self._script = self._redis.register_script(self.publish_script)
         self._channels: set[str] = set()
         self._confirmed: set[str] = set()  # channels Redis confirmed on the current connection
         self._anchor = f"{prefix}:listener".encode()
@@ -144,6 +136,19 @@ class RedisBackend(StreamBackend):
         self._reconnect = asyncio.Event()
         self._listener: asyncio.Task[None] | None = None
         self.reconnects = 0
+
+    publish_script: str = PUBLISH_SCRIPT
+
+    def _clients(self, url: str) -> tuple[Any, Any]:
+        """The command client and the pub/sub listener's client."""
+        options: dict[str, Any] = {"socket_connect_timeout": 2.0, "health_check_interval": 10}
+        # Commands wait for a free connection rather than fail when many clients replay at
+        # once (the default pool raises MaxConnectionsError past 100 concurrent commands).
+        pool = aioredis.BlockingConnectionPool.from_url(
+            url, max_connections=100, timeout=60.0, socket_timeout=5.0, **options
+        )
+        # Pub/sub gets a pool of its own: resetting the command pool must not cut the listener.
+        return aioredis.Redis.from_pool(pool), aioredis.Redis.from_url(url, **options)
 
     # Key layout: the run id is a hash tag, so a run's keys share a Redis Cluster slot.
     def channel_name(self, run_id: str) -> str:
@@ -217,17 +222,21 @@ class RedisBackend(StreamBackend):
         for draft in drafts:
             args.append(draft.head)
             args.append(draft.tail)
-        keys = [
+        keys = self._script_keys(run_id)
+        result: Any = await self._once_more_on_stale_connection(
+            lambda: self._script(keys=keys, args=args)
+        )
+        return int(result)
+
+    def _script_keys(self, run_id: str) -> list[str]:
+        """KEYS of the publish script (see PUBLISH_SCRIPT)."""
+        return [
             *self._keys(run_id),
             self._recent_key,
             f"{self._prefix}:{{{run_id}}}:batches",
             self._epoch_key(run_id),
             f"{self._prefix}:{{{run_id}}}:ended",
         ]
-        result: Any = await self._once_more_on_stale_connection(
-            lambda: self._script(keys=keys, args=args)
-        )
-        return int(result)
 
     async def next_published(self) -> Event:
         return await self._queue.get()

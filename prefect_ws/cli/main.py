@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import os
 import sys
 from pathlib import Path
 from typing import Any
@@ -56,6 +58,11 @@ def serve(
         help="Comma-separated proxy addresses whose X-Forwarded-For is believed "
         "[default: PREFECT_WS_FORWARDED_ALLOW_IPS or none].",
     ),
+    workers: str = typer.Option(
+        None,
+        help="Server processes on the port, or 'auto' for one per core; more than one needs "
+        "redis:// or redis+cluster:// [default: PREFECT_WS_WORKERS or 1].",
+    ),
 ) -> None:
     """Serve the WebSocket hub (uvicorn)."""
     import uvicorn
@@ -68,6 +75,7 @@ def serve(
         port=port,
         broadcast_url=broadcast_url,
         forwarded_allow_ips=forwarded_allow_ips,
+        workers=workers,
     )
     try:
         check_bind(
@@ -90,7 +98,47 @@ def serve(
             fg="yellow",
         )
     tls = {"ssl_certfile": ssl_certfile, "ssl_keyfile": ssl_keyfile} if ssl_certfile else {}
+    _check_backend(settings)
+    if settings.workers > 1:
+        _serve_workers(settings, tls)
+        return
     uvicorn.Server(uvicorn_config(settings, host=settings.host, port=settings.port, **tls)).run()
+
+
+def _check_backend(settings: Settings) -> None:
+    """Refuse what cannot work before serving: memory:// across processes, a cluster with
+    nodes that do not answer (named)."""
+    from prefect_ws.backends.cluster import ClusterUnreachable, check_cluster, is_cluster_url
+
+    url = settings.broadcast_url
+    if settings.workers > 1 and url.lower().startswith("memory://"):
+        typer.secho(
+            f"prefect-ws: --workers {settings.workers} needs a backend the processes share: "
+            "memory:// keeps each run inside one process. Use redis://host:port/db or "
+            "redis+cluster://host:port,... (PREFECT_WS_BROADCAST_URL), or one worker.",
+            err=True,
+            fg="red",
+        )
+        raise typer.Exit(2)
+    if is_cluster_url(url):
+        try:
+            asyncio.run(check_cluster(url))
+        except ClusterUnreachable as exc:
+            typer.secho(f"prefect-ws: {exc}", err=True, fg="red")
+            raise typer.Exit(2) from None
+
+
+def _serve_workers(settings: Settings, tls: dict[str, Any]) -> None:
+    """N processes on one port under uvicorn's supervisor (restarts a dead worker; SIGHUP
+    replaces them one by one; SIGTERM stops them, each closing its clients with 1012)."""
+    from prefect_ws.server.uvicorn.config import serve_workers
+
+    # Workers read their settings from the environment: put the command line's there.
+    os.environ["PREFECT_WS_HOST"] = settings.host
+    os.environ["PREFECT_WS_PORT"] = str(settings.port)
+    os.environ["PREFECT_WS_BROADCAST_URL"] = settings.broadcast_url
+    os.environ["PREFECT_WS_FORWARDED_ALLOW_IPS"] = ",".join(settings.forwarded_allow_ips)
+    serve_workers(settings, host=settings.host, port=settings.port, workers=settings.workers, **tls)
 
 
 @app.command()

@@ -30,7 +30,7 @@ RESUMABLE = frozenset(
         closecodes.GOING_AWAY,
         1006,
         closecodes.INTERNAL_ERROR,
-        1012,
+        closecodes.SERVICE_RESTART,
         closecodes.TRY_AGAIN_LATER,
     }
 )

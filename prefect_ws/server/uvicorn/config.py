@@ -18,8 +18,8 @@ from prefect_ws.server.uvicorn.wsprotocol import websocket_protocol
 from prefect_ws.settings import Settings
 
 
-def uvicorn_config(settings: Settings, *, host: str, port: int, **overrides: Any) -> uvicorn.Config:
-    """uvicorn's config for prefect-ws.
+def uvicorn_options(settings: Settings) -> dict[str, Any]:
+    """uvicorn's options for prefect-ws, but for the app and its two protocol classes.
 
     permessage-deflate is off: ~200-byte JSON events gain little from it while it doubles CPU
     and memory per connection (measured on uvicorn 0.54 / websockets 16). Inbound frames are
@@ -29,11 +29,7 @@ def uvicorn_config(settings: Settings, *, host: str, port: int, **overrides: Any
     """
     logs.install()
     forwarded = settings.forwarded_allow_ips
-    options: dict[str, Any] = {
-        "host": host,
-        "port": port,
-        # websockets-sansio, answering unparsable handshakes, cutting off non-readers
-        "ws": websocket_protocol(settings.max_lag_seconds),
+    return {
         "ws_per_message_deflate": False,
         "ws_max_size": settings.max_inbound_bytes,
         "ws_ping_interval": settings.ping_interval,
@@ -41,19 +37,65 @@ def uvicorn_config(settings: Settings, *, host: str, port: int, **overrides: Any
         "lifespan": "on",
         "log_level": settings.log_level.lower(),
         "access_log": False,
+        # On shutdown uvicorn closes every WebSocket with 1012 (service restart); clients
+        # resume with since=<last seq> on any process.
         "timeout_graceful_shutdown": 5,
-        # h11 with a deadline for every request's headers (slowloris), 431 and non-readers
-        "http": http_protocol(
-            header_deadline=settings.handshake_timeout, max_lag_seconds=settings.max_lag_seconds
-        ),
         # Let h11 finish parsing header blocks well past the header check's limit, so that it
         # answers 431 with a reason; the protocol answers 431 past this.
         "h11_max_incomplete_event_size": MAX_HEAD_BYTES + 1,
         "proxy_headers": bool(forwarded),
         "forwarded_allow_ips": ",".join(forwarded) if forwarded else None,
     }
-    options.update(overrides)
+
+
+def uvicorn_config(settings: Settings, *, host: str, port: int, **overrides: Any) -> uvicorn.Config:
+    """uvicorn's config for one prefect-ws process serving ``create_app(settings)``."""
+    options = uvicorn_options(settings)
+    # websockets-sansio, answering unparsable handshakes, cutting off non-readers
+    options["ws"] = websocket_protocol(settings.max_lag_seconds)
+    # h11 with a deadline for every request's headers (slowloris), 431 and non-readers
+    options["http"] = http_protocol(
+        header_deadline=settings.handshake_timeout, max_lag_seconds=settings.max_lag_seconds
+    )
+    options.update(host=host, port=port, **overrides)
     return uvicorn.Config(create_app(settings), **options)
+
+
+def workers_config(
+    settings: Settings, *, host: str, port: int, workers: int, **overrides: Any
+) -> uvicorn.Config:
+    """uvicorn's config for ``workers`` processes on one port (uvicorn's process supervisor).
+
+    uvicorn binds the socket once and starts each worker as a fresh (spawned) process, passing
+    it this config by pickling: the app factory and the HTTP protocol go by import string
+    (:mod:`.worker`), and every worker reads its settings from the environment, which must
+    hold the same ``PREFECT_WS_*`` values as ``settings``.
+    """
+    options = uvicorn_options(settings)
+    # How long a new worker may take to be ready before a rolling restart gives up, and a
+    # worker may take to answer the supervisor before it is killed: uvicorn's 5 s is less than
+    # a worker's start-up (importing Prefect and the app) on a busy host.
+    options["timeout_worker_healthcheck"] = 30
+    options.update(host=host, port=port, workers=workers, factory=True, **overrides)
+    options["http"] = "prefect_ws.server.uvicorn.worker:HttpProtocol"
+    options["ws"] = "prefect_ws.server.uvicorn.worker:WebSocketProtocol"
+    return uvicorn.Config("prefect_ws.server.uvicorn.worker:create_worker_app", **options)
+
+
+def serve_workers(
+    settings: Settings, *, host: str, port: int, workers: int, **overrides: Any
+) -> None:
+    """Run ``workers`` processes on ``host:port`` until SIGINT/SIGTERM (see workers_config).
+
+    uvicorn's supervisor binds the socket once and shares it: the kernel hands each new
+    connection to one worker, which then holds it; a dead worker is replaced; SIGHUP replaces
+    them one by one, each new one ready before an old one stops.
+    """
+    from uvicorn.supervisors import Multiprocess
+
+    config = workers_config(settings, host=host, port=port, workers=workers, **overrides)
+    config.configure_logging()
+    Multiprocess(config, sockets=[config.bind_socket()]).run()
 
 
 def free_port(host: str = "127.0.0.1") -> int:

@@ -1,0 +1,28 @@
+"""What each worker process of ``prefect-ws serve --workers N`` imports, by name.
+
+uvicorn spawns every worker as a fresh interpreter and can only name what it should load, so
+the app factory and the protocol classes live here, built from the settings in the
+environment the command prepared. Only worker processes import this module.
+"""
+
+from __future__ import annotations
+
+from starlette.applications import Starlette
+
+from prefect_ws.server.app import create_app
+from prefect_ws.server.uvicorn import logs
+from prefect_ws.server.uvicorn.http import http_protocol
+from prefect_ws.server.uvicorn.wsprotocol import websocket_protocol
+from prefect_ws.settings import get_settings
+
+_settings = get_settings()
+logs.install()  # the filters of uvicorn's loggers, in this process too
+HttpProtocol = http_protocol(
+    header_deadline=_settings.handshake_timeout, max_lag_seconds=_settings.max_lag_seconds
+)
+WebSocketProtocol = websocket_protocol(_settings.max_lag_seconds)
+
+
+def create_worker_app() -> Starlette:
+    """The app of one worker: its own hub and subscriptions, the shared backend behind it."""
+    return create_app(get_settings())
