@@ -13,8 +13,8 @@ Modes (``python benchmarks/_wsload.py --mode ...``):
   ``--per-run C``, connection ``i`` watches run ``uuid.UUID(int=uuid_base + i // C)``: C clients
   on each of ``count / C`` runs.
 - ``idle``: ``--count`` connections (URL may hold ``{uuid}``: a distinct run per connection),
-  prints ``READY ok failed seconds``, answers ``status`` on stdin with ``HELD n`` and holds
-  them until another line arrives or the deadline.
+  prints ``READY ok failed seconds cpu_seconds`` (its own CPU for the handshakes), answers
+  ``status`` on stdin with ``HELD n`` and holds them until another line arrives or the deadline.
 - ``cycle``: ``--count`` connect / first frame / close cycles, ``--concurrency`` at a time.
 Every mode ends by printing one JSON line.
 """
@@ -267,6 +267,7 @@ async def stream_mode(args: argparse.Namespace) -> dict[str, object]:
     latencies = array("q")
     clients, failures, opened = await _open_many(args, latencies)
     print(f"READY {len(clients)} {len(failures)} {opened:.3f}", flush=True)
+    cpu = time.process_time()  # the load client's own CPU while the events flow
     remaining = max(1.0, args.deadline - opened)
     done, pending = (
         await asyncio.wait([c.done for c in clients], timeout=remaining)
@@ -293,12 +294,15 @@ async def stream_mode(args: argparse.Namespace) -> dict[str, object]:
         "last_recv_ns": max((c.last_recv_ns for c in clients), default=0),
         "close_codes": codes,
         "open_seconds": round(opened, 3),
+        "cpu_s": round(time.process_time() - cpu, 3),
     }
 
 
 async def idle_mode(args: argparse.Namespace) -> dict[str, object]:
+    cpu = time.process_time()
     clients, failures, opened = await _open_many(args, None)
-    print(f"READY {len(clients)} {len(failures)} {opened:.3f}", flush=True)
+    open_cpu = time.process_time() - cpu  # the load client's own CPU for the handshakes
+    print(f"READY {len(clients)} {len(failures)} {opened:.3f} {open_cpu:.3f}", flush=True)
     loop = asyncio.get_running_loop()
     deadline = time.monotonic() + args.deadline
     # "status" -> "HELD <open connections>"; anything else (or EOF, or the deadline) ends.
@@ -318,6 +322,7 @@ async def idle_mode(args: argparse.Namespace) -> dict[str, object]:
         "failure_sample": failures[:3],
         "dropped_while_idle": dropped,
         "open_seconds": round(opened, 3),
+        "open_cpu_s": round(open_cpu, 3),
     }
 
 

@@ -3,15 +3,19 @@
     .venv/bin/python benchmarks/bench_fanout.py [--quick] [--repeats 3] [--loop asyncio|uvloop]
     .venv/bin/python benchmarks/bench_fanout.py --clients none --multi-run 100x10  # that case only
 
-Both servers run side by side on the Redis backend (``prefect-ws``: one backend subscription per
-run and a bounded queue per client; ``naive``: one broadcaster subscription and unbounded queue
-per client, see ``naive_server.py``). For each client count K and repetition, in alternation:
+The servers run side by side on one Redis (``prefect-ws``: one backend subscription per run and
+a bounded queue per client; ``naive``: one broadcaster subscription and unbounded queue per
+client, see ``naive_server.py``; the anchors of ``_anchors.py``: Node's ``ws`` + ``ioredis`` and
+python-websockets' ``broadcast()``, one Redis subscription per run each; ``--servers`` picks).
+For each client count K and repetition, in alternation:
 a publisher process (the real ``Publisher.emit`` path) emits ``run_start``, K clients in separate
 processes (``_wsload.py``) connect and get their first frame, then the publisher emits N
 ``step_log`` events and ``run_complete``. ``flood`` emits as fast as the publisher drains and
 measures delivered events/s (first publish -> last frame at the last client); ``paced`` emits
-100 events/s and measures publish -> receive latency. Medians over repetitions; ratio =
-prefect-ws / naive from the same repetitions.
+100 events/s and measures publish -> receive latency. Server CPU per delivered event and the
+load clients' own CPU (a client process near 100 % of a core sets the number, not the server)
+are reported too. Medians over repetitions; ratios = prefect-ws / each other server from the
+same repetitions.
 
 ``--multi-run RxC`` (default ``100x10``; ``--quick``: 3x2) adds the issue's many-runs case:
 C clients on each of R runs, one publisher process emitting to all R runs in round-robin order
@@ -32,9 +36,11 @@ import tempfile
 import time
 import uuid
 from array import array
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from _anchors import ANCHORS, anchor_server, available_anchors, node_version
 from _common import (
     HERE,
     PYTHON,
@@ -55,7 +61,15 @@ from _common import (
     write_results,
 )
 
-MODES = ("prefect-ws", "naive")
+MODES = ("prefect-ws", "naive", *ANCHORS)
+# (name, case kind, value): the ratios printed for prefect-ws against every other server.
+RATIOS: tuple[tuple[str, str, Callable[[dict[str, Any]], float | None]], ...] = (
+    ("flood events/s", "flood", lambda r: r["events_per_s"]),
+    ("flood us/ev", "flood", lambda r: r["server_cpu_us_per_event"]),
+    ("paced p50", "paced", lambda r: r["latency"]["p50_ms"]),
+    ("paced p99", "paced", lambda r: r["latency"]["p99_ms"]),
+    ("paced us/ev", "paced", lambda r: r["server_cpu_us_per_event"]),
+)
 
 
 def _read_line(proc: subprocess.Popen[str], prefix: str, timeout: float) -> str:
@@ -180,6 +194,7 @@ def run_case(
         for lat_file in lat_files:
             lat_file.unlink(missing_ok=True)
     delivered = sum(r["delivered"] for r in reports)
+    server_cpu = cpu1 - cpu0
     close_codes: dict[str, int] = {}
     for r in reports:
         for code, count in r["close_codes"].items():
@@ -200,7 +215,13 @@ def run_case(
         "close_codes": close_codes,
         "seconds": round(seconds, 3) if seconds else None,
         "events_per_s": round(delivered / seconds, 1) if seconds else None,
-        "server_cpu_s": round(cpu1 - cpu0, 2),
+        "server_cpu_s": round(server_cpu, 2),
+        "server_cpu_us_per_event": round(1e6 * server_cpu / delivered, 2) if delivered else None,
+        "client_cpu_s": round(sum(r.get("cpu_s", 0.0) for r in reports), 3),
+        "client_cpu_pct_max": max(
+            (round(100 * r.get("cpu_s", 0.0) / seconds, 1) for r in reports if seconds),
+            default=None,
+        ),
         "latency": latency_summary(latencies),
         "publisher": pub_report,
     }
@@ -256,6 +277,11 @@ def main() -> None:
         default="100x10",
         help="RUNSxCLIENTS cases, comma-separated (CLIENTS on each of RUNS runs); 'none' skips",
     )
+    parser.add_argument(
+        "--servers",
+        default=",".join(MODES),
+        help=f"servers to compare, comma-separated from {','.join(MODES)} (prefect-ws always)",
+    )
     parser.add_argument("--tag", default="", help="suffix for the result file, e.g. patched")
     parser.add_argument(
         "--profile", action="store_true", help="py-spy each server in the first flood cases"
@@ -267,6 +293,9 @@ def main() -> None:
     if args.loop != "asyncio":
         suffix += f"-{args.loop}"
     single = args.clients.strip().lower() not in ("", "none")
+    wanted = [m for m in MODES if m == "prefect-ws" or m in args.servers.split(",")]
+    anchors = available_anchors(tuple(m for m in wanted if m in ANCHORS))
+    modes = [m for m in wanted if m not in ANCHORS or m in anchors]
 
     # Cases: (runs, clients per run, flood events per run, paced events per run, paced rate).
     # One run is paced at 100 events/s; several runs at 10 events/s each (100 runs: 1000/s in
@@ -293,14 +322,16 @@ def main() -> None:
         with contextlib.ExitStack() as stack:
             servers = {
                 mode: stack.enter_context(
-                    prefect_ws_server(REDIS_URL, prefix, mode=mode, loop=args.loop)
+                    anchor_server(mode, REDIS_URL, prefix)
+                    if mode in ANCHORS
+                    else prefect_ws_server(REDIS_URL, prefix, mode=mode, loop=args.loop)
                 )
-                for mode in MODES
+                for mode in modes
             }
             for repeat in range(repeats):
                 for runs, clients, n, paced_n, paced_rate in plan:
                     for kind, rate, count in (("flood", 0.0, n), ("paced", paced_rate, paced_n)):
-                        for mode in MODES if repeat % 2 == 0 else reversed(MODES):
+                        for mode in modes if repeat % 2 == 0 else reversed(modes):
                             proc, port = servers[mode]
                             label = f"K{clients}" if runs == 1 else f"R{runs}xK{clients}"
                             profile = (
@@ -327,7 +358,9 @@ def main() -> None:
                             print(
                                 f"{mode:>10} {kind:>5} runs={runs:<4} K={clients:<5} "
                                 f"n={count:<6} {result['delivered']}/{result['expected']} "
-                                f"{result['events_per_s']} ev/s {result['latency']}",
+                                f"{result['events_per_s']} ev/s {result['latency']} "
+                                f"server {result['server_cpu_us_per_event']} us/ev, "
+                                f"client CPU max {result['client_cpu_pct_max']} %",
                                 flush=True,
                             )
     finally:
@@ -355,7 +388,7 @@ def main() -> None:
             "paced_n_per_run": paced_n,
             "paced_rate_per_run": paced_rate / runs,
         }
-        for mode in MODES:
+        for mode in modes:
             flood, paced = select(mode, "flood"), select(mode, "paced")
             row[mode] = {
                 "flood_events_per_s": median([r["events_per_s"] for r in flood]),
@@ -365,42 +398,67 @@ def main() -> None:
                 "paced_p99_ms": median([r["latency"]["p99_ms"] for r in paced]),
                 "all_delivered": all(r["delivered"] == r["expected"] for r in flood + paced),
                 "server_cpu_s": median([r["server_cpu_s"] for r in flood]),
+                "flood_us_per_event": median([r["server_cpu_us_per_event"] for r in flood]),
+                "paced_us_per_event": median([r["server_cpu_us_per_event"] for r in paced]),
+                "client_cpu_pct_max": median([r["client_cpu_pct_max"] for r in flood]),
             }
-        ratios = [
-            ratio(a["events_per_s"], b["events_per_s"])
-            for a, b in zip(select("prefect-ws", "flood"), select("naive", "flood"), strict=False)
-        ]
-        row["throughput_ratio"] = median(ratios)
+        # prefect-ws / the other server, per repetition (same load, same minute), then medians.
+        row["ratios"] = {
+            other: {
+                name: median(
+                    [
+                        ratio(get(a), get(b))
+                        for a, b in zip(
+                            select("prefect-ws", kind), select(other, kind), strict=False
+                        )
+                    ]
+                )
+                for name, kind, get in RATIOS
+            }
+            for other in modes
+            if other != "prefect-ws"
+        }
         summary.append(row)
 
     print_table(
         f"Fan-out, Redis backend, {args.loop} loop (median of {repeats}; runs x clients per run; "
-        "paced: 100 ev/s on one run, 10 ev/s per run on several)",
+        "paced: 100 ev/s on one run, 10 ev/s per run on several; CPU per delivered event)",
         [
             "runs x clients",
             "server",
             "flood events/s",
-            "flood p50 ms",
+            "flood us/ev",
             "flood p99 ms",
             "paced p50 ms",
             "paced p99 ms",
+            "paced us/ev",
+            "client CPU %",
             "all delivered",
-            "ratio vs naive",
         ],
         [
             [
                 row["case"],
                 mode,
                 row[mode]["flood_events_per_s"],
-                row[mode]["flood_p50_ms"],
+                row[mode]["flood_us_per_event"],
                 row[mode]["flood_p99_ms"],
                 row[mode]["paced_p50_ms"],
                 row[mode]["paced_p99_ms"],
+                row[mode]["paced_us_per_event"],
+                row[mode]["client_cpu_pct_max"],
                 row[mode]["all_delivered"],
-                row["throughput_ratio"] if mode == "prefect-ws" else "",
             ]
             for row in summary
-            for mode in MODES
+            for mode in modes
+        ],
+    )
+    print_table(
+        "prefect-ws / other server, same repetitions (events/s: > 1 is better; the rest: < 1)",
+        ["runs x clients", "vs", *(name for name, _, _ in RATIOS)],
+        [
+            [row["case"], other, *(row["ratios"][other][name] for name, _, _ in RATIOS)]
+            for row in summary
+            for other in row["ratios"]
         ],
     )
     write_results(
@@ -408,6 +466,8 @@ def main() -> None:
         args.quick,
         {
             "loop": args.loop,
+            "servers": modes,
+            "node": node_version() if "node-ws" in modes else None,
             "plan": [
                 {
                     "runs": r,

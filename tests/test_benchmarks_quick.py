@@ -10,6 +10,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
+import shutil
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -61,6 +62,19 @@ def test_fanout_quick(redis_url: str) -> None:
     flood = [r for r in data["runs"] if r["runs"] == 3 and r["kind"] == "flood"]
     assert flood and all(r["publisher"]["runs"] == 3 for r in flood)
     assert all(r["latency"]["n"] > 0 for r in flood if r["mode"] == "prefect-ws")
+    _check_anchors(data["servers"])
+    for row in data["summary"]:
+        for other in data["servers"][1:]:
+            assert row[other]["all_delivered"], (other, row)
+            assert row["ratios"][other]["flood events/s"] is not None, (other, row)
+    assert sum(r["client_cpu_s"] for r in data["runs"]) > 0  # the load clients' own CPU
+
+
+def _check_anchors(servers: list[str]) -> None:
+    """The anchors ran next to prefect-ws: python-websockets always, Node where it is installed."""
+    assert servers[0] == "prefect-ws" and "websockets" in servers, servers
+    if shutil.which("node") and shutil.which("npm"):
+        assert "node-ws" in servers, servers
 
 
 def test_fanout_uvloop_quick(redis_url: str) -> None:
@@ -77,6 +91,7 @@ def test_idle_quick(redis_url: str) -> None:
     _run("bench_idle.py")
     data = _result("idle")
     assert all(r["held"] == r["target"] and r["failed"] == 0 for r in data["results"])
+    _check_anchors(data["servers"])
 
 
 def test_soak_quick(redis_url: str) -> None:
