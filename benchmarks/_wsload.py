@@ -67,6 +67,7 @@ class WSClient(asyncio.Protocol):
         self.last_seq = 0
         self.out_of_order = 0
         self.close_code: int | None = None
+        self.close_reason = ""
         self.last_recv_ns = 0
         self.first_ns = 0
 
@@ -136,6 +137,8 @@ class WSClient(asyncio.Protocol):
                     if length >= 2
                     else 1005
                 )
+                reason = bytes(buffer[position + header + 2 : end])
+                self.close_reason = reason.decode("utf-8", "replace")
                 self._send(
                     0x8, (self.close_code if self.close_code != 1005 else 1000).to_bytes(2, "big")
                 )
@@ -280,8 +283,10 @@ async def stream_mode(args: argparse.Namespace) -> dict[str, object]:
         with open(args.lat_out, "wb") as out:
             latencies.tofile(out)
     codes: dict[str, int] = {}
+    reasons: dict[str, str] = {}  # one reason per close code
     for client in clients:
         codes[str(client.close_code)] = codes.get(str(client.close_code), 0) + 1
+        reasons.setdefault(str(client.close_code), client.close_reason)
     return {
         "clients": len(clients),
         "failures": len(failures),
@@ -293,6 +298,7 @@ async def stream_mode(args: argparse.Namespace) -> dict[str, object]:
         "first_recv_ns": min((c.first_ns for c in clients if c.first_ns), default=0),
         "last_recv_ns": max((c.last_recv_ns for c in clients), default=0),
         "close_codes": codes,
+        "close_reasons": reasons,
         "open_seconds": round(opened, 3),
         "cpu_s": round(time.process_time() - cpu, 3),
     }

@@ -196,9 +196,12 @@ def run_case(
     delivered = sum(r["delivered"] for r in reports)
     server_cpu = cpu1 - cpu0
     close_codes: dict[str, int] = {}
+    close_reasons: dict[str, str] = {}
     for r in reports:
         for code, count in r["close_codes"].items():
             close_codes[code] = close_codes.get(code, 0) + count
+        for code, reason in r.get("close_reasons", {}).items():
+            close_reasons.setdefault(code, reason)
     last = max(r["last_recv_ns"] for r in reports)
     seconds = (last - go_ns) / 1e9 if last > go_ns else None
     return {
@@ -213,6 +216,7 @@ def run_case(
         "complete": sum(r["finished"] for r in reports),
         "out_of_order": sum(r["out_of_order"] for r in reports),
         "close_codes": close_codes,
+        "close_reasons": close_reasons,
         "seconds": round(seconds, 3) if seconds else None,
         "events_per_s": round(delivered / seconds, 1) if seconds else None,
         "server_cpu_s": round(server_cpu, 2),
@@ -252,6 +256,18 @@ def start_profile(pid: int, out: Path) -> subprocess.Popen[bytes] | None:
     )
 
 
+def parse_variants(specs: list[str]) -> dict[str, dict[str, str]]:
+    """``["gc-default:BENCH_GC=default"]`` -> ``{"prefect-ws[gc-default]": {"BENCH_GC": ...}}``."""
+    variants = {}
+    for spec in specs:
+        name, _, assignments = spec.partition(":")
+        env = dict(pair.split("=", 1) for pair in assignments.split(",") if "=" in pair)
+        if not name or not env:
+            raise SystemExit(f"--variant {spec!r}: expected NAME:VAR=VALUE[,VAR=VALUE]")
+        variants[f"prefect-ws[{name}]"] = env
+    return variants
+
+
 def parse_multi(spec: str) -> list[tuple[int, int]]:
     """``"100x10,10x100"`` -> [(100, 10), (10, 100)] (runs x clients per run); ``none`` -> []."""
     if spec.strip().lower() in ("", "none"):
@@ -282,6 +298,18 @@ def main() -> None:
         default=",".join(MODES),
         help=f"servers to compare, comma-separated from {','.join(MODES)} (prefect-ws always)",
     )
+    parser.add_argument(
+        "--events", type=int, default=0, help="flood events per run for every case (0: by size)"
+    )
+    parser.add_argument("--deadline", type=float, default=180.0, help="seconds per case")
+    parser.add_argument(
+        "--variant",
+        action="append",
+        default=[],
+        metavar="NAME:VAR=VALUE[,VAR=VALUE]",
+        help="A/B: one more prefect-ws server with these environment variables, e.g. "
+        "gc-default:BENCH_GC=default (repeatable; ratios against it come out too)",
+    )
     parser.add_argument("--tag", default="", help="suffix for the result file, e.g. patched")
     parser.add_argument(
         "--profile", action="store_true", help="py-spy each server in the first flood cases"
@@ -296,6 +324,8 @@ def main() -> None:
     wanted = [m for m in MODES if m == "prefect-ws" or m in args.servers.split(",")]
     anchors = available_anchors(tuple(m for m in wanted if m in ANCHORS))
     modes = [m for m in wanted if m not in ANCHORS or m in anchors]
+    variants = parse_variants(args.variant)
+    modes[1:1] = list(variants)
 
     # Cases: (runs, clients per run, flood events per run, paced events per run, paced rate).
     # One run is paced at 100 events/s; several runs at 10 events/s each (100 runs: 1000/s in
@@ -314,7 +344,9 @@ def main() -> None:
                 plan.append((1, k, flood_n.get(k, max(200, 200_000 // k)), 200, 100.0))
         for r, c in parse_multi(args.multi_run):
             plan.append((r, c, max(100, min(20000, 300_000 // (r * c))), 30, 10.0 * r))
-        repeats, deadline = args.repeats, 180.0
+        repeats, deadline = args.repeats, args.deadline
+        if args.events:
+            plan = [(r, c, args.events, pn, pr) for r, c, _, pn, pr in plan]
 
     prefix = redis_prefix("fanout")
     results: list[dict[str, Any]] = []
@@ -324,7 +356,13 @@ def main() -> None:
                 mode: stack.enter_context(
                     anchor_server(mode, REDIS_URL, prefix)
                     if mode in ANCHORS
-                    else prefect_ws_server(REDIS_URL, prefix, mode=mode, loop=args.loop)
+                    else prefect_ws_server(
+                        REDIS_URL,
+                        prefix,
+                        mode="prefect-ws" if mode in variants else mode,
+                        loop=args.loop,
+                        extra_env=variants.get(mode),
+                    )
                 )
                 for mode in modes
             }

@@ -72,6 +72,8 @@ class Subscription:
         self._queue: deque[list[Frame] | _Resync | StreamClosed] = deque()
         self._queued = 0  # frames in the queue
         self._waiter: asyncio.Future[None] | None = None  # while take() waits: no Event kept
+        # Kept from the first wait: asyncio.get_running_loop() makes a getpid system call.
+        self._loop: asyncio.AbstractEventLoop | None = None
 
     def offer(self, frames: list[Frame]) -> None:
         """Called by the hub's listener for every live message of the run; never blocks."""
@@ -135,7 +137,10 @@ class Subscription:
         """Every queued live frame that follows on from the first queued message, or a marker."""
         queue = self._queue
         while not queue:
-            self._waiter = asyncio.get_running_loop().create_future()
+            loop = self._loop
+            if loop is None:
+                loop = self._loop = asyncio.get_running_loop()
+            self._waiter = loop.create_future()
             try:
                 await self._waiter
             finally:
