@@ -126,3 +126,11 @@ def test_encode_quick() -> None:
     if importlib.util.find_spec("orjson") is not None:
         assert "encode, orjson" in variants
     assert all(r["median_us"] and r["median_us"] > 0 for r in results)
+
+
+def test_catchup_quick(redis_url: str) -> None:
+    """Late joiners read a stored run from history; ``--variant``: an A/B second server."""
+    _run("bench_catchup.py", "--variant", "gc-default:BENCH_GC=default")
+    data = _result("catchup")
+    assert data["servers"] == ["prefect-ws", "prefect-ws[gc-default]"]
+    assert all(r["delivered"] == r["expected"] and r["out_of_order"] == 0 for r in data["runs"])

@@ -54,6 +54,7 @@ def serve(
     """Serve the WebSocket hub (uvicorn)."""
     import uvicorn
 
+    from prefect_ws.server.gctuning import tune_for_serving
     from prefect_ws.server.security.auth import Authenticator, UnsafeBind, check_bind
     from prefect_ws.server.uvicorn.config import uvicorn_config
 
@@ -71,6 +72,7 @@ def serve(
         typer.secho("prefect-ws: --ssl-certfile and --ssl-keyfile go together", err=True, fg="red")
         raise typer.Exit(2)
     tls = {"ssl_certfile": ssl_certfile, "ssl_keyfile": ssl_keyfile} if ssl_certfile else {}
+    tune_for_serving()
     uvicorn.Server(uvicorn_config(settings, host=settings.host, port=settings.port, **tls)).run()
 
 
