@@ -83,9 +83,9 @@ def tune_gc(mode: str) -> None:
     start-up, measured and not kept): A/B."""
     import gc
 
-    from prefect_ws.server.gctuning import tune_for_serving
-
     if mode == "tuned":
+        from prefect_ws.server.gctuning import tune_for_serving
+
         tune_for_serving()
     elif mode == "freeze":
         gc.collect()

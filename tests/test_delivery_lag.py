@@ -70,11 +70,11 @@ def test_slow_but_reading_clients_get_every_event_of_a_burst(
     redis_url: str, redis_prefix: str
 ) -> None:
     """8 clients read a burst of 2000 events of 8 KB (messages of 100 events, queues of 16)
-    at about 250 events/s (2 MB/s) each, far more than the socket buffers hold: each is
+    at about 170 events/s (1.3 MB/s) each, far more than the socket buffers hold: each is
     behind for several times the lag limit and catches up from memory and history in batches
     of megabytes, reading all the while. None may be cut, and each gets every event once."""
     settings = settings_for(redis_url, redis_prefix)
-    events, size, clients, max_lag = 2000, 8000, 8, 1.0
+    events, size, clients, max_lag = 2000, 8000, 8, 2.5
     env = {"PREFECT_WS_CLIENT_QUEUE_SIZE": "16", "PREFECT_WS_MAX_LAG_SECONDS": str(max_lag)}
 
     async def main(port: int, base: str) -> tuple[list[Received], float]:
@@ -85,7 +85,7 @@ def test_slow_but_reading_clients_get_every_event_of_a_burst(
             url = stream_url(base, run_id)
             joined = asyncio.Semaphore(0)
             readers = [
-                asyncio.create_task(_read_slowly(url, port, joined, per_pause=25, pause=0.1))
+                asyncio.create_task(_read_slowly(url, port, joined, per_pause=25, pause=0.15))
                 for _ in range(clients)
             ]
             async with asyncio.timeout(60):

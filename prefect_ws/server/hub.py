@@ -28,6 +28,11 @@ logger = logging.getLogger("prefect_ws.hub")
 
 
 RECENT_FRAMES: Final = 1024  # per active run: ~500 KB of ~250-byte events (text and wire bytes)
+# Beyond RECENT_FRAMES, the frames a client that is behind still needs are kept, up to this
+# much event text per run (about as much again in wire bytes): in a burst, clients that fell
+# behind catch up from memory, built once, instead of each reading the history from the backend.
+RECENT_MAX_BYTES: Final = 4 * 1024 * 1024
+RECENT_PAGE: Final = 1024  # frames per catch-up batch from memory: one list per client at a time
 
 
 class _Resync:
@@ -188,13 +193,15 @@ class RunChannel:
     No task and no queue of its own: the hub's listener hands it each message of the run.
     """
 
-    __slots__ = ("live", "recent", "run_id", "subscriptions")
+    __slots__ = ("live", "recent", "recent_bytes", "run_id", "subscriptions")
 
     def __init__(self, run_id: str) -> None:
         self.run_id = run_id
         self.subscriptions: set[Subscription] = set()
-        # The newest live frames: a client a little behind catches up from here, not Redis.
+        # The newest live frames, and older ones a client behind still needs (see _trim):
+        # such a client catches up from here, not from the backend.
         self.recent: deque[Frame] | None = None  # made with the first live frame
+        self.recent_bytes = 0  # event text held in ``recent``
         self.live = False
 
     def add(self, subscription: Subscription) -> None:
@@ -207,6 +214,7 @@ class RunChannel:
         reconciles from history (events may have been missed before this point)."""
         if self.recent is not None:
             self.recent.clear()
+            self.recent_bytes = 0
         self.live = True
         for subscription in self.subscriptions:
             subscription.resync()
@@ -224,12 +232,28 @@ class RunChannel:
     def _deliver(self, frames: list[Frame]) -> None:
         recent = self.recent
         if recent is None:
-            recent = self.recent = deque(maxlen=RECENT_FRAMES)
+            recent = self.recent = deque()
         elif recent and frames[0].seq != recent[-1].seq + 1:
-            recent.clear()  # a gap: the ring only ever holds a consecutive range
+            recent.clear()  # a gap: the window only ever holds a consecutive range
+            self.recent_bytes = 0
         recent.extend(frames)
+        self.recent_bytes += sum(len(frame.data) for frame in frames)
         for subscription in self.subscriptions:
             subscription.offer(frames)
+        if len(recent) > RECENT_FRAMES:
+            self._trim(recent)
+
+    def _trim(self, recent: deque[Frame]) -> None:
+        """Keep the newest RECENT_FRAMES, and older frames while a client behind needs them
+        and they fit in RECENT_MAX_BYTES."""
+        keep_from = recent[-1].seq - RECENT_FRAMES + 1
+        for subscription in self.subscriptions:
+            if subscription.behind_since is not None and subscription.last_seq < keep_from:
+                keep_from = subscription.last_seq + 1
+        while len(recent) > RECENT_FRAMES and (
+            recent[0].seq < keep_from or self.recent_bytes > RECENT_MAX_BYTES
+        ):
+            self.recent_bytes -= len(recent.popleft().data)
 
 
 class Hub:
@@ -324,11 +348,16 @@ class Hub:
         """Frames after ``subscription.last_seq``, in pages: from the run's recent frames when
         they reach back far enough, else from the backend's history."""
         channel = self.runs.get(subscription.run_id)
-        recent = channel.recent if channel is not None else None
-        wanted = subscription.last_seq + 1
-        if recent and not initial and recent[0].seq <= wanted <= recent[-1].seq:
-            yield _until_final(list(islice(recent, wanted - recent[0].seq, None)))
-            return
+        while not initial and channel is not None and channel.recent:
+            recent = channel.recent  # read again after each page: it moves meanwhile
+            wanted = subscription.last_seq + 1
+            if not recent[0].seq <= wanted <= recent[-1].seq:
+                break  # not (or no longer) in memory: the backend's history has it
+            start = wanted - recent[0].seq
+            batch = _until_final(list(islice(recent, start, start + RECENT_PAGE)))
+            yield batch  # the caller advances subscription.last_seq
+            if batch[-1].is_final or batch[-1].seq >= recent[-1].seq:
+                return
         backend = self.transport.backend
         cursor = subscription.last_seq
         while True:
