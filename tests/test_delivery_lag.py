@@ -26,6 +26,7 @@ from websockets.asyncio.client import connect
 from websockets.exceptions import ConnectionClosed
 
 from prefect_ws.protocol.events import frame_from_text
+from prefect_ws.server.hub import RECENT_FRAMES, RECENT_MAX_BYTES, RunChannel, Subscription
 
 
 def _small_window_socket(port: int) -> socket.socket:
@@ -107,3 +108,43 @@ def test_slow_but_reading_clients_get_every_event_of_a_burst(
         result.assert_exactly(1, head)
     assert seconds > 2 * max_lag, seconds  # the catch-up did outlast the lag limit
     assert "Traceback" not in log, log[-3000:]
+
+
+def test_recent_frames_keep_what_a_client_behind_needs_up_to_the_byte_cap() -> None:
+    """The run's in-memory window: the newest RECENT_FRAMES always, older frames while a client
+    that is behind needs them, never more than RECENT_MAX_BYTES of events beyond that."""
+    run_id = new_run_id()
+
+    def feed(channel: RunChannel, first: int, last: int, size: int) -> None:
+        for start in range(first, last + 1, 100):
+            channel.receive(
+                "\n".join(
+                    f'{{"v":1,"type":"step_log","seq":{seq},"x":"{"x" * size}"}}'
+                    for seq in range(start, min(start + 100, last + 1))
+                )
+            )
+
+    channel = RunChannel(run_id)
+    feed(channel, 1, 3000, 100)
+    assert channel.recent is not None and len(channel.recent) == RECENT_FRAMES  # nobody behind
+
+    channel = RunChannel(run_id)
+    behind = Subscription(run_id, since=0, queue_size=16)
+    channel.add(behind)
+    feed(channel, 1, 3000, 100)  # its queue overflows on the second message: it is behind
+    assert behind.behind_since is not None
+    assert channel.recent is not None
+    assert [channel.recent[0].seq, channel.recent[-1].seq] == [1, 3000]
+    behind.last_seq = 2500  # it caught up that far: older frames are let go
+    feed(channel, 3001, 3100, 100)
+    assert channel.recent[0].seq == 3100 - RECENT_FRAMES + 1
+    assert channel.recent_bytes == sum(len(frame.data) for frame in channel.recent)
+
+    channel = RunChannel(run_id)
+    behind = Subscription(run_id, since=0, queue_size=16)
+    channel.add(behind)
+    feed(channel, 1, 6000, 2000)  # ~12 MB of events: more than the cap
+    assert channel.recent is not None
+    assert RECENT_FRAMES < len(channel.recent) < 6000
+    assert channel.recent_bytes <= RECENT_MAX_BYTES
+    assert channel.recent[-1].seq == 6000
