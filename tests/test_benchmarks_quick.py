@@ -50,8 +50,9 @@ def _result(name: str) -> dict:
     return data
 
 
+@pytest.mark.timeout(300)
 def test_fanout_quick(redis_url: str) -> None:
-    _run("bench_fanout.py")
+    _run("bench_fanout.py", timeout=240)  # four servers side by side
     data = _result("fanout")
     assert data["loop"] == "asyncio"
     for row in data["summary"]:
@@ -80,7 +81,7 @@ def _check_anchors(servers: list[str]) -> None:
 def test_fanout_uvloop_quick(redis_url: str) -> None:
     """``--loop uvloop`` for both servers; ``--clients none``: only the many-runs case."""
     pytest.importorskip("uvloop")
-    _run("bench_fanout.py", "--loop", "uvloop", "--clients", "none")
+    _run("bench_fanout.py", "--loop", "uvloop", "--clients", "none", "--servers", "naive")
     data = _result("fanout-uvloop")
     assert data["loop"] == "uvloop"
     assert [row["runs"] for row in data["summary"]] == [3]
