@@ -7,7 +7,10 @@ Modes:
   the comparison the connections benchmark asks for;
 - ``naive``: ``naive_server.py``, one broadcaster subscription and one unbounded queue per client.
 
-Settings come from ``PREFECT_WS_*`` variables. Raises its own fd limit first.
+Settings come from ``PREFECT_WS_*`` variables. Raises its own fd limit first. The garbage
+collector is tuned as ``prefect-ws serve`` tunes it (:mod:`prefect_ws.server.gctuning`), in
+every mode; ``BENCH_GC=default`` keeps CPython's defaults, ``freeze`` only freezes the
+start-up heap, for A/B runs.
 """
 
 from __future__ import annotations
@@ -80,7 +83,24 @@ def main() -> None:
             ws_per_message_deflate=False,
             **common,
         )
+    tune_gc(os.environ.get("BENCH_GC", "tuned"))
     uvicorn.Server(config).run()
+
+
+def tune_gc(mode: str) -> None:
+    """``tuned`` as ``prefect-ws serve`` does; ``default`` or ``freeze`` (``gc.freeze()`` after
+    start-up, measured and not kept): A/B."""
+    import gc
+
+    if mode == "tuned":
+        from prefect_ws.server.gctuning import tune_for_serving
+
+        tune_for_serving()
+    elif mode == "freeze":
+        gc.collect()
+        gc.freeze()
+    elif mode != "default":
+        raise SystemExit(f"BENCH_GC={mode!r}: expected tuned, default or freeze")
 
 
 if __name__ == "__main__":

@@ -13,8 +13,8 @@ Modes (``python benchmarks/_wsload.py --mode ...``):
   ``--per-run C``, connection ``i`` watches run ``uuid.UUID(int=uuid_base + i // C)``: C clients
   on each of ``count / C`` runs.
 - ``idle``: ``--count`` connections (URL may hold ``{uuid}``: a distinct run per connection),
-  prints ``READY ok failed seconds``, answers ``status`` on stdin with ``HELD n`` and holds
-  them until another line arrives or the deadline.
+  prints ``READY ok failed seconds cpu_seconds`` (its own CPU for the handshakes), answers
+  ``status`` on stdin with ``HELD n`` and holds them until another line arrives or the deadline.
 - ``cycle``: ``--count`` connect / first frame / close cycles, ``--concurrency`` at a time.
 Every mode ends by printing one JSON line.
 """
@@ -67,6 +67,7 @@ class WSClient(asyncio.Protocol):
         self.last_seq = 0
         self.out_of_order = 0
         self.close_code: int | None = None
+        self.close_reason = ""
         self.last_recv_ns = 0
         self.first_ns = 0
 
@@ -136,6 +137,8 @@ class WSClient(asyncio.Protocol):
                     if length >= 2
                     else 1005
                 )
+                reason = bytes(buffer[position + header + 2 : end])
+                self.close_reason = reason.decode("utf-8", "replace")
                 self._send(
                     0x8, (self.close_code if self.close_code != 1005 else 1000).to_bytes(2, "big")
                 )
@@ -267,6 +270,7 @@ async def stream_mode(args: argparse.Namespace) -> dict[str, object]:
     latencies = array("q")
     clients, failures, opened = await _open_many(args, latencies)
     print(f"READY {len(clients)} {len(failures)} {opened:.3f}", flush=True)
+    cpu = time.process_time()  # the load client's own CPU while the events flow
     remaining = max(1.0, args.deadline - opened)
     done, pending = (
         await asyncio.wait([c.done for c in clients], timeout=remaining)
@@ -279,8 +283,10 @@ async def stream_mode(args: argparse.Namespace) -> dict[str, object]:
         with open(args.lat_out, "wb") as out:
             latencies.tofile(out)
     codes: dict[str, int] = {}
+    reasons: dict[str, str] = {}  # one reason per close code
     for client in clients:
         codes[str(client.close_code)] = codes.get(str(client.close_code), 0) + 1
+        reasons.setdefault(str(client.close_code), client.close_reason)
     return {
         "clients": len(clients),
         "failures": len(failures),
@@ -292,13 +298,17 @@ async def stream_mode(args: argparse.Namespace) -> dict[str, object]:
         "first_recv_ns": min((c.first_ns for c in clients if c.first_ns), default=0),
         "last_recv_ns": max((c.last_recv_ns for c in clients), default=0),
         "close_codes": codes,
+        "close_reasons": reasons,
         "open_seconds": round(opened, 3),
+        "cpu_s": round(time.process_time() - cpu, 3),
     }
 
 
 async def idle_mode(args: argparse.Namespace) -> dict[str, object]:
+    cpu = time.process_time()
     clients, failures, opened = await _open_many(args, None)
-    print(f"READY {len(clients)} {len(failures)} {opened:.3f}", flush=True)
+    open_cpu = time.process_time() - cpu  # the load client's own CPU for the handshakes
+    print(f"READY {len(clients)} {len(failures)} {opened:.3f} {open_cpu:.3f}", flush=True)
     loop = asyncio.get_running_loop()
     deadline = time.monotonic() + args.deadline
     # "status" -> "HELD <open connections>"; anything else (or EOF, or the deadline) ends.
@@ -318,6 +328,7 @@ async def idle_mode(args: argparse.Namespace) -> dict[str, object]:
         "failure_sample": failures[:3],
         "dropped_while_idle": dropped,
         "open_seconds": round(opened, 3),
+        "open_cpu_s": round(open_cpu, 3),
     }
 
 

@@ -4,15 +4,19 @@
     .venv/bin/python benchmarks/bench_fanout.py --clients none --multi-run 100x10  # that case only
     .venv/bin/python benchmarks/bench_fanout.py --workers 1,2 --clients 1000 --multi-run none
 
-Both servers run side by side on the Redis backend (``prefect-ws``: one backend subscription per
-run and a bounded queue per client; ``naive``: one broadcaster subscription and unbounded queue
-per client, see ``naive_server.py``). For each client count K and repetition, in alternation:
+The servers run side by side on one Redis (``prefect-ws``: one backend subscription per run and
+a bounded queue per client; ``naive``: one broadcaster subscription and unbounded queue per
+client, see ``naive_server.py``; the anchors of ``_anchors.py``: Node's ``ws`` + ``ioredis`` and
+python-websockets' ``broadcast()``, one Redis subscription per run each; ``--servers`` picks).
+For each client count K and repetition, in alternation:
 a publisher process (the real ``Publisher.emit`` path) emits ``run_start``, K clients in separate
 processes (``_wsload.py``) connect and get their first frame, then the publisher emits N
 ``step_log`` events and ``run_complete``. ``flood`` emits as fast as the publisher drains and
 measures delivered events/s (first publish -> last frame at the last client); ``paced`` emits
-100 events/s and measures publish -> receive latency. Medians over repetitions; ratio =
-prefect-ws / naive from the same repetitions.
+100 events/s and measures publish -> receive latency. Server CPU per delivered event and the
+load clients' own CPU (a client process near 100 % of a core sets the number, not the server)
+are reported too. Medians over repetitions; ratios = prefect-ws / each other server from the
+same repetitions.
 
 ``--multi-run RxC`` (default ``100x10``; ``--quick``: 3x2) adds the many-runs case:
 C clients on each of R runs, one publisher process emitting to all R runs in round-robin order
@@ -33,9 +37,11 @@ import tempfile
 import time
 import uuid
 from array import array
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from _anchors import ANCHORS, anchor_server, available_anchors, node_version
 from _common import (
     HERE,
     PYTHON,
@@ -56,17 +62,24 @@ from _common import (
     write_results,
 )
 
-MODES = ("prefect-ws", "naive")
+MODES = ("prefect-ws", "naive", *ANCHORS)
+# (name, case kind, value): the ratios printed for prefect-ws against every other server.
+RATIOS: tuple[tuple[str, str, Callable[[dict[str, Any]], float | None]], ...] = (
+    ("flood events/s", "flood", lambda r: r["events_per_s"]),
+    ("flood us/ev", "flood", lambda r: r["server_cpu_us_per_event"]),
+    ("paced p50", "paced", lambda r: r["latency"]["p50_ms"]),
+    ("paced p99", "paced", lambda r: r["latency"]["p99_ms"]),
+    ("paced us/ev", "paced", lambda r: r["server_cpu_us_per_event"]),
+)
 
 
-def server_modes(workers: str) -> dict[str, int]:
-    """Server label -> prefect-ws worker processes (0: the naive server).
+def worker_modes(workers: str) -> dict[str, int]:
+    """Server label -> worker processes, for each count of ``--workers`` above one.
 
-    ``--workers 1,2`` compares ``prefect-ws`` (one process) with ``prefect-ws x2`` (two
-    processes on one port, as ``prefect-ws serve --workers 2``), beside the naive endpoint."""
-    counts = [int(w) for w in workers.split(",") if w.strip()] or [1]
-    modes = {("prefect-ws" if n == 1 else f"prefect-ws x{n}"): n for n in counts}
-    return {**modes, "naive": 0}
+    ``--workers 1,2`` compares ``prefect-ws`` (one process, always there) with ``prefect-ws x2``
+    (two processes on one port, as ``prefect-ws serve --workers 2``)."""
+    counts = [int(w) for w in workers.split(",") if w.strip()]
+    return {f"prefect-ws x{n}": n for n in counts if n > 1}
 
 
 def _read_line(proc: subprocess.Popen[str], prefix: str, timeout: float) -> str:
@@ -191,10 +204,14 @@ def run_case(
         for lat_file in lat_files:
             lat_file.unlink(missing_ok=True)
     delivered = sum(r["delivered"] for r in reports)
+    server_cpu = cpu1 - cpu0
     close_codes: dict[str, int] = {}
+    close_reasons: dict[str, str] = {}
     for r in reports:
         for code, count in r["close_codes"].items():
             close_codes[code] = close_codes.get(code, 0) + count
+        for code, reason in r.get("close_reasons", {}).items():
+            close_reasons.setdefault(code, reason)
     last = max(r["last_recv_ns"] for r in reports)
     seconds = (last - go_ns) / 1e9 if last > go_ns else None
     return {
@@ -209,9 +226,16 @@ def run_case(
         "complete": sum(r["finished"] for r in reports),
         "out_of_order": sum(r["out_of_order"] for r in reports),
         "close_codes": close_codes,
+        "close_reasons": close_reasons,
         "seconds": round(seconds, 3) if seconds else None,
         "events_per_s": round(delivered / seconds, 1) if seconds else None,
-        "server_cpu_s": round(cpu1 - cpu0, 2),
+        "server_cpu_s": round(server_cpu, 2),
+        "server_cpu_us_per_event": round(1e6 * server_cpu / delivered, 2) if delivered else None,
+        "client_cpu_s": round(sum(r.get("cpu_s", 0.0) for r in reports), 3),
+        "client_cpu_pct_max": max(
+            (round(100 * r.get("cpu_s", 0.0) / seconds, 1) for r in reports if seconds),
+            default=None,
+        ),
         "latency": latency_summary(latencies),
         "publisher": pub_report,
     }
@@ -240,6 +264,18 @@ def start_profile(pid: int, out: Path) -> subprocess.Popen[bytes] | None:
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
     )
+
+
+def parse_variants(specs: list[str]) -> dict[str, dict[str, str]]:
+    """``["gc-default:BENCH_GC=default"]`` -> ``{"prefect-ws[gc-default]": {"BENCH_GC": ...}}``."""
+    variants = {}
+    for spec in specs:
+        name, _, assignments = spec.partition(":")
+        env = dict(pair.split("=", 1) for pair in assignments.split(",") if "=" in pair)
+        if not name or not env:
+            raise SystemExit(f"--variant {spec!r}: expected NAME:VAR=VALUE[,VAR=VALUE]")
+        variants[f"prefect-ws[{name}]"] = env
+    return variants
 
 
 def parse_multi(spec: str) -> list[tuple[int, int]]:
@@ -272,6 +308,23 @@ def main() -> None:
         default="1",
         help="prefect-ws worker counts to compare, e.g. 1,2 (each a server of its own)",
     )
+    parser.add_argument(
+        "--servers",
+        default=",".join(MODES),
+        help=f"servers to compare, comma-separated from {','.join(MODES)} (prefect-ws always)",
+    )
+    parser.add_argument(
+        "--events", type=int, default=0, help="flood events per run for every case (0: by size)"
+    )
+    parser.add_argument("--deadline", type=float, default=180.0, help="seconds per case")
+    parser.add_argument(
+        "--variant",
+        action="append",
+        default=[],
+        metavar="NAME:VAR=VALUE[,VAR=VALUE]",
+        help="A/B: one more prefect-ws server with these environment variables, e.g. "
+        "gc-default:BENCH_GC=default (repeatable; ratios against it come out too)",
+    )
     parser.add_argument("--tag", default="", help="suffix for the result file")
     parser.add_argument(
         "--profile", action="store_true", help="py-spy each server in the first flood cases"
@@ -283,8 +336,13 @@ def main() -> None:
     if args.loop != "asyncio":
         suffix += f"-{args.loop}"
     single = args.clients.strip().lower() not in ("", "none")
-    modes = server_modes(args.workers)
-    if args.workers.strip() != "1":
+    wanted = [m for m in MODES if m == "prefect-ws" or m in args.servers.split(",")]
+    anchors = available_anchors(tuple(m for m in wanted if m in ANCHORS))
+    modes = [m for m in wanted if m not in ANCHORS or m in anchors]
+    variants = parse_variants(args.variant)
+    workers = worker_modes(args.workers)  # "prefect-ws xN" -> N processes on one port
+    modes[1:1] = [*workers, *variants]
+    if workers:
         suffix += "-workers"
 
     # Cases: (runs, clients per run, flood events per run, paced events per run, paced rate).
@@ -304,29 +362,33 @@ def main() -> None:
                 plan.append((1, k, flood_n.get(k, max(200, 200_000 // k)), 200, 100.0))
         for r, c in parse_multi(args.multi_run):
             plan.append((r, c, max(100, min(20000, 300_000 // (r * c))), 30, 10.0 * r))
-        repeats, deadline = args.repeats, 180.0
+        repeats, deadline = args.repeats, args.deadline
+        if args.events:
+            plan = [(r, c, args.events, pn, pr) for r, c, _, pn, pr in plan]
 
     prefix = redis_prefix("fanout")
     results: list[dict[str, Any]] = []
     try:
         with contextlib.ExitStack() as stack:
             servers = {
-                label: stack.enter_context(
-                    prefect_ws_server(
+                mode: stack.enter_context(
+                    anchor_server(mode, REDIS_URL, prefix)
+                    if mode in ANCHORS
+                    else prefect_ws_server(
                         REDIS_URL,
                         prefix,
-                        mode="prefect-ws" if workers else "naive",
+                        mode="prefect-ws" if mode in variants or mode in workers else mode,
                         loop=args.loop,
-                        workers=max(workers, 1),
+                        extra_env=variants.get(mode),
+                        workers=workers.get(mode, 1),
                     )
                 )
-                for label, workers in modes.items()
+                for mode in modes
             }
             for repeat in range(repeats):
                 for runs, clients, n, paced_n, paced_rate in plan:
                     for kind, rate, count in (("flood", 0.0, n), ("paced", paced_rate, paced_n)):
-                        order = list(modes) if repeat % 2 == 0 else list(reversed(modes))
-                        for mode in order:
+                        for mode in modes if repeat % 2 == 0 else reversed(modes):
                             proc, port = servers[mode]
                             label = f"K{clients}" if runs == 1 else f"R{runs}xK{clients}"
                             profile = (
@@ -353,7 +415,9 @@ def main() -> None:
                             print(
                                 f"{mode:>10} {kind:>5} runs={runs:<4} K={clients:<5} "
                                 f"n={count:<6} {result['delivered']}/{result['expected']} "
-                                f"{result['events_per_s']} ev/s {result['latency']}",
+                                f"{result['events_per_s']} ev/s {result['latency']} "
+                                f"server {result['server_cpu_us_per_event']} us/ev, "
+                                f"client CPU max {result['client_cpu_pct_max']} %",
                                 flush=True,
                             )
     finally:
@@ -391,58 +455,102 @@ def main() -> None:
                 "paced_p99_ms": median([r["latency"]["p99_ms"] for r in paced]),
                 "all_delivered": all(r["delivered"] == r["expected"] for r in flood + paced),
                 "server_cpu_s": median([r["server_cpu_s"] for r in flood]),
+                "flood_us_per_event": median([r["server_cpu_us_per_event"] for r in flood]),
+                "paced_us_per_event": median([r["server_cpu_us_per_event"] for r in paced]),
+                "client_cpu_pct_max": median([r["client_cpu_pct_max"] for r in flood]),
             }
+        # prefect-ws / the other server, per repetition (same load, same minute), then medians.
+        row["ratios"] = {
+            other: {
+                name: median(
+                    [
+                        ratio(get(a), get(b))
+                        for a, b in zip(
+                            select("prefect-ws", kind), select(other, kind), strict=False
+                        )
+                    ]
+                )
+                for name, kind, get in RATIOS
+            }
+            for other in modes
+            if other != "prefect-ws"
+        }
 
         def flood_ratio(mode: str, other: str) -> float | None:
             """Median over repetitions of mode's flood events/s over other's, same repetition."""
             pairs = zip(select(mode, "flood"), select(other, "flood"), strict=False)
             return median([ratio(a["events_per_s"], b["events_per_s"]) for a, b in pairs])
 
-        row["throughput_ratio"] = flood_ratio("prefect-ws", "naive")
-        for mode in modes:
-            if mode != "naive":
+        for mode in workers:
+            row[mode]["ratio_vs_one_process"] = flood_ratio(mode, "prefect-ws")
+            if "naive" in modes:
                 row[mode]["ratio_vs_naive"] = flood_ratio(mode, "naive")
-                row[mode]["ratio_vs_one_process"] = flood_ratio(mode, "prefect-ws")
         summary.append(row)
 
     print_table(
         f"Fan-out, Redis backend, {args.loop} loop (median of {repeats}; runs x clients per run; "
-        "paced: 100 ev/s on one run, 10 ev/s per run on several)",
+        "paced: 100 ev/s on one run, 10 ev/s per run on several; CPU per delivered event)",
         [
             "runs x clients",
             "server",
             "flood events/s",
-            "flood p50 ms",
+            "flood us/ev",
             "flood p99 ms",
             "paced p50 ms",
             "paced p99 ms",
+            "paced us/ev",
+            "client CPU %",
             "all delivered",
-            "ratio vs naive",
-            "ratio vs 1 process",
         ],
         [
             [
                 row["case"],
                 mode,
                 row[mode]["flood_events_per_s"],
-                row[mode]["flood_p50_ms"],
+                row[mode]["flood_us_per_event"],
                 row[mode]["flood_p99_ms"],
                 row[mode]["paced_p50_ms"],
                 row[mode]["paced_p99_ms"],
+                row[mode]["paced_us_per_event"],
+                row[mode]["client_cpu_pct_max"],
                 row[mode]["all_delivered"],
-                row[mode].get("ratio_vs_naive", ""),
-                row[mode].get("ratio_vs_one_process", "") if mode != "prefect-ws" else "",
             ]
             for row in summary
             for mode in modes
         ],
     )
+    print_table(
+        "prefect-ws / other server, same repetitions (events/s: > 1 is better; the rest: < 1)",
+        ["runs x clients", "vs", *(name for name, _, _ in RATIOS)],
+        [
+            [row["case"], other, *(row["ratios"][other][name] for name, _, _ in RATIOS)]
+            for row in summary
+            for other in row["ratios"]
+        ],
+    )
+    if workers:
+        print_table(
+            "prefect-ws with N worker processes on one port / one process (flood events/s)",
+            ["runs x clients", "server", "vs 1 process", "vs naive"],
+            [
+                [
+                    row["case"],
+                    mode,
+                    row[mode]["ratio_vs_one_process"],
+                    row[mode].get("ratio_vs_naive"),
+                ]
+                for row in summary
+                for mode in workers
+            ],
+        )
     write_results(
         f"fanout{suffix}",
         args.quick,
         {
             "loop": args.loop,
-            "workers": modes,
+            "servers": modes,
+            "workers": {"prefect-ws": 1, **workers},
+            "node": node_version() if "node-ws" in modes else None,
             "plan": [
                 {
                     "runs": r,

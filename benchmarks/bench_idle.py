@@ -4,7 +4,9 @@
 
 One server process at a time (Redis backend): ``prefect-ws`` as ``prefect-ws serve`` runs it
 (websockets-sansio, permessage-deflate off) vs the same app under uvicorn's defaults (``ws=auto``,
-deflate on). Clients (``_wsload.py --mode idle``, up to 5000 per process) offer permessage-deflate
+deflate on) and the anchors of ``_anchors.py`` (Node ``ws`` + ``ioredis``, python-websockets;
+``--servers`` picks). The load clients' own CPU for the handshakes is reported.
+Clients (``_wsload.py --mode idle``, up to 5000 per process) offer permessage-deflate
 as browsers do, and each watches a run of its own: the worst case, one backend subscription and
 one run channel per connection. Counts are cumulative; RSS is read from /proc after a settle
 time, idle CPU over a quiet window. ``--loop`` picks both servers' event loop (default asyncio).
@@ -17,6 +19,7 @@ import subprocess
 import time
 from typing import Any
 
+from _anchors import ANCHORS, anchor_server, available_anchors
 from _common import (
     HERE,
     PYTHON,
@@ -35,7 +38,7 @@ from _common import (
 )
 
 PER_PROCESS = 5000
-MODES = ("prefect-ws", "uvicorn-defaults")
+MODES = ("prefect-ws", "uvicorn-defaults", *ANCHORS)
 
 
 def measure_mode(
@@ -45,14 +48,19 @@ def measure_mode(
     results = []
     clients: list[subprocess.Popen[str]] = []
     try:
-        with prefect_ws_server(REDIS_URL, prefix, mode=mode, loop=loop) as (server, port):
+        server_cm = (
+            anchor_server(mode, REDIS_URL, prefix)
+            if mode in ANCHORS
+            else prefect_ws_server(REDIS_URL, prefix, mode=mode, loop=loop)
+        )
+        with server_cm as (server, port):
             time.sleep(1.0)
             baseline = rss_kb(server.pid)
             held = 0
             # wait=: the run has not started yet (without it a newer server closes with 4404).
             url = f"ws://127.0.0.1:{port}/api/v2/workflows/runs/{{uuid}}/stream?wait=3600"
             for target in counts:
-                batch, opened, failed, seconds = [], 0, 0, 0.0
+                batch, opened, failed, seconds, client_cpu = [], 0, 0, 0.0, 0.0
                 started = time.perf_counter()
                 while held + sum(n for _, n in batch) < target:
                     count = min(PER_PROCESS, target - held - sum(n for _, n in batch))
@@ -84,6 +92,7 @@ def measure_mode(
                         raise RuntimeError(f"idle client failed: {line}")
                     opened += int(line[1])
                     failed += int(line[2])
+                    client_cpu += float(line[4]) if len(line) > 4 else 0.0
                 seconds = time.perf_counter() - started
                 clients += [p for p, _ in batch]
                 held += opened
@@ -105,6 +114,7 @@ def measure_mode(
                     "held": still_open,
                     "failed": failed,
                     "handshakes_per_s": round(opened / seconds, 1) if seconds else None,
+                    "client_cpu_pct": round(100 * client_cpu / seconds, 1) if seconds else None,
                     "server_rss_mb": round(rss / 1024, 1),
                     "baseline_rss_mb": round(baseline / 1024, 1),
                     "kb_per_conn": round((rss - baseline) / max(1, still_open), 1),
@@ -135,23 +145,28 @@ def main() -> None:
     parser.add_argument("--counts", default="1000,5000,10000")
     parser.add_argument("--settle", type=float, default=3.0)
     parser.add_argument("--window", type=float, default=5.0)
+    parser.add_argument(
+        "--servers",
+        default=",".join(MODES),
+        help=f"servers to compare, comma-separated from {','.join(MODES)} (prefect-ws always)",
+    )
     add_loop_option(parser)
     args = parser.parse_args()
+    wanted = [m for m in MODES if m == "prefect-ws" or m in args.servers.split(",")]
+    anchors = available_anchors(tuple(m for m in wanted if m in ANCHORS))
+    modes = [m for m in wanted if m not in ANCHORS or m in anchors]
     counts = [int(c) for c in args.counts.split(",")]
     if args.quick:
         counts, args.settle, args.window = [100], 0.3, 0.5
     raise_nofile()
 
     results = []
-    for mode in MODES:
+    for mode in modes:
         results += measure_mode(mode, counts, args.settle, args.window, args.loop)
     rows = []
     for target in counts:
         ours = next(r for r in results if r["mode"] == "prefect-ws" and r["target"] == target)
-        theirs = next(
-            r for r in results if r["mode"] == "uvicorn-defaults" and r["target"] == target
-        )
-        for r in (ours, theirs):
+        for r in (r for r in results if r["target"] == target):
             rows.append(
                 [
                     target,
@@ -159,30 +174,38 @@ def main() -> None:
                     r["held"],
                     r["failed"],
                     r["handshakes_per_s"],
+                    r["client_cpu_pct"],
                     r["server_rss_mb"],
                     r["kb_per_conn"],
                     r["idle_cpu_pct"],
-                    ratio(ours["kb_per_conn"], theirs["kb_per_conn"]) if r is ours else "",
+                    ratio(ours["kb_per_conn"], r["kb_per_conn"]) if r is not ours else "",
+                    ratio(ours["handshakes_per_s"], r["handshakes_per_s"]) if r is not ours else "",
                 ]
             )
     print_table(
         f"Idle connections, one server process, a run per connection (Redis backend, "
-        f"{args.loop} loop)",
+        f"{args.loop} loop; ratios: prefect-ws / that server)",
         [
             "target",
             "server",
             "held",
             "failed",
             "handshakes/s",
+            "client CPU %",
             "RSS MB",
             "KB/conn",
             "idle CPU %",
-            "KB/conn vs defaults",
+            "KB/conn ratio",
+            "handshakes/s ratio",
         ],
         rows,
     )
     name = "idle" if args.loop == "asyncio" else f"idle-{args.loop}"
-    write_results(name, args.quick, {"loop": args.loop, "counts": counts, "results": results})
+    write_results(
+        name,
+        args.quick,
+        {"loop": args.loop, "servers": modes, "counts": counts, "results": results},
+    )
 
 
 if __name__ == "__main__":

@@ -47,7 +47,8 @@ class Settings(BaseSettings):
     max_lag_seconds: float = Field(
         default=30.0,
         gt=0,
-        description="A client behind (or stuck in one send) for this long is closed (1013).",
+        description="A client making no progress for this long (behind, or stuck in one write) "
+        "is closed (1013).",
     )
     max_inbound_bytes: int = Field(
         default=4096, ge=125, le=1 << 20, description="Largest frame a client may send."

@@ -11,6 +11,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
+import shutil
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -56,8 +57,9 @@ def _result(results: Path, name: str) -> dict:
     return data
 
 
+@pytest.mark.timeout(300)
 def test_fanout_quick(redis_url: str, results: Path) -> None:
-    _run("bench_fanout.py", results)
+    _run("bench_fanout.py", results, timeout=240)  # four servers side by side
     data = _result(results, "fanout")
     assert data["loop"] == "asyncio"
     for row in data["summary"]:
@@ -68,24 +70,40 @@ def test_fanout_quick(redis_url: str, results: Path) -> None:
     flood = [r for r in data["runs"] if r["runs"] == 3 and r["kind"] == "flood"]
     assert flood and all(r["publisher"]["runs"] == 3 for r in flood)
     assert all(r["latency"]["n"] > 0 for r in flood if r["mode"] == "prefect-ws")
+    _check_anchors(data["servers"])
+    for row in data["summary"]:
+        for other in data["servers"][1:]:
+            assert row[other]["all_delivered"], (other, row)
+            assert row["ratios"][other]["flood events/s"] is not None, (other, row)
+    assert sum(r["client_cpu_s"] for r in data["runs"]) > 0  # the load clients' own CPU
+
+
+def _check_anchors(servers: list[str]) -> None:
+    """The anchors ran next to prefect-ws: python-websockets always, Node where it is installed."""
+    assert servers[0] == "prefect-ws" and "websockets" in servers, servers
+    if shutil.which("node") and shutil.which("npm"):
+        assert "node-ws" in servers, servers
 
 
 def test_fanout_quick_workers(redis_url: str, results: Path) -> None:
     """One process and two worker processes on one port, beside the naive endpoint."""
-    _run("bench_fanout.py", results, "--workers", "1,2", "--multi-run", "none")
+    _run(
+        "bench_fanout.py", results, "--workers", "1,2", "--multi-run", "none", "--servers", "naive"
+    )
     data = _result(results, "fanout-workers")
-    assert data["workers"] == {"prefect-ws": 1, "prefect-ws x2": 2, "naive": 0}
+    assert data["workers"] == {"prefect-ws": 1, "prefect-ws x2": 2}
     (row,) = data["summary"]
     for mode in ("prefect-ws", "prefect-ws x2"):
         assert row[mode]["all_delivered"], row
-        assert row[mode]["ratio_vs_naive"] is not None
+    assert row["ratios"]["naive"]["flood events/s"] is not None
+    assert row["prefect-ws x2"]["ratio_vs_naive"] is not None
     assert row["prefect-ws x2"]["ratio_vs_one_process"] is not None
 
 
 def test_fanout_uvloop_quick(redis_url: str, results: Path) -> None:
     """``--loop uvloop`` for both servers; ``--clients none``: only the many-runs case."""
     pytest.importorskip("uvloop")
-    _run("bench_fanout.py", results, "--loop", "uvloop", "--clients", "none")
+    _run("bench_fanout.py", results, "--loop", "uvloop", "--clients", "none", "--servers", "naive")
     data = _result(results, "fanout-uvloop")
     assert data["loop"] == "uvloop"
     assert [row["runs"] for row in data["summary"]] == [3]
@@ -96,6 +114,7 @@ def test_idle_quick(redis_url: str, results: Path) -> None:
     _run("bench_idle.py", results)
     data = _result(results, "idle")
     assert all(r["held"] == r["target"] and r["failed"] == 0 for r in data["results"])
+    _check_anchors(data["servers"])
 
 
 def test_soak_quick(redis_url: str, results: Path) -> None:
@@ -145,3 +164,11 @@ def test_capacity_quick(redis_url: str, results: Path) -> None:
     assert sizes == {(c, r) for c in (10_000, 100_000, 1_000_000) for r in (1_000, 10_000)}
     row = data["row_check"]
     assert row["delivered"] == row["expected"]
+
+
+def test_catchup_quick(redis_url: str, results: Path) -> None:
+    """Late joiners read a stored run from history; ``--variant``: an A/B second server."""
+    _run("bench_catchup.py", results, "--variant", "gc-default:BENCH_GC=default")
+    data = _result(results, "catchup")
+    assert data["servers"] == ["prefect-ws", "prefect-ws[gc-default]"]
+    assert all(r["delivered"] == r["expected"] and r["out_of_order"] == 0 for r in data["runs"])

@@ -19,8 +19,9 @@ shard and its events touch only that shard:
   what was missed from the run's history, as after a single Redis's restart.
 
 redis-py's cluster client follows ``MOVED``/``ASK`` and retries ``TRYAGAIN`` for commands; a
-slot left uncovered (its master down, no replica) surfaces as :class:`~.base.BackendUnavailable`, which the
-server answers with 1013/503 "reconnect with since", never 1011.
+slot left uncovered (its master down, no replica) surfaces as
+:class:`~.base.BackendUnavailable`, which the server answers with 1013/503 "reconnect with
+since", never 1011.
 """
 
 from __future__ import annotations

@@ -67,6 +67,7 @@ def serve(
     """Serve the WebSocket hub (uvicorn)."""
     import uvicorn
 
+    from prefect_ws.server.gctuning import tune_for_serving
     from prefect_ws.server.security.auth import Authenticator, UnsafeBind, check_bind
     from prefect_ws.server.uvicorn.config import uvicorn_config
 
@@ -102,6 +103,7 @@ def serve(
     if settings.workers > 1:
         _serve_workers(settings, tls)
         return
+    tune_for_serving()
     uvicorn.Server(uvicorn_config(settings, host=settings.host, port=settings.port, **tls)).run()
 
 

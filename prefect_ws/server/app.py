@@ -92,23 +92,27 @@ async def _write(
     watchdog: SendWatchdog,
     outcome: Outcome,
 ) -> tuple[int, str]:
-    """Send the stream: each batch of events as one write of pre-built frames where the server
-    takes them (:mod:`~.frames`), else frame by frame. A send blocked for longer than
-    the watchdog's timeout ends the stream with 1013."""
+    """Send the stream: each batch of events in writes of pre-built frames where the server
+    takes them (:mod:`~.frames`), else frame by frame. One write blocked for longer than the
+    watchdog's timeout ends the stream with 1013: each write is timed, not the batch, since a
+    catch-up batch of megabytes takes a slow but reading client longer than that."""
     prebuilt = FRAMES_EXTENSION in websocket.scope.get("extensions", {})
+    task = asyncio.current_task()
     try:
         async for item in stream:
-            with watchdog.sending():
-                if isinstance(item, str):
+            if isinstance(item, str):
+                with watchdog.sending(task):
                     await websocket.send_text(item)
-                elif prebuilt:
-                    for data, count in coalesce(frame.wire for frame in item):
+            elif prebuilt:
+                for data, count in coalesce(frame.wire for frame in item):
+                    with watchdog.sending(task):
                         await send({"type": FRAMES_EXTENSION, "data": data, "events": count})
-                        outcome.sent(count)
-                else:
-                    for frame in item:
+                    outcome.sent(count)
+            else:
+                for frame in item:
+                    with watchdog.sending(task):
                         await websocket.send_text(frame.data)
-                        outcome.sent(1)
+                    outcome.sent(1)
     except StreamClosed as closed:
         return closed.code, closed.reason
     except SendTimeout:

@@ -28,6 +28,11 @@ logger = logging.getLogger("prefect_ws.hub")
 
 
 RECENT_FRAMES: Final = 1024  # per active run: ~500 KB of ~250-byte events (text and wire bytes)
+# Beyond RECENT_FRAMES, the frames a client that is behind still needs are kept, up to this
+# much event text per run (about as much again in wire bytes): in a burst, clients that fell
+# behind catch up from memory, built once, instead of each reading the history from the backend.
+RECENT_MAX_BYTES: Final = 4 * 1024 * 1024
+RECENT_PAGE: Final = 1024  # frames per catch-up batch from memory: one list per client at a time
 
 
 class _Resync:
@@ -67,11 +72,14 @@ class Subscription:
         self.epoch: str | None = None  # the history's epoch when the stream started
         self.sent = 0
         self.finished = False
+        # While the client is behind: when it last made progress (see check_lag).
         self.behind_since: float | None = None
         self._queue_size = queue_size
         self._queue: deque[list[Frame] | _Resync | StreamClosed] = deque()
         self._queued = 0  # frames in the queue
         self._waiter: asyncio.Future[None] | None = None  # while take() waits: no Event kept
+        # Kept from the first wait: asyncio.get_running_loop() makes a getpid system call.
+        self._loop: asyncio.AbstractEventLoop | None = None
 
     def offer(self, frames: list[Frame]) -> None:
         """Called by the hub's listener for every live message of the run; never blocks."""
@@ -113,19 +121,32 @@ class Subscription:
         if last.is_final:
             self.finished = True
 
+    def progressed(self) -> None:
+        """The client took a batch: while it is behind, the lag limit counts from here. A
+        client behind a long burst (fed from the recent frames or history, page after page)
+        is never cut while it keeps reading; a write it stops reading in is the watchdog's."""
+        if self.behind_since is not None:
+            self.behind_since = time.monotonic()
+
     def caught_up(self) -> None:
         if RESYNC_MARK not in self._queue:
             self.behind_since = None
 
     def check_lag(self, max_lag_seconds: float) -> None:
+        """Raise :class:`ClientLagging` when the client is behind and made no progress for
+        ``max_lag_seconds``: not when it has been behind that long, which a reading client
+        catching up on a burst larger than its queue always was."""
         if self.behind_since is not None and time.monotonic() - self.behind_since > max_lag_seconds:
-            raise ClientLagging(f"client stayed behind for over {max_lag_seconds:g} s")
+            raise ClientLagging(f"client made no progress for over {max_lag_seconds:g} s")
 
     async def take(self) -> list[Frame] | _Resync:
         """Every queued live frame that follows on from the first queued message, or a marker."""
         queue = self._queue
         while not queue:
-            self._waiter = asyncio.get_running_loop().create_future()
+            loop = self._loop
+            if loop is None:
+                loop = self._loop = asyncio.get_running_loop()
+            self._waiter = loop.create_future()
             try:
                 await self._waiter
             finally:
@@ -173,13 +194,15 @@ class RunChannel:
     No task and no queue of its own: the hub's listener hands it each message of the run.
     """
 
-    __slots__ = ("live", "recent", "run_id", "subscriptions")
+    __slots__ = ("live", "recent", "recent_bytes", "run_id", "subscriptions")
 
     def __init__(self, run_id: str) -> None:
         self.run_id = run_id
         self.subscriptions: set[Subscription] = set()
-        # The newest live frames: a client a little behind catches up from here, not Redis.
+        # The newest live frames, and older ones a client behind still needs (see _trim):
+        # such a client catches up from here, not from the backend.
         self.recent: deque[Frame] | None = None  # made with the first live frame
+        self.recent_bytes = 0  # event text held in ``recent``
         self.live = False
 
     def add(self, subscription: Subscription) -> None:
@@ -192,6 +215,7 @@ class RunChannel:
         reconciles from history (events may have been missed before this point)."""
         if self.recent is not None:
             self.recent.clear()
+            self.recent_bytes = 0
         self.live = True
         for subscription in self.subscriptions:
             subscription.resync()
@@ -209,12 +233,28 @@ class RunChannel:
     def _deliver(self, frames: list[Frame]) -> None:
         recent = self.recent
         if recent is None:
-            recent = self.recent = deque(maxlen=RECENT_FRAMES)
+            recent = self.recent = deque()
         elif recent and frames[0].seq != recent[-1].seq + 1:
-            recent.clear()  # a gap: the ring only ever holds a consecutive range
+            recent.clear()  # a gap: the window only ever holds a consecutive range
+            self.recent_bytes = 0
         recent.extend(frames)
+        self.recent_bytes += sum(len(frame.data) for frame in frames)
         for subscription in self.subscriptions:
             subscription.offer(frames)
+        if len(recent) > RECENT_FRAMES:
+            self._trim(recent)
+
+    def _trim(self, recent: deque[Frame]) -> None:
+        """Keep the newest RECENT_FRAMES, and older frames while a client behind needs them
+        and they fit in RECENT_MAX_BYTES."""
+        keep_from = recent[-1].seq - RECENT_FRAMES + 1
+        for subscription in self.subscriptions:
+            if subscription.behind_since is not None and subscription.last_seq < keep_from:
+                keep_from = subscription.last_seq + 1
+        while len(recent) > RECENT_FRAMES and (
+            recent[0].seq < keep_from or self.recent_bytes > RECENT_MAX_BYTES
+        ):
+            self.recent_bytes -= len(recent.popleft().data)
 
 
 class Hub:
@@ -309,11 +349,16 @@ class Hub:
         """Frames after ``subscription.last_seq``, in pages: from the run's recent frames when
         they reach back far enough, else from the backend's history."""
         channel = self.runs.get(subscription.run_id)
-        recent = channel.recent if channel is not None else None
-        wanted = subscription.last_seq + 1
-        if recent and not initial and recent[0].seq <= wanted <= recent[-1].seq:
-            yield _until_final(list(islice(recent, wanted - recent[0].seq, None)))
-            return
+        while not initial and channel is not None and channel.recent:
+            recent = channel.recent  # read again after each page: it moves meanwhile
+            wanted = subscription.last_seq + 1
+            if not recent[0].seq <= wanted <= recent[-1].seq:
+                break  # not (or no longer) in memory: the backend's history has it
+            start = wanted - recent[0].seq
+            batch = _until_final(list(islice(recent, start, start + RECENT_PAGE)))
+            yield batch  # the caller advances subscription.last_seq
+            if batch[-1].is_final or batch[-1].seq >= recent[-1].seq:
+                return
         backend = self.transport.backend
         if not initial and subscription.epoch is not None:
             await self._check_same_history(subscription)
@@ -380,6 +425,7 @@ class Hub:
                     subscription.advance(item)
                     metrics.delivered_live(item)
                     yield item
+                    subscription.progressed()
                     continue
             # A resync marker, or a gap in live seq: history has everything up to the newest.
             metrics.replay_started()
@@ -387,6 +433,7 @@ class Hub:
                 subscription.advance(page)
                 metrics.delivered_replay(len(page))
                 yield page
+                subscription.progressed()
                 if subscription.finished:
                     return
                 subscription.check_lag(self.max_lag_seconds)

@@ -10,6 +10,7 @@ from __future__ import annotations
 from starlette.applications import Starlette
 
 from prefect_ws.server.app import create_app
+from prefect_ws.server.gctuning import tune_for_serving
 from prefect_ws.server.uvicorn import logs
 from prefect_ws.server.uvicorn.http import http_protocol
 from prefect_ws.server.uvicorn.wsprotocol import websocket_protocol
@@ -25,4 +26,5 @@ WebSocketProtocol = websocket_protocol(_settings.max_lag_seconds)
 
 def create_worker_app() -> Starlette:
     """The app of one worker: its own hub and subscriptions, the shared backend behind it."""
+    tune_for_serving()  # a worker is a serving process of its own
     return create_app(get_settings())
