@@ -213,7 +213,7 @@ def emit_small_run(publisher: Any, run_id: str, logs: int = 3) -> None:
         {
             "status": "completed",
             "duration": 0.1,
-            "steps": {"completed": 0, "failed": 0, "skipped": 0, "cancelled": 0},
+            "steps": {"completed": 0, "failed": 0, "skipped": 0, "cancelled": 0, "crashed": 0},
             "failedSteps": [],
             "error": None,
         },
@@ -282,7 +282,7 @@ def parent_run(run_id: str, child: str) -> list[Any]:
             {
                 "status": "completed",
                 "duration": 1.0,
-                "steps": {"completed": 1, "failed": 0, "skipped": 0, "cancelled": 0},
+                "steps": {"completed": 1, "failed": 0, "skipped": 0, "cancelled": 0, "crashed": 0},
                 "failedSteps": [],
                 "error": None,
             },

@@ -87,7 +87,13 @@ def test_two_clients_see_the_same_complete_ordered_run(
 
     done = events[-1]["payload"]
     assert done["status"] == "completed" and done["error"] is None and done["failedSteps"] == []
-    assert done["steps"] == {"completed": 4, "failed": 0, "skipped": 0, "cancelled": 0}
+    assert done["steps"] == {
+        "completed": 4,
+        "failed": 0,
+        "skipped": 0,
+        "cancelled": 0,
+        "crashed": 0,
+    }
     assert done["duration"] > 0.3
 
 
@@ -117,4 +123,10 @@ def test_a_failing_step_fails_the_run(prefect_api: str, redis_settings: Settings
     assert done["status"] == "failed"
     assert done["failedSteps"] == ["right"]
     assert done["error"]  # the flow's own exception: finish never ran, so its result is missing
-    assert done["steps"] == {"completed": 2, "failed": 1, "skipped": 1, "cancelled": 0}
+    assert done["steps"] == {
+        "completed": 2,
+        "failed": 1,
+        "skipped": 1,
+        "cancelled": 0,
+        "crashed": 0,
+    }

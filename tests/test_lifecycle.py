@@ -92,9 +92,10 @@ def test_re_entered_states_publish_once_and_open_steps_end_with_the_run(memory_u
     assert events[4]["payload"]["reason"] == "the flow run ended crashed while the step was running"
     assert events[-1]["payload"]["steps"] == {
         "completed": 1,
-        "failed": 1,
+        "failed": 0,
         "skipped": 0,
         "cancelled": 0,
+        "crashed": 1,
     }
     assert events[-1]["payload"]["failedSteps"] == ["work#2"]
 

@@ -157,7 +157,13 @@ def test_diamond_layers_overlap_logs_and_order(hub: str) -> None:
 
     done = events[-1]
     assert done["type"] == "run_complete" and done["payload"]["status"] == "completed"
-    assert done["payload"]["steps"] == {"completed": 4, "failed": 0, "skipped": 0, "cancelled": 0}
+    assert done["payload"]["steps"] == {
+        "completed": 4,
+        "failed": 0,
+        "skipped": 0,
+        "cancelled": 0,
+        "crashed": 0,
+    }
 
 
 # -- failure semantics -------------------------------------------------------------------------
@@ -197,7 +203,13 @@ def test_failing_workflow_skips_descendants_keeps_independent_branch(hub: str) -
     )
     done = events[-1]["payload"]
     assert done["status"] == "failed" and done["failedSteps"] == ["validate"]
-    assert done["steps"] == {"completed": 2, "failed": 1, "skipped": 2, "cancelled": 0}
+    assert done["steps"] == {
+        "completed": 2,
+        "failed": 1,
+        "skipped": 2,
+        "cancelled": 0,
+        "crashed": 0,
+    }
     assert "validate" in done["error"]
     with get_client(sync_client=True) as prefect:
         state = prefect.read_flow_run(UUID(result.run_id)).state

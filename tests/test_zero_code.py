@@ -113,7 +113,13 @@ def test_plain_flow_streams_every_step_with_readable_ids(
     assert {c["status"] for c in _of(events, "step_complete")} == {"completed"}
     done = events[-1]["payload"]
     assert done["status"] == "completed" and done["attempts"] == 1
-    assert done["steps"] == {"completed": 5, "failed": 0, "skipped": 0, "cancelled": 0}
+    assert done["steps"] == {
+        "completed": 5,
+        "failed": 0,
+        "skipped": 0,
+        "cancelled": 0,
+        "crashed": 0,
+    }
     assert events[0]["payload"]["flowName"] == "zero-code-shapes"
     assert events[0]["payload"]["attempt"] == 1
 
@@ -203,7 +209,13 @@ def test_crashed_cancelled_and_skipped_tasks_end_their_steps(
     assert completes["after"]["reason"] == "upstream step 'square' failed"
     assert "after" not in {s["stepId"] for s in _of(events, "step_start")}
     done = events[-1]["payload"]
-    assert done["steps"] == {"completed": 0, "failed": 2, "skipped": 1, "cancelled": 1}
+    assert done["steps"] == {
+        "completed": 0,
+        "failed": 1,
+        "skipped": 1,
+        "cancelled": 1,
+        "crashed": 1,
+    }
     assert done["failedSteps"] == ["crashes", "square"]
 
 

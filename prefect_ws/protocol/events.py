@@ -38,6 +38,8 @@ EVENT_TYPES: Final[tuple[str, ...]] = (
     "run_complete",
 )
 STEP_STATUSES: Final[tuple[str, ...]] = ("completed", "failed", "skipped", "cancelled", "crashed")
+# Steps that count as failed in run_complete's failedSteps.
+FAILED_STATUSES: Final[tuple[str, ...]] = ("failed", "crashed")
 RUN_STATUSES: Final[tuple[str, ...]] = ("completed", "failed", "cancelled", "crashed")
 
 

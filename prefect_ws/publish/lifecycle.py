@@ -27,6 +27,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Final
 
+from prefect_ws.protocol.events import FAILED_STATUSES, STEP_STATUSES
 from prefect_ws.publish import ui_link
 from prefect_ws.publish.publisher import get_publisher
 
@@ -206,9 +207,8 @@ def _failed_roots(run: _Run, message: str) -> tuple[str, ...]:
 
 def _record(run: _Run, step: _Step, status: str) -> None:
     step.status = status
-    counted = "failed" if status == "crashed" else status  # run_complete's steps keep 4 keys
-    run.counts[counted] += 1
-    if counted == "failed":
+    run.counts[status] += 1
+    if status in FAILED_STATUSES:
         run.failed_steps.append(step.step_id)
 
 
@@ -324,9 +324,7 @@ def _run_done(flow_run: Any, status: str, state: Any) -> None:
             {
                 "status": status,
                 "duration": _elapsed(run.started),
-                "steps": {
-                    s: run.counts.get(s, 0) for s in ("completed", "failed", "skipped", "cancelled")
-                },
+                "steps": {s: run.counts.get(s, 0) for s in STEP_STATUSES},
                 "failedSteps": list(run.failed_steps),
                 "error": error_of(state) if status in ("failed", "crashed") else None,
                 "attempts": max(1, run.attempt),

@@ -29,7 +29,13 @@ from collections.abc import Callable, Collection
 from typing import Any, Final
 
 from prefect_ws.backends import StreamBackend
-from prefect_ws.protocol.events import Draft, encode, frame_from_text
+from prefect_ws.protocol.events import (
+    FAILED_STATUSES,
+    STEP_STATUSES,
+    Draft,
+    encode,
+    frame_from_text,
+)
 from prefect_ws.server.prefect_api import PrefectRuns, PrefectUnavailable, RunState, describe
 
 logger = logging.getLogger("prefect_ws.reconcile")
@@ -37,7 +43,6 @@ logger = logging.getLogger("prefect_ws.reconcile")
 END_ATTEMPTS: Final = 5  # reads of the history before giving up a run whose head keeps moving
 HISTORY_PAGE: Final = 1000
 QUIET_TOLERANCE: Final = 0.05  # seconds: a poll that wakes a hair early still counts as on time
-STEP_COUNTS: Final = ("completed", "failed", "skipped", "cancelled")
 
 
 async def _open_steps(
@@ -46,7 +51,7 @@ async def _open_steps(
     """From the run's history up to ``head``: open steps (step id -> task run id), finished
     step counts and the ids of failed steps."""
     opened: dict[str, str | None] = {}
-    counts = dict.fromkeys(STEP_COUNTS, 0)
+    counts = dict.fromkeys(STEP_STATUSES, 0)
     failed: list[str] = []
     cursor = 0
     while cursor < head:
@@ -72,7 +77,7 @@ async def _open_steps(
                 status = payload.get("status")
                 if status in counts:
                     counts[status] += 1
-                if status == "failed":
+                if status in FAILED_STATUSES:
                     failed.append(step)
     return opened, counts, failed
 
@@ -101,8 +106,9 @@ def end_drafts(
         for step, task_run_id in opened.items()
     ]
     counts = dict(counts)
-    if opened:
-        counts[step_status] = counts.get(step_status, 0) + len(opened)
+    counts[step_status] = counts.get(step_status, 0) + len(opened)
+    if step_status in FAILED_STATUSES:
+        failed = [*failed, *opened]
     status = state.run_status
     drafts.append(
         encode(
