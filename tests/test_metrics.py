@@ -96,8 +96,12 @@ async def test_metrics_follow_scripted_traffic() -> None:
     assert delta(after, before, "prefect_ws_refusals_total", reason="auth_missing") == 1
     assert delta(after, before, "prefect_ws_refusals_total", reason="max_connections_per_ip") == 1
     assert delta(after, before, "prefect_ws_closes_total", code="1000") == 5
-    assert delta(after, before, "prefect_ws_events_delivered_total", path="replay") == 10
-    assert delta(after, before, "prefect_ws_events_delivered_total", path="live") == 12 * 3
+    # The finished run's 10 events came from history. The live run's 36 came live unless they
+    # were published before the process's subscription of the run was confirmed (hello is sent
+    # before that): then from history, as a late joiner's would.
+    replayed = delta(after, before, "prefect_ws_events_delivered_total", path="replay")
+    live_path = delta(after, before, "prefect_ws_events_delivered_total", path="live")
+    assert replayed >= 10 and replayed + live_path == 10 + 12 * 3, (replayed, live_path)
     assert delta(after, before, "prefect_ws_events_received_total") == 12
     assert delta(after, before, "prefect_ws_replays_total") >= 2
     observed = delta(after, before, "prefect_ws_delivery_latency_seconds_count")
