@@ -1,7 +1,7 @@
-"""The hub: run id -> the clients watching it, fed by one broadcaster subscription per run.
+"""The hub: run id -> the clients watching it, fed by one backend subscription per run.
 
 Each process subscribes once per active run (not per client) and fans every message out to the
-clients' bounded queues. Live delivery is the fast path;
+clients' bounded queues, from one listener task for all runs. Live delivery is the fast path;
 the run's stored history is the truth. A client catches up from history when it joins, when the
 backend resubscribed after an outage, when it sees a gap in ``seq`` and when its queue
 overflowed, so it receives every event exactly once and in order, and a slow client costs
@@ -16,11 +16,8 @@ import logging
 import time
 from collections import deque
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
 from itertools import islice
-from typing import Final, Protocol
-
-from broadcaster import Event
+from typing import Final
 
 from prefect_ws.backends import RESYNC, Transport
 from prefect_ws.protocol import closecodes
@@ -191,24 +188,10 @@ def _consecutive(frames: list[Frame]) -> list[list[Frame]]:
     return runs
 
 
-class _Messages(Protocol):
-    """What ``Broadcast.subscribe`` yields (its class is not part of broadcaster's API)."""
-
-    async def get(self) -> Event: ...
-
-
-@dataclass(slots=True)
-class _Followed:
-    """A run this process is subscribed to through broadcaster."""
-
-    exit_stack: contextlib.AsyncExitStack  # leaves the run's ``Broadcast.subscribe``
-    reader: asyncio.Task[None]  # hands the run's messages to its channel
-
-
 class RunChannel:
     """The clients of one run in this process, and the run's newest live frames.
 
-    The hub's reader of the run hands it each message of the run.
+    No task and no queue of its own: the hub's listener hands it each message of the run.
     """
 
     __slots__ = ("live", "recent", "recent_bytes", "run_id", "subscriptions")
@@ -275,16 +258,13 @@ class RunChannel:
 
 
 class Hub:
-    """Run channels for one server process, fed through broadcaster.
+    """Run channels for one server process, fed by one listener over the backend.
 
-    Each watched run holds one ``Broadcast.subscribe`` of the run (however many clients watch
-    it here) and one task that hands the run's messages to its :class:`RunChannel`.
-    broadcaster's own listener reads the backend and routes each message to its run's queue.
-
-    The subscriptions follow ``runs``: a run is subscribed while it has a client. One task
-    enters and leaves every ``Broadcast.subscribe``, one at a time and in order, so a run left
-    and joined again quickly never ends up unsubscribed, and a backend (un)subscribe is never
-    cancelled half way (``Broadcast.subscribe`` cannot be left while it is subscribing).
+    The backend's subscriptions follow ``runs``: a run is subscribed while it has a client.
+    One task makes those changes, one at a time and in order, so a run left and joined again
+    quickly never ends up unsubscribed, and no client's task is ever inside a backend
+    (un)subscribe when it is cancelled. broadcaster's ``Broadcast`` is not used on this side:
+    it would add a task and an ``asyncio.Queue`` per run (~5 KB of an idle connection's ~37 KB).
     """
 
     def __init__(
@@ -294,29 +274,26 @@ class Hub:
         self.runs: dict[str, RunChannel] = {}
         self.replay_page_size = replay_page_size
         self.max_lag_seconds = max_lag_seconds
-        self._followed: dict[str, _Followed] = {}  # runs subscribed through broadcaster
+        self._subscribed: set[str] = set()  # runs the backend was asked to subscribe
         self._changed: asyncio.Queue[str] = asyncio.Queue()  # runs to (un)subscribe
-        self._keeper: asyncio.Task[None] | None = None
+        self._tasks: list[asyncio.Task[None]] = []
 
     async def start(self) -> None:
-        """Connect broadcaster (and so the backend) and start the subscription keeper."""
-        await self.transport.broadcast.connect()
-        self._keeper = asyncio.create_task(
-            self._keep_subscriptions(), name="prefect-ws hub subscriptions"
-        )
+        """Connect the backend and start the listener and the subscription keeper."""
+        await self.transport.backend.connect()
+        self._tasks = [
+            asyncio.create_task(self._listen(), name="prefect-ws hub listener"),
+            asyncio.create_task(self._keep_subscriptions(), name="prefect-ws hub subscriptions"),
+        ]
 
     async def close(self) -> None:
         for channel in list(self.runs.values()):
             for subscription in channel.subscriptions:
                 subscription.abort(closecodes.GOING_AWAY, "server shutting down")
-        if self._keeper is not None:
-            self._keeper.cancel()
-            await asyncio.gather(self._keeper, return_exceptions=True)
-        for followed in self._followed.values():
-            followed.reader.cancel()
-        await asyncio.gather(*(f.reader for f in self._followed.values()), return_exceptions=True)
-        self._followed.clear()
-        await self.transport.broadcast.disconnect()
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        await self.transport.backend.disconnect()
 
     @contextlib.asynccontextmanager
     async def attach(self, subscription: Subscription) -> AsyncIterator[RunChannel]:
@@ -337,51 +314,34 @@ class Hub:
                 del self.runs[run_id]
                 self._changed.put_nowait(run_id)
 
-    async def _keep_subscriptions(self) -> None:
+    async def _listen(self) -> None:
+        backend = self.transport.backend
         while True:
-            run_id = await self._changed.get()
-            try:
-                if run_id in self.runs and run_id not in self._followed:
-                    await self._follow(run_id)
-                elif run_id not in self.runs and run_id in self._followed:
-                    await self._unfollow(run_id)
-            except Exception:  # the backend resubscribes what it was asked for when it is back
-                logger.exception("(Un)subscribing run %s failed", run_id)
-
-    async def _follow(self, run_id: str) -> None:
-        exit_stack = contextlib.AsyncExitStack()
-        subscriber = await exit_stack.enter_async_context(
-            self.transport.broadcast.subscribe(run_id)
-        )
-        reader = asyncio.create_task(
-            self._read(run_id, subscriber), name=f"prefect-ws run {run_id}"
-        )
-        self._followed[run_id] = _Followed(exit_stack, reader)
-        channel = self.runs.get(run_id)
-        if channel is not None and self.transport.backend.is_live(run_id):
-            # Confirmed before broadcaster registered the run's queue: its RESYNC went nowhere.
-            channel.go_live()
-
-    async def _unfollow(self, run_id: str) -> None:
-        followed = self._followed.pop(run_id)
-        followed.reader.cancel()
-        await asyncio.gather(followed.reader, return_exceptions=True)
-        await followed.exit_stack.aclose()  # broadcaster unsubscribes the backend
-
-    async def _read(self, run_id: str, subscriber: _Messages) -> None:
-        """Hand each message of the run to its channel (RESYNC: the subscription is live)."""
-        while True:
-            event = await subscriber.get()
-            channel = self.runs.get(run_id)
+            event = await backend.next_published()
+            channel = self.runs.get(event.channel)
             if channel is None:
-                continue  # nobody here watches it any more; the keeper unsubscribes it
+                continue  # a run nobody here watches any more
             try:
                 if event.message == RESYNC:
                     channel.go_live()
                 else:
                     channel.receive(event.message)
-            except Exception:  # one bad message must not stop the run's streams
-                logger.exception("Delivering a message of run %s failed", run_id)
+            except Exception:  # one bad message must not stop every stream of the process
+                logger.exception("Delivering a message of run %s failed", event.channel)
+
+    async def _keep_subscriptions(self) -> None:
+        backend = self.transport.backend
+        while True:
+            run_id = await self._changed.get()
+            try:
+                if run_id in self.runs and run_id not in self._subscribed:
+                    self._subscribed.add(run_id)
+                    await backend.subscribe(run_id)
+                elif run_id not in self.runs and run_id in self._subscribed:
+                    self._subscribed.discard(run_id)
+                    await backend.unsubscribe(run_id)
+            except Exception:  # the backend resubscribes what it was asked for when it is back
+                logger.exception("(Un)subscribing run %s failed", run_id)
 
     async def catch_up(
         self, subscription: Subscription, *, initial: bool = False
