@@ -263,8 +263,9 @@ class Hub:
     The backend's subscriptions follow ``runs``: a run is subscribed while it has a client.
     One task makes those changes, one at a time and in order, so a run left and joined again
     quickly never ends up unsubscribed, and no client's task is ever inside a backend
-    (un)subscribe when it is cancelled. broadcaster's ``Broadcast`` is not used on this side:
-    it would add a task and an ``asyncio.Queue`` per run (~5 KB of an idle connection's ~37 KB).
+    (un)subscribe when it is cancelled. broadcaster's ``Broadcast.subscribe`` is not used on this
+    side: its queue and reading task per run took an idle connection on its own run from 24.7 to
+    30.9 KB and handshakes from 1,098 to 899/s, for the same fan-out throughput.
     """
 
     def __init__(
