@@ -37,14 +37,12 @@ def _plain_answer(status: int, phrase: str, reason: str) -> bytes:
     return head.encode() + body
 
 
-class PrefectWsHttpProtocol(H11Protocol):
+class PrefectWsHttpProtocol(stall.AbortsStalledWrites, H11Protocol):
     header_deadline: float = 10.0
-    max_stall: float = 30.0
 
     def connection_made(self, transport: Any) -> None:
         super().connection_made(transport)
         self.head_bytes = 0
-        self.stall: asyncio.TimerHandle | None = None
         self.deadline: asyncio.TimerHandle | None = None
         self._arm_deadline()
 
@@ -93,18 +91,7 @@ class PrefectWsHttpProtocol(H11Protocol):
             return
         super().handle_websocket_upgrade(event)
 
-    def pause_writing(self) -> None:
-        super().pause_writing()
-        self.stall = stall.arm(self.stall, self.loop, self.transport, self.max_stall)
-
-    def resume_writing(self) -> None:
-        super().resume_writing()
-        stall.disarm(self.stall)
-        self.stall = None
-
     def connection_lost(self, exc: Exception | None) -> None:
-        stall.disarm(self.stall)
-        self.stall = None
         if self.deadline is not None:
             self.deadline.cancel()
             self.deadline = None

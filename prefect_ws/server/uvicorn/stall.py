@@ -20,25 +20,35 @@ from prefect_ws.server import metrics
 GRACE: Final = 5.0  # seconds past the lag limit before a stalled connection is aborted
 
 
-def arm(
-    timer: asyncio.TimerHandle | None,
-    loop: asyncio.AbstractEventLoop,
-    transport: asyncio.BaseTransport,
-    seconds: float,
-) -> asyncio.TimerHandle:
-    """Called when writes pause: the timer that aborts ``transport`` after ``seconds``."""
-    if timer is not None:
-        return timer
-    return loop.call_later(seconds, _abort, transport)
+class AbortsStalledWrites(asyncio.Protocol):
+    """Mixin for a uvicorn protocol: a write buffer full for ``max_stall`` seconds aborts the
+    connection. Put it before the protocol class: ``class P(AbortsStalledWrites, H11Protocol)``."""
+
+    max_stall: float = 30.0 + GRACE
+    stall: asyncio.TimerHandle | None = None
+    loop: asyncio.AbstractEventLoop
+    transport: asyncio.Transport
+
+    def pause_writing(self) -> None:
+        super().pause_writing()
+        if self.stall is None:
+            self.stall = self.loop.call_later(self.max_stall, _abort, self.transport)
+
+    def resume_writing(self) -> None:
+        super().resume_writing()
+        self._disarm()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._disarm()
+        super().connection_lost(exc)
+
+    def _disarm(self) -> None:
+        if self.stall is not None:
+            self.stall.cancel()
+            self.stall = None
 
 
-def disarm(timer: asyncio.TimerHandle | None) -> None:
-    """Called when writes resume or the connection is lost."""
-    if timer is not None:
-        timer.cancel()
-
-
-def _abort(transport: asyncio.BaseTransport) -> None:
-    if not transport.is_closing() or transport.get_write_buffer_size():  # type: ignore[attr-defined]
+def _abort(transport: asyncio.Transport) -> None:
+    if not transport.is_closing() or transport.get_write_buffer_size():
         metrics.aborted("write_stalled")
-        transport.abort()  # type: ignore[attr-defined]
+        transport.abort()

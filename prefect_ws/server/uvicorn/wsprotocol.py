@@ -119,16 +119,13 @@ class Writable:
             await asyncio.shield(paused)  # a cancelled sender must not cancel the others
 
 
-class PrefectWsProtocol(WebSocketsSansIOProtocol):
-    max_stall: float = 30.0 + stall.GRACE  # seconds a full write buffer is tolerated
-
+class PrefectWsProtocol(stall.AbortsStalledWrites, WebSocketsSansIOProtocol):
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.close_timeout = stall.GRACE  # uvicorn: 10 s for the client's close reply
         self.queue = Inbox()  # type: ignore[assignment]
         self.writable = Writable()  # type: ignore[assignment]
         self.conn.id = None  # type: ignore[assignment]  # a uuid4, only for websockets' logs
-        self.stall: asyncio.TimerHandle | None = None
 
     def handle_connect(self, event: Request) -> None:
         super().handle_connect(event)  # builds the scope and schedules the app, not yet run
@@ -148,22 +145,6 @@ class PrefectWsProtocol(WebSocketsSansIOProtocol):
             conn.parser = FrameProtocol.parse(conn)
             next(conn.parser)
         super().start_keepalive()
-
-    # -- a client that does not read ------------------------------------------------------------
-
-    def pause_writing(self) -> None:
-        super().pause_writing()
-        self.stall = stall.arm(self.stall, self.loop, self.transport, self.max_stall)
-
-    def resume_writing(self) -> None:
-        super().resume_writing()
-        stall.disarm(self.stall)
-        self.stall = None
-
-    def connection_lost(self, exc: Exception | None) -> None:
-        stall.disarm(self.stall)
-        self.stall = None
-        super().connection_lost(exc)
 
     def handle_ping(self) -> None:
         pongs = self.conn.data_to_send()
