@@ -3,6 +3,11 @@
 Prefect is configured here, before anything imports it, for speed (each of these costs seconds
 per run when on): one session-wide API server with its background services off, analytics off,
 API log shipping off and the flow-run heartbeat off.
+
+Tests are plain functions; the part that needs an event loop is an ``async def main()`` that the
+test runs with ``asyncio.run(main())``, so sync fixtures (servers, subprocesses) wrap it plainly.
+Conditions are polled with a deadline (:func:`helpers.eventually`), not waited for with a
+fixed sleep.
 """
 
 from __future__ import annotations

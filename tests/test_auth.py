@@ -161,147 +161,164 @@ def token_server() -> Iterator[Server]:
         yield Server(base, run_id, settings)
 
 
-@pytest.mark.anyio
-async def test_token_accepted_in_header_query_and_subprotocol(token_server: Server) -> None:
-    token = mint_token(token_server.run_id, secret=SECRET, ttl=60)
-    url = stream_url(token_server.base, token_server.run_id)
-    ways: list[dict[str, Any]] = [
-        {"additional_headers": {"Authorization": f"Bearer {token}"}},
-        {"url": stream_url(token_server.base, token_server.run_id, f"token={token}&since=2")},
-        {"subprotocols": ["prefect-ws.v1", f"bearer.{token}"]},
-    ]
-    offered = [Subprotocol("prefect-ws.v1"), Subprotocol(f"bearer.{token}")]
-    async with connect(url, subprotocols=offered, proxy=None) as ws:
-        assert ws.subprotocol == "prefect-ws.v1"  # browsers require an answer; never the token
-        assert ws.response is not None and token not in str(ws.response.headers)
-    for way in ways:
-        stream = await read_stream(str(way.pop("url", url)), **way)
-        assert stream.code == 1000 and stream.events[-1]["type"] == "run_complete"
-    assert [e["seq"] for e in stream.events] == [1, 2, 3, 4, 5]
-    since = await read_stream(
-        stream_url(token_server.base, token_server.run_id, f"since=2&token={token}")
-    )
-    assert [e["seq"] for e in since.events] == [3, 4, 5]  # the token did not disturb `since`
+def test_token_accepted_in_header_query_and_subprotocol(token_server: Server) -> None:
+    async def main() -> None:
+        token = mint_token(token_server.run_id, secret=SECRET, ttl=60)
+        url = stream_url(token_server.base, token_server.run_id)
+        ways: list[dict[str, Any]] = [
+            {"additional_headers": {"Authorization": f"Bearer {token}"}},
+            {"url": stream_url(token_server.base, token_server.run_id, f"token={token}&since=2")},
+            {"subprotocols": ["prefect-ws.v1", f"bearer.{token}"]},
+        ]
+        offered = [Subprotocol("prefect-ws.v1"), Subprotocol(f"bearer.{token}")]
+        async with connect(url, subprotocols=offered, proxy=None) as ws:
+            assert ws.subprotocol == "prefect-ws.v1"  # browsers require an answer; never the token
+            assert ws.response is not None and token not in str(ws.response.headers)
+        for way in ways:
+            stream = await read_stream(str(way.pop("url", url)), **way)
+            assert stream.code == 1000 and stream.events[-1]["type"] == "run_complete"
+        assert [e["seq"] for e in stream.events] == [1, 2, 3, 4, 5]
+        since = await read_stream(
+            stream_url(token_server.base, token_server.run_id, f"since=2&token={token}")
+        )
+        assert [e["seq"] for e in since.events] == [3, 4, 5]  # the token did not disturb `since`
+
+    asyncio.run(main())
 
 
-@pytest.mark.anyio
-async def test_stream_is_closed_when_its_token_expires(token_server: Server) -> None:
-    live_run = str(uuid.uuid4())
-    token = mint_token(live_run, secret=SECRET, ttl=2)
-    started = time.monotonic()
-    stream = await read_stream(stream_url(token_server.base, live_run, f"token={token}&wait=60"))
-    assert (stream.code, stream.reason) == (4401, "token expired")
-    assert 0.5 < time.monotonic() - started < 4
-    assert await refusal(stream_url(token_server.base, live_run, f"token={token}")) == (
-        401,
-        "token expired",
-    )
+def test_stream_is_closed_when_its_token_expires(token_server: Server) -> None:
+    async def main() -> None:
+        live_run = str(uuid.uuid4())
+        token = mint_token(live_run, secret=SECRET, ttl=2)
+        started = time.monotonic()
+        stream = await read_stream(
+            stream_url(token_server.base, live_run, f"token={token}&wait=60")
+        )
+        assert (stream.code, stream.reason) == (4401, "token expired")
+        assert 0.5 < time.monotonic() - started < 4
+        assert await refusal(stream_url(token_server.base, live_run, f"token={token}")) == (
+            401,
+            "token expired",
+        )
+
+    asyncio.run(main())
 
 
-@pytest.mark.anyio
-async def test_json_access_log_has_one_line_each_way_and_no_token(
+def test_json_access_log_has_one_line_each_way_and_no_token(
     capsys: pytest.CaptureFixture[str],
 ) -> None:
-    settings = Settings(broadcast_url="memory://", token_secret=SECRET, log_json=True)
-    run_id = publish_run(settings)
-    token = mint_token(run_id, secret=SECRET, ttl=60)
-    with serve_in_thread(settings) as base:
-        capsys.readouterr()
-        stream = await read_stream(stream_url(base, run_id, f"token={token}"))
-        await refusal(stream_url(base, run_id, "token=forged.token.here"))
-        await asyncio.sleep(0.1)
-        err = capsys.readouterr().err
-    assert stream.code == 1000
-    assert token not in err and "forged.token.here" not in err
-    lines = [json.loads(line) for line in err.splitlines() if line.startswith('{"ts":')]
-    assert [line["event"] for line in lines] == ["connect", "disconnect", "refuse"]
-    connect, disconnect, refuse = lines
-    assert connect["run"] == run_id and connect["transport"] == "ws"
-    assert connect["client"].startswith("127.0.0.1:") and connect["level"] == "INFO"
-    assert disconnect["code"] == 1000 and disconnect["reason"] == "run complete"
-    assert disconnect["events"] == 5 and disconnect["duration"] >= 0
-    assert refuse["status"] == 401 and refuse["reason"] == "malformed token"
-
-
-@pytest.mark.anyio
-async def test_text_access_log_lines_are_key_value_and_escaped() -> None:
-    records: list[logging.LogRecord] = []
-
-    class Keep(logging.Handler):
-        def emit(self, record: logging.LogRecord) -> None:
-            records.append(record)
-
-    settings = Settings(broadcast_url="memory://", api_keys=["k"])
-    run_id = publish_run(settings)
-    keep = Keep()
-    logging.getLogger("prefect_ws.access").addHandler(keep)
-    try:
+    async def main() -> None:
+        settings = Settings(broadcast_url="memory://", token_secret=SECRET, log_json=True)
+        run_id = publish_run(settings)
+        token = mint_token(run_id, secret=SECRET, ttl=60)
         with serve_in_thread(settings) as base:
-            await read_stream(
-                stream_url(base, run_id), additional_headers={"Authorization": "Bearer k"}
-            )
-            await refusal(stream_url(base, "x\u2028y"))  # odd characters stay on one line
-            await asyncio.sleep(0.1)
-    finally:
-        logging.getLogger("prefect_ws.access").removeHandler(keep)
-    lines = [r.getMessage() for r in records]
-    assert all(r.levelno == logging.INFO for r in records)
-    assert (
-        lines[0]
-        == f"connect run={run_id} client={lines[0].split('client=')[1].split()[0]} transport=ws"
-    )
-    assert re.fullmatch(
-        rf"disconnect run={run_id} client=127\.0\.0\.1:\d+ transport=ws duration=\d+\.\d{{3}} "
-        r'code=1000 reason="run complete" events=5',
-        lines[1],
-    )
-    assert lines[2].startswith('refuse run="x\\u2028y" client=127.0.0.1:')
-    assert lines[2].endswith('status=401 reason="missing credentials"')
-
-
-@pytest.mark.anyio
-async def test_sse_stream_ends_when_its_token_expires(token_server: Server) -> None:
-    live_run = str(uuid.uuid4())
-    token = mint_token(live_run, secret=SECRET, ttl=2)
-    url = f"{token_server.http}/api/v2/workflows/runs/{live_run}/events/stream?wait=60"
-    started = time.monotonic()
-    async with httpx.AsyncClient(timeout=10) as client:
-        response = await client.get(url, headers={"Authorization": f"Bearer {token}"})
-        refused = await client.get(url, headers={"Authorization": f"Bearer {token}"})
-    assert response.status_code == 200
-    assert response.text.rstrip().endswith(
-        'event: end\ndata: {"code": 4401, "reason": "token expired"}'
-    )
-    assert 0.5 < time.monotonic() - started < 4
-    assert (refused.status_code, refused.json()["error"]) == (401, "token expired")
-
-
-@pytest.mark.anyio
-async def test_uvicorn_access_log_never_shows_a_token() -> None:
-    """Even with uvicorn's own access log on, ?token= is gone before uvicorn writes a line."""
-    records: list[str] = []
-
-    class Keep(logging.Handler):
-        def emit(self, record: logging.LogRecord) -> None:
-            records.append(record.getMessage())
-
-    settings = Settings(broadcast_url="memory://", token_secret=SECRET)
-    run_id = publish_run(settings)
-    token = mint_token(run_id, secret=SECRET, ttl=60)
-    keep = Keep()
-    with serve_in_thread(settings, access_log=True) as base:
-        for name in ("uvicorn.access", "uvicorn.error"):
-            logging.getLogger(name).addHandler(keep)
-        try:
-            http = base.replace("ws://", "http://", 1)
-            async with httpx.AsyncClient(base_url=http) as client:
-                page = await client.get(f"/runs/{run_id}?token={token}&x=1")
-                history = await client.get(f"/api/v2/workflows/runs/{run_id}/events?token={token}")
+            capsys.readouterr()
             stream = await read_stream(stream_url(base, run_id, f"token={token}"))
+            await refusal(stream_url(base, run_id, "token=forged.token.here"))
+            await asyncio.sleep(0.1)
+            err = capsys.readouterr().err
+        assert stream.code == 1000
+        assert token not in err and "forged.token.here" not in err
+        lines = [json.loads(line) for line in err.splitlines() if line.startswith('{"ts":')]
+        assert [line["event"] for line in lines] == ["connect", "disconnect", "refuse"]
+        connect, disconnect, refuse = lines
+        assert connect["run"] == run_id and connect["transport"] == "ws"
+        assert connect["client"].startswith("127.0.0.1:") and connect["level"] == "INFO"
+        assert disconnect["code"] == 1000 and disconnect["reason"] == "run complete"
+        assert disconnect["events"] == 5 and disconnect["duration"] >= 0
+        assert refuse["status"] == 401 and refuse["reason"] == "malformed token"
+
+    asyncio.run(main())
+
+
+def test_text_access_log_lines_are_key_value_and_escaped() -> None:
+    async def main() -> None:
+        records: list[logging.LogRecord] = []
+
+        class Keep(logging.Handler):
+            def emit(self, record: logging.LogRecord) -> None:
+                records.append(record)
+
+        settings = Settings(broadcast_url="memory://", api_keys=["k"])
+        run_id = publish_run(settings)
+        keep = Keep()
+        logging.getLogger("prefect_ws.access").addHandler(keep)
+        try:
+            with serve_in_thread(settings) as base:
+                await read_stream(
+                    stream_url(base, run_id), additional_headers={"Authorization": "Bearer k"}
+                )
+                await refusal(stream_url(base, "x\u2028y"))  # odd characters stay on one line
+                await asyncio.sleep(0.1)
         finally:
+            logging.getLogger("prefect_ws.access").removeHandler(keep)
+        lines = [r.getMessage() for r in records]
+        assert all(r.levelno == logging.INFO for r in records)
+        assert (
+            lines[0]
+            == f"connect run={run_id} client={lines[0].split('client=')[1].split()[0]} transport=ws"
+        )
+        assert re.fullmatch(
+            rf"disconnect run={run_id} client=127\.0\.0\.1:\d+ transport=ws duration=\d+\.\d{{3}} "
+            r'code=1000 reason="run complete" events=5',
+            lines[1],
+        )
+        assert lines[2].startswith('refuse run="x\\u2028y" client=127.0.0.1:')
+        assert lines[2].endswith('status=401 reason="missing credentials"')
+
+    asyncio.run(main())
+
+
+def test_sse_stream_ends_when_its_token_expires(token_server: Server) -> None:
+    async def main() -> None:
+        live_run = str(uuid.uuid4())
+        token = mint_token(live_run, secret=SECRET, ttl=2)
+        url = f"{token_server.http}/api/v2/workflows/runs/{live_run}/events/stream?wait=60"
+        started = time.monotonic()
+        async with httpx.AsyncClient(timeout=10) as client:
+            response = await client.get(url, headers={"Authorization": f"Bearer {token}"})
+            refused = await client.get(url, headers={"Authorization": f"Bearer {token}"})
+        assert response.status_code == 200
+        assert response.text.rstrip().endswith(
+            'event: end\ndata: {"code": 4401, "reason": "token expired"}'
+        )
+        assert 0.5 < time.monotonic() - started < 4
+        assert (refused.status_code, refused.json()["error"]) == (401, "token expired")
+
+    asyncio.run(main())
+
+
+def test_uvicorn_access_log_never_shows_a_token() -> None:
+    """Even with uvicorn's own access log on, ?token= is gone before uvicorn writes a line."""
+
+    async def main() -> None:
+        records: list[str] = []
+
+        class Keep(logging.Handler):
+            def emit(self, record: logging.LogRecord) -> None:
+                records.append(record.getMessage())
+
+        settings = Settings(broadcast_url="memory://", token_secret=SECRET)
+        run_id = publish_run(settings)
+        token = mint_token(run_id, secret=SECRET, ttl=60)
+        keep = Keep()
+        with serve_in_thread(settings, access_log=True) as base:
             for name in ("uvicorn.access", "uvicorn.error"):
-                logging.getLogger(name).removeHandler(keep)
-    assert history.status_code == 200 and stream.code == 1000
-    assert page.status_code in (200, 404)
-    assert any("/events" in line for line in records), records
-    assert not any(token in line for line in records)
+                logging.getLogger(name).addHandler(keep)
+            try:
+                http = base.replace("ws://", "http://", 1)
+                async with httpx.AsyncClient(base_url=http) as client:
+                    page = await client.get(f"/runs/{run_id}?token={token}&x=1")
+                    history = await client.get(
+                        f"/api/v2/workflows/runs/{run_id}/events?token={token}"
+                    )
+                stream = await read_stream(stream_url(base, run_id, f"token={token}"))
+            finally:
+                for name in ("uvicorn.access", "uvicorn.error"):
+                    logging.getLogger(name).removeHandler(keep)
+        assert history.status_code == 200 and stream.code == 1000
+        assert page.status_code in (200, 404)
+        assert any("/events" in line for line in records), records
+        assert not any(token in line for line in records)
+
+    asyncio.run(main())

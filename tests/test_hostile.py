@@ -33,8 +33,6 @@ ORIGIN = "https://app.example"
 ADMIN = {"Authorization": f"Bearer {KEYS[1]}"}
 WAIT = "wait=60"  # streams of runs that have not started stay open (instead of 4404)
 
-pytestmark = pytest.mark.anyio
-
 
 def publish_run(settings: Settings, logs: int = 3, run_id: str | None = None) -> str:
     """A complete small run in the backend's history, for good clients to replay."""
@@ -184,86 +182,118 @@ CREDENTIAL_CASES = {
 
 
 @pytest.mark.parametrize("case", list(CREDENTIAL_CASES))
-async def test_bad_credentials_are_refused_before_the_upgrade(server: Server, case: str) -> None:
-    kwargs, status, reason = CREDENTIAL_CASES[case]
-    assert await refusal(stream_url(server.base, server.run_id), **kwargs) == (status, reason)
-    await server.good_client()
+def test_bad_credentials_are_refused_before_the_upgrade(server: Server, case: str) -> None:
+    async def main() -> None:
+        kwargs, status, reason = CREDENTIAL_CASES[case]
+        assert await refusal(stream_url(server.base, server.run_id), **kwargs) == (status, reason)
+        await server.good_client()
+
+    asyncio.run(main())
 
 
-async def test_expired_token_is_refused(server: Server) -> None:
-    expired = mint_token(server.run_id, secret=SECRET, ttl=60, now=time.time() - 120)
-    url = stream_url(server.base, server.run_id, f"token={expired}")
-    assert await refusal(url) == (401, "token expired")
-    await server.good_client(additional_headers={"Authorization": f"Bearer {token(server.run_id)}"})
+def test_expired_token_is_refused(server: Server) -> None:
+    async def main() -> None:
+        expired = mint_token(server.run_id, secret=SECRET, ttl=60, now=time.time() - 120)
+        url = stream_url(server.base, server.run_id, f"token={expired}")
+        assert await refusal(url) == (401, "token expired")
+        await server.good_client(
+            additional_headers={"Authorization": f"Bearer {token(server.run_id)}"}
+        )
+
+    asyncio.run(main())
 
 
-async def test_token_for_another_run_is_forbidden(server: Server) -> None:
-    other = token(str(uuid.uuid4()))
-    url = stream_url(server.base, server.run_id)
-    assert await refusal(url, additional_headers={"Authorization": f"Bearer {other}"}) == (
-        403,
-        "token not valid for this run",
-    )
-    await server.good_client(additional_headers={"Authorization": f"Bearer {token(server.run_id)}"})
+def test_token_for_another_run_is_forbidden(server: Server) -> None:
+    async def main() -> None:
+        other = token(str(uuid.uuid4()))
+        url = stream_url(server.base, server.run_id)
+        assert await refusal(url, additional_headers={"Authorization": f"Bearer {other}"}) == (
+            403,
+            "token not valid for this run",
+        )
+        await server.good_client(
+            additional_headers={"Authorization": f"Bearer {token(server.run_id)}"}
+        )
+
+    asyncio.run(main())
 
 
-async def test_token_signed_with_another_secret_is_refused(server: Server) -> None:
-    forged = token(server.run_id, secret="not-the-server-secret")
-    url = stream_url(server.base, server.run_id, f"token={forged}")
-    assert await refusal(url) == (401, "invalid token signature")
-    await server.good_client()
+def test_token_signed_with_another_secret_is_refused(server: Server) -> None:
+    async def main() -> None:
+        forged = token(server.run_id, secret="not-the-server-secret")
+        url = stream_url(server.base, server.run_id, f"token={forged}")
+        assert await refusal(url) == (401, "invalid token signature")
+        await server.good_client()
+
+    asyncio.run(main())
 
 
-async def test_tampered_claims_break_the_signature(server: Server) -> None:
-    header, _, signature = token(str(uuid.uuid4())).split(".")
-    claims = _b64({"sub": server.run_id, "iat": int(time.time()), "exp": int(time.time()) + 60})
-    url = stream_url(server.base, server.run_id, f"token={header}.{claims}.{signature}")
-    assert await refusal(url) == (401, "invalid token signature")
-    await server.good_client()
+def test_tampered_claims_break_the_signature(server: Server) -> None:
+    async def main() -> None:
+        header, _, signature = token(str(uuid.uuid4())).split(".")
+        claims = _b64({"sub": server.run_id, "iat": int(time.time()), "exp": int(time.time()) + 60})
+        url = stream_url(server.base, server.run_id, f"token={header}.{claims}.{signature}")
+        assert await refusal(url) == (401, "invalid token signature")
+        await server.good_client()
+
+    asyncio.run(main())
 
 
-async def test_alg_none_token_is_refused(server: Server) -> None:
-    claims = _b64({"sub": "*", "exp": int(time.time()) + 60})
-    url = stream_url(server.base, server.run_id, f"token={_b64({'alg': 'none'})}.{claims}.")
-    assert await refusal(url) == (401, "unsupported token algorithm")
-    await server.good_client()
+def test_alg_none_token_is_refused(server: Server) -> None:
+    async def main() -> None:
+        claims = _b64({"sub": "*", "exp": int(time.time()) + 60})
+        url = stream_url(server.base, server.run_id, f"token={_b64({'alg': 'none'})}.{claims}.")
+        assert await refusal(url) == (401, "unsupported token algorithm")
+        await server.good_client()
+
+    asyncio.run(main())
 
 
-async def test_wrong_run_token_in_subprotocol_is_forbidden(server: Server) -> None:
-    other = token(str(uuid.uuid4()))
-    url = stream_url(server.base, server.run_id)
-    assert await refusal(url, subprotocols=["prefect-ws.v1", f"bearer.{other}"]) == (
-        403,
-        "token not valid for this run",
-    )
-    stream = await read_stream(
-        url, subprotocols=["prefect-ws.v1", f"bearer.{token(server.run_id)}"]
-    )
-    assert stream.code == 1000 and len(stream.events) == 5
+def test_wrong_run_token_in_subprotocol_is_forbidden(server: Server) -> None:
+    async def main() -> None:
+        other = token(str(uuid.uuid4()))
+        url = stream_url(server.base, server.run_id)
+        assert await refusal(url, subprotocols=["prefect-ws.v1", f"bearer.{other}"]) == (
+            403,
+            "token not valid for this run",
+        )
+        stream = await read_stream(
+            url, subprotocols=["prefect-ws.v1", f"bearer.{token(server.run_id)}"]
+        )
+        assert stream.code == 1000 and len(stream.events) == 5
+
+    asyncio.run(main())
 
 
-async def test_run_token_cannot_read_metrics_or_other_api(server: Server) -> None:
-    scoped = {"Authorization": f"Bearer {token(server.run_id)}"}
-    async with httpx.AsyncClient(base_url=server.http) as client:
-        metrics = await client.get("/metrics", headers=scoped)
-        listing = await client.get("/api/v2/workflows/runs", headers=scoped)
-        other = await client.get(f"/api/v2/workflows/runs/{uuid.uuid4()}/events", headers=scoped)
-        anonymous_sse = await client.get(f"/api/v2/workflows/runs/{server.run_id}/events/stream")
-    assert (metrics.status_code, metrics.json()["error"]) == (
-        403,
-        "this token is scoped to one run",
-    )
-    assert (listing.status_code, listing.json()["error"]) == (
-        403,
-        "this token is scoped to one run",
-    )
-    assert (other.status_code, other.json()["error"]) == (403, "token not valid for this run")
-    assert (anonymous_sse.status_code, anonymous_sse.json()["error"]) == (
-        401,
-        "missing credentials",
-    )
-    assert anonymous_sse.headers["www-authenticate"].startswith("Bearer")
-    await server.good_client()
+def test_run_token_cannot_read_metrics_or_other_api(server: Server) -> None:
+    async def main() -> None:
+        scoped = {"Authorization": f"Bearer {token(server.run_id)}"}
+        async with httpx.AsyncClient(base_url=server.http) as client:
+            metrics = await client.get("/metrics", headers=scoped)
+            listing = await client.get("/api/v2/workflows/runs", headers=scoped)
+            other = await client.get(
+                f"/api/v2/workflows/runs/{uuid.uuid4()}/events", headers=scoped
+            )
+            anonymous_sse = await client.get(
+                f"/api/v2/workflows/runs/{server.run_id}/events/stream"
+            )
+        assert (metrics.status_code, metrics.json()["error"]) == (
+            403,
+            "this token is scoped to one run",
+        )
+        assert (listing.status_code, listing.json()["error"]) == (
+            403,
+            "this token is scoped to one run",
+        )
+        assert (other.status_code, other.json()["error"]) == (403, "token not valid for this run")
+        assert (anonymous_sse.status_code, anonymous_sse.json()["error"]) == (
+            401,
+            "missing credentials",
+        )
+        assert anonymous_sse.headers["www-authenticate"].startswith("Bearer")
+        await server.good_client()
+
+    asyncio.run(main())
 
 
 # -- origins -------------------------------------------------------------------------------------
@@ -273,42 +303,55 @@ async def test_run_token_cannot_read_metrics_or_other_api(server: Server) -> Non
     "origin",
     ["https://evil.example", "null", "https://app.example.evil.example", "http://app.example"],
 )
-async def test_forbidden_origin_is_refused(server: Server, origin: str) -> None:
-    url = stream_url(server.base, server.run_id)
-    assert await refusal(url, origin=origin, additional_headers=ADMIN) == (
-        403,
-        "origin not allowed",
-    )
-    await server.good_client(origin=ORIGIN)
+def test_forbidden_origin_is_refused(server: Server, origin: str) -> None:
+    async def main() -> None:
+        url = stream_url(server.base, server.run_id)
+        assert await refusal(url, origin=origin, additional_headers=ADMIN) == (
+            403,
+            "origin not allowed",
+        )
+        await server.good_client(origin=ORIGIN)
+
+    asyncio.run(main())
 
 
-async def test_a_second_origin_header_does_not_override_the_first(server: Server) -> None:
-    headers = [("Origin", "https://evil.example"), ("Origin", ORIGIN), *ADMIN.items()]
-    assert await refusal(stream_url(server.base, server.run_id), additional_headers=headers) == (
-        400,
-        "Failed to open a WebSocket connection: invalid Origin header: multiple values.",
-    )
-    await server.good_client()
+def test_a_second_origin_header_does_not_override_the_first(server: Server) -> None:
+    async def main() -> None:
+        headers = [("Origin", "https://evil.example"), ("Origin", ORIGIN), *ADMIN.items()]
+        assert await refusal(
+            stream_url(server.base, server.run_id), additional_headers=headers
+        ) == (
+            400,
+            "Failed to open a WebSocket connection: invalid Origin header: multiple values.",
+        )
+        await server.good_client()
+
+    asyncio.run(main())
 
 
-async def test_cors_preflight_allows_only_listed_origins(server: Server) -> None:
-    path = f"/api/v2/workflows/runs/{server.run_id}/events"
-    preflight = {
-        "Access-Control-Request-Method": "GET",
-        "Access-Control-Request-Headers": "authorization",
-    }
-    async with httpx.AsyncClient(base_url=server.http) as client:
-        evil = await client.options(path, headers={"Origin": "https://evil.example", **preflight})
-        good = await client.options(path, headers={"Origin": ORIGIN, **preflight})
-    assert evil.status_code == 400 and "access-control-allow-origin" not in evil.headers
-    assert good.status_code == 200 and good.headers["access-control-allow-origin"] == ORIGIN
-    async with httpx.AsyncClient(base_url=server.http) as client:
-        read = await client.get(path, headers={"Origin": ORIGIN, **ADMIN})
-        foreign = await client.get(path, headers={"Origin": "https://evil.example", **ADMIN})
-    assert read.status_code == 200 and read.headers["access-control-allow-origin"] == ORIGIN
-    assert (foreign.status_code, foreign.json()["error"]) == (403, "origin not allowed")
-    assert "access-control-allow-origin" not in foreign.headers
-    await server.good_client()
+def test_cors_preflight_allows_only_listed_origins(server: Server) -> None:
+    async def main() -> None:
+        path = f"/api/v2/workflows/runs/{server.run_id}/events"
+        preflight = {
+            "Access-Control-Request-Method": "GET",
+            "Access-Control-Request-Headers": "authorization",
+        }
+        async with httpx.AsyncClient(base_url=server.http) as client:
+            evil = await client.options(
+                path, headers={"Origin": "https://evil.example", **preflight}
+            )
+            good = await client.options(path, headers={"Origin": ORIGIN, **preflight})
+        assert evil.status_code == 400 and "access-control-allow-origin" not in evil.headers
+        assert good.status_code == 200 and good.headers["access-control-allow-origin"] == ORIGIN
+        async with httpx.AsyncClient(base_url=server.http) as client:
+            read = await client.get(path, headers={"Origin": ORIGIN, **ADMIN})
+            foreign = await client.get(path, headers={"Origin": "https://evil.example", **ADMIN})
+        assert read.status_code == 200 and read.headers["access-control-allow-origin"] == ORIGIN
+        assert (foreign.status_code, foreign.json()["error"]) == (403, "origin not allowed")
+        assert "access-control-allow-origin" not in foreign.headers
+        await server.good_client()
+
+    asyncio.run(main())
 
 
 # -- run ids and query values --------------------------------------------------------------------
@@ -332,32 +375,41 @@ async def test_cors_preflight_allows_only_listed_origins(server: Server) -> None
         ),
     ],
 )
-async def test_injected_run_ids_and_query_values_are_refused(
+def test_injected_run_ids_and_query_values_are_refused(
     server: Server, raw_run: str, query: str, reason: str
 ) -> None:
-    url = stream_url(server.base, raw_run.replace("{run}", server.run_id), query)
-    stream = await read_stream(url, additional_headers=ADMIN)
-    assert stream.events == []
-    assert stream.code == 4400 and stream.reason is not None
-    assert stream.reason.startswith(reason.split(":")[0])
-    await server.good_client()
+    async def main() -> None:
+        url = stream_url(server.base, raw_run.replace("{run}", server.run_id), query)
+        stream = await read_stream(url, additional_headers=ADMIN)
+        assert stream.events == []
+        assert stream.code == 4400 and stream.reason is not None
+        assert stream.reason.startswith(reason.split(":")[0])
+        await server.good_client()
+
+    asyncio.run(main())
 
 
 @pytest.mark.parametrize("raw_run", ["abc%0d%0aX-Injected:%201", "%00", "a%7fb"])
-async def test_control_characters_in_the_path_are_refused(server: Server, raw_run: str) -> None:
-    url = stream_url(server.base, raw_run)
-    assert await refusal(url, additional_headers=ADMIN) == (
-        400,
-        "invalid characters in the request path",
-    )
-    await server.good_client()
+def test_control_characters_in_the_path_are_refused(server: Server, raw_run: str) -> None:
+    async def main() -> None:
+        url = stream_url(server.base, raw_run)
+        assert await refusal(url, additional_headers=ADMIN) == (
+            400,
+            "invalid characters in the request path",
+        )
+        await server.good_client()
+
+    asyncio.run(main())
 
 
-async def test_crlf_in_token_is_refused_and_never_echoed(server: Server) -> None:
-    url = stream_url(server.base, server.run_id, "token=abc%0d%0aX-Injected:%201")
-    status, reason = await refusal(url)
-    assert (status, reason) == (401, "invalid API key or malformed token")
-    await server.good_client()
+def test_crlf_in_token_is_refused_and_never_echoed(server: Server) -> None:
+    async def main() -> None:
+        url = stream_url(server.base, server.run_id, "token=abc%0d%0aX-Injected:%201")
+        status, reason = await refusal(url)
+        assert (status, reason) == (401, "invalid API key or malformed token")
+        await server.good_client()
+
+    asyncio.run(main())
 
 
 # -- frames --------------------------------------------------------------------------------------
@@ -376,38 +428,50 @@ async def _send_and_wait_close(
             return ws.close_code, ws.close_reason
 
 
-async def test_oversized_text_frame_closes_1009(server: Server) -> None:
-    code, _ = await _send_and_wait_close(server, "x" * 5000, None)
-    assert code == 1009
-    await server.good_client()
+def test_oversized_text_frame_closes_1009(server: Server) -> None:
+    async def main() -> None:
+        code, _ = await _send_and_wait_close(server, "x" * 5000, None)
+        assert code == 1009
+        await server.good_client()
+
+    asyncio.run(main())
 
 
-async def test_oversized_binary_frame_closes_1009(server: Server) -> None:
-    code, _ = await _send_and_wait_close(server, b"\x00" * 5000, None)
-    assert code == 1009
-    await server.good_client()
+def test_oversized_binary_frame_closes_1009(server: Server) -> None:
+    async def main() -> None:
+        code, _ = await _send_and_wait_close(server, b"\x00" * 5000, None)
+        assert code == 1009
+        await server.good_client()
+
+    asyncio.run(main())
 
 
-async def test_invalid_utf8_text_frame_closes_1007(server: Server) -> None:
-    code, _ = await _send_and_wait_close(server, b"\xff\xfe\xfd", True)
-    assert code == 1007
-    await server.good_client()
+def test_invalid_utf8_text_frame_closes_1007(server: Server) -> None:
+    async def main() -> None:
+        code, _ = await _send_and_wait_close(server, b"\xff\xfe\xfd", True)
+        assert code == 1007
+        await server.good_client()
+
+    asyncio.run(main())
 
 
-async def test_small_garbage_frames_are_ignored_and_the_run_still_arrives(server: Server) -> None:
-    run_id = str(uuid.uuid4())
-    url = stream_url(server.base, run_id, WAIT)
-    events = []
-    async with connect(url, compression=None, proxy=None, additional_headers=ADMIN) as ws:
-        await ws.send(b"\x00\x01binary junk")
-        await ws.send('{"type":"subscribe","runId":"*"}')
-        await asyncio.to_thread(publish_run, server.settings, 3, run_id)  # now the run happens
-        async for message in ws:
-            if isinstance(message, str) and message.startswith('{"v":'):
-                events.append(json.loads(message))
-    assert [e["seq"] for e in events] == [1, 2, 3, 4, 5]
-    assert (ws.close_code, ws.close_reason) == (1000, "run complete")
-    await server.good_client()
+def test_small_garbage_frames_are_ignored_and_the_run_still_arrives(server: Server) -> None:
+    async def main() -> None:
+        run_id = str(uuid.uuid4())
+        url = stream_url(server.base, run_id, WAIT)
+        events = []
+        async with connect(url, compression=None, proxy=None, additional_headers=ADMIN) as ws:
+            await ws.send(b"\x00\x01binary junk")
+            await ws.send('{"type":"subscribe","runId":"*"}')
+            await asyncio.to_thread(publish_run, server.settings, 3, run_id)  # now the run happens
+            async for message in ws:
+                if isinstance(message, str) and message.startswith('{"v":'):
+                    events.append(json.loads(message))
+        assert [e["seq"] for e in events] == [1, 2, 3, 4, 5]
+        assert (ws.close_code, ws.close_reason) == (1000, "run complete")
+        await server.good_client()
+
+    asyncio.run(main())
 
 
 # -- malformed HTTP ------------------------------------------------------------------------------
@@ -425,28 +489,34 @@ async def _raw_exchange(server: Server, request: bytes, timeout: float = 5) -> b
         writer.close()
 
 
-async def test_unsupported_websocket_version_is_refused(server: Server) -> None:
-    request = (
-        f"GET /api/v2/workflows/runs/{server.run_id}/stream HTTP/1.1\r\nHost: x\r\n"
-        f"Upgrade: websocket\r\nConnection: Upgrade\r\n"
-        f"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n"
-        f"Sec-WebSocket-Version: 8\r\nAuthorization: Bearer {KEYS[1]}\r\n\r\n"
-    ).encode()
-    response = await _raw_exchange(server, request)
-    assert response.startswith(b"HTTP/1.1 400 ")
-    assert response.endswith(b"invalid Sec-WebSocket-Version header: 8.\n")
-    await server.good_client()
+def test_unsupported_websocket_version_is_refused(server: Server) -> None:
+    async def main() -> None:
+        request = (
+            f"GET /api/v2/workflows/runs/{server.run_id}/stream HTTP/1.1\r\nHost: x\r\n"
+            f"Upgrade: websocket\r\nConnection: Upgrade\r\n"
+            f"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n"
+            f"Sec-WebSocket-Version: 8\r\nAuthorization: Bearer {KEYS[1]}\r\n\r\n"
+        ).encode()
+        response = await _raw_exchange(server, request)
+        assert response.startswith(b"HTTP/1.1 400 ")
+        assert response.endswith(b"invalid Sec-WebSocket-Version header: 8.\n")
+        await server.good_client()
+
+    asyncio.run(main())
 
 
-async def test_oversized_request_headers_are_refused(server: Server) -> None:
-    request = (
-        f"GET /api/v2/workflows/runs/{server.run_id}/stream HTTP/1.1\r\nHost: x\r\n"
-        f"Connection: close\r\nX-Padding: {'a' * 30_000}\r\n\r\n"
-    ).encode()
-    response = await _raw_exchange(server, request)
-    assert response.startswith(b"HTTP/1.1 431 ")
-    assert response.endswith(b'{"error": "request headers too large", "status": 431}')
-    await server.good_client()
+def test_oversized_request_headers_are_refused(server: Server) -> None:
+    async def main() -> None:
+        request = (
+            f"GET /api/v2/workflows/runs/{server.run_id}/stream HTTP/1.1\r\nHost: x\r\n"
+            f"Connection: close\r\nX-Padding: {'a' * 30_000}\r\n\r\n"
+        ).encode()
+        response = await _raw_exchange(server, request)
+        assert response.startswith(b"HTTP/1.1 431 ")
+        assert response.endswith(b'{"error": "request headers too large", "status": 431}')
+        await server.good_client()
+
+    asyncio.run(main())
 
 
 # -- limits --------------------------------------------------------------------------------------
@@ -465,120 +535,142 @@ async def _hold(url: str, source: str, **kwargs: Any) -> Any:
 
 
 @limits(max_connections_per_ip=2, limit_loopback=True)
-async def test_too_many_connections_from_one_address(limited: Server) -> None:
-    url = stream_url(limited.base, str(uuid.uuid4()), WAIT)
-    held = [await _hold(url, "127.0.0.1") for _ in range(2)]
-    try:
-        assert await refusal(url, additional_headers=ADMIN) == (
-            429,
-            "too many connections from this address",
-        )
-        await limited.good_client(local_addr=("127.0.0.2", 0))  # another address is served
-    finally:
-        for ws in held:
-            await ws.close()
-    await asyncio.sleep(0.1)
-    await limited.good_client()
+def test_too_many_connections_from_one_address(limited: Server) -> None:
+    async def main() -> None:
+        url = stream_url(limited.base, str(uuid.uuid4()), WAIT)
+        held = [await _hold(url, "127.0.0.1") for _ in range(2)]
+        try:
+            assert await refusal(url, additional_headers=ADMIN) == (
+                429,
+                "too many connections from this address",
+            )
+            await limited.good_client(local_addr=("127.0.0.2", 0))  # another address is served
+        finally:
+            for ws in held:
+                await ws.close()
+        await asyncio.sleep(0.1)
+        await limited.good_client()
+
+    asyncio.run(main())
 
 
 @limits(max_connections=3, max_connections_per_ip=10)
-async def test_process_connection_limit(limited: Server) -> None:
-    url = stream_url(limited.base, str(uuid.uuid4()), WAIT)
-    held = [await _hold(url, f"127.0.0.{n}") for n in (2, 3, 4)]
-    try:
-        assert await refusal(url, additional_headers=ADMIN) == (
-            503,
-            "server at its connection limit",
-        )
-    finally:
-        for ws in held:
-            await ws.close()
-    await asyncio.sleep(0.1)
-    await limited.good_client()
+def test_process_connection_limit(limited: Server) -> None:
+    async def main() -> None:
+        url = stream_url(limited.base, str(uuid.uuid4()), WAIT)
+        held = [await _hold(url, f"127.0.0.{n}") for n in (2, 3, 4)]
+        try:
+            assert await refusal(url, additional_headers=ADMIN) == (
+                503,
+                "server at its connection limit",
+            )
+        finally:
+            for ws in held:
+                await ws.close()
+        await asyncio.sleep(0.1)
+        await limited.good_client()
+
+    asyncio.run(main())
 
 
 @limits(handshake_rate="5/second", limit_loopback=True)
-async def test_handshake_flood_is_rate_limited_per_address(limited: Server) -> None:
-    url = stream_url(limited.base, limited.run_id)
-    results = await asyncio.gather(
-        *(read_stream(url, additional_headers=ADMIN) for _ in range(5)),
-        return_exceptions=True,
-    )
-    assert all(isinstance(r, Stream) and r.code == 1000 for r in results)
-    assert await refusal(url, additional_headers=ADMIN) == (
-        429,
-        "too many handshakes from this address",
-    )
-    await limited.good_client(local_addr=("127.0.0.2", 0))
-    await asyncio.sleep(1.1)  # the window moved on
-    await limited.good_client()
+def test_handshake_flood_is_rate_limited_per_address(limited: Server) -> None:
+    async def main() -> None:
+        url = stream_url(limited.base, limited.run_id)
+        results = await asyncio.gather(
+            *(read_stream(url, additional_headers=ADMIN) for _ in range(5)),
+            return_exceptions=True,
+        )
+        assert all(isinstance(r, Stream) and r.code == 1000 for r in results)
+        assert await refusal(url, additional_headers=ADMIN) == (
+            429,
+            "too many handshakes from this address",
+        )
+        await limited.good_client(local_addr=("127.0.0.2", 0))
+        await asyncio.sleep(1.1)  # the window moved on
+        await limited.good_client()
+
+    asyncio.run(main())
 
 
 @limits(max_connections_per_ip=1, handshake_rate="2/second")
-async def test_loopback_clients_are_exempt_from_per_address_limits_by_default(
+def test_loopback_clients_are_exempt_from_per_address_limits_by_default(
     limited: Server,
 ) -> None:
-    url = stream_url(limited.base, str(uuid.uuid4()), WAIT)
-    held = [await _hold(url, "127.0.0.1") for _ in range(4)]  # local tools, tests, a bare proxy
-    try:
-        await limited.good_client()
-    finally:
-        for ws in held:
-            await ws.close()
+    async def main() -> None:
+        url = stream_url(limited.base, str(uuid.uuid4()), WAIT)
+        held = [await _hold(url, "127.0.0.1") for _ in range(4)]  # local tools, tests, a bare proxy
+        try:
+            await limited.good_client()
+        finally:
+            for ws in held:
+                await ws.close()
+
+    asyncio.run(main())
 
 
 @limits(max_runs=1)
-async def test_runs_per_process_limit(limited: Server) -> None:
-    live_run = str(uuid.uuid4())
-    held = await _hold(stream_url(limited.base, live_run, WAIT), "127.0.0.1")
-    try:
-        assert await refusal(
-            stream_url(limited.base, limited.run_id), additional_headers=ADMIN
-        ) == (
-            503,
-            "server at its run limit",
-        )
-        second = await _hold(
-            stream_url(limited.base, live_run, WAIT), "127.0.0.1"
-        )  # same run: fine
-        await second.close()
-    finally:
-        await held.close()
-    await asyncio.sleep(0.2)
-    await limited.good_client()
+def test_runs_per_process_limit(limited: Server) -> None:
+    async def main() -> None:
+        live_run = str(uuid.uuid4())
+        held = await _hold(stream_url(limited.base, live_run, WAIT), "127.0.0.1")
+        try:
+            assert await refusal(
+                stream_url(limited.base, limited.run_id), additional_headers=ADMIN
+            ) == (
+                503,
+                "server at its run limit",
+            )
+            second = await _hold(
+                stream_url(limited.base, live_run, WAIT), "127.0.0.1"
+            )  # same run: fine
+            await second.close()
+        finally:
+            await held.close()
+        await asyncio.sleep(0.2)
+        await limited.good_client()
+
+    asyncio.run(main())
 
 
 @limits(handshake_timeout=0.5)
-async def test_slowloris_handshake_is_cut_off(limited: Server) -> None:
-    host, port = limited.base.removeprefix("ws://").rsplit(":", 1)
-    trickles = []
-    for _ in range(20):
-        reader, writer = await asyncio.open_connection(host, int(port))
-        writer.write(b"GET /api/v2/workflows/runs/")
-        trickles.append((reader, writer))
-    started = time.monotonic()
-    await limited.good_client()  # served while 20 handshakes dangle
-    for _reader, writer in trickles:
-        writer.write(b"x")  # one byte now and then is not enough
-    async with asyncio.timeout(5):
-        closed = await asyncio.gather(*(reader.read() for reader, _ in trickles))
-    assert closed == [b""] * 20
-    assert time.monotonic() - started < 3
-    for _, writer in trickles:
-        writer.close()
-    await limited.good_client()
+def test_slowloris_handshake_is_cut_off(limited: Server) -> None:
+    async def main() -> None:
+        host, port = limited.base.removeprefix("ws://").rsplit(":", 1)
+        trickles = []
+        for _ in range(20):
+            reader, writer = await asyncio.open_connection(host, int(port))
+            writer.write(b"GET /api/v2/workflows/runs/")
+            trickles.append((reader, writer))
+        started = time.monotonic()
+        await limited.good_client()  # served while 20 handshakes dangle
+        for _reader, writer in trickles:
+            writer.write(b"x")  # one byte now and then is not enough
+        async with asyncio.timeout(5):
+            closed = await asyncio.gather(*(reader.read() for reader, _ in trickles))
+        assert closed == [b""] * 20
+        assert time.monotonic() - started < 3
+        for _, writer in trickles:
+            writer.close()
+        await limited.good_client()
+
+    asyncio.run(main())
 
 
-async def test_churning_hostile_clients_do_not_wedge_redis_subscriptions(redis_url: str) -> None:
+def test_churning_hostile_clients_do_not_wedge_redis_subscriptions(redis_url: str) -> None:
     """Streams opened and killed at once (oversized frame) must not stall later subscriptions."""
-    settings = _settings(
-        broadcast_url=redis_url, redis_prefix=f"prefect-ws-test-{uuid.uuid4().hex[:12]}"
-    )
-    run_id = publish_run(settings)
-    with serve_in_thread(settings) as base:
-        server = Server(base, run_id, settings)
-        for _ in range(8):
-            code, _ = await _send_and_wait_close(server, "x" * 5000, None)
-            assert code == 1009
-            async with asyncio.timeout(5):
-                await server.good_client()
+
+    async def main() -> None:
+        settings = _settings(
+            broadcast_url=redis_url, redis_prefix=f"prefect-ws-test-{uuid.uuid4().hex[:12]}"
+        )
+        run_id = publish_run(settings)
+        with serve_in_thread(settings) as base:
+            server = Server(base, run_id, settings)
+            for _ in range(8):
+                code, _ = await _send_and_wait_close(server, "x" * 5000, None)
+                assert code == 1009
+                async with asyncio.timeout(5):
+                    await server.good_client()
+
+    asyncio.run(main())

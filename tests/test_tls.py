@@ -19,8 +19,6 @@ import pytest
 import trustme
 from websockets.asyncio.client import connect
 
-pytestmark = pytest.mark.anyio
-
 KEY = "tls-test-key"
 
 
@@ -70,31 +68,39 @@ def tls_server(ca: trustme.CA, tmp_path_factory: pytest.TempPathFactory) -> Iter
         proc.wait(timeout=15)
 
 
-async def test_wss_round_trip_with_a_verifying_client(ca: trustme.CA, tls_server: str) -> None:
-    context = ssl.create_default_context()
-    ca.configure_trust(context)
-    run_id = str(uuid.uuid4())
-    url = f"wss://{tls_server}/api/v2/workflows/runs/{run_id}/stream?wait=60"
-    async with connect(url, ssl=context, additional_headers={"Authorization": f"Bearer {KEY}"},
-                       proxy=None) as ws:  # fmt: skip
-        assert ws.transport.get_extra_info("ssl_object").version() in ("TLSv1.2", "TLSv1.3")
-        with pytest.raises(TimeoutError):
-            async with asyncio.timeout(0.3):  # open and waiting for the run (a hello at most)
-                async for message in ws:
-                    assert json.loads(message)["type"] == "hello"
-    async with httpx.AsyncClient(verify=context) as client:
-        health = await client.get(f"https://{tls_server}/healthz")
-        refused = await client.get(f"https://{tls_server}/api/v2/workflows/runs/{run_id}/events")
-    assert health.json()["status"] == "ok"
-    assert (refused.status_code, refused.json()["error"]) == (401, "missing credentials")
+def test_wss_round_trip_with_a_verifying_client(ca: trustme.CA, tls_server: str) -> None:
+    async def main() -> None:
+        context = ssl.create_default_context()
+        ca.configure_trust(context)
+        run_id = str(uuid.uuid4())
+        url = f"wss://{tls_server}/api/v2/workflows/runs/{run_id}/stream?wait=60"
+        async with connect(url, ssl=context, additional_headers={"Authorization": f"Bearer {KEY}"},
+                           proxy=None) as ws:  # fmt: skip
+            assert ws.transport.get_extra_info("ssl_object").version() in ("TLSv1.2", "TLSv1.3")
+            with pytest.raises(TimeoutError):
+                async with asyncio.timeout(0.3):  # open and waiting for the run (a hello at most)
+                    async for message in ws:
+                        assert json.loads(message)["type"] == "hello"
+        async with httpx.AsyncClient(verify=context) as client:
+            health = await client.get(f"https://{tls_server}/healthz")
+            refused = await client.get(
+                f"https://{tls_server}/api/v2/workflows/runs/{run_id}/events"
+            )
+        assert health.json()["status"] == "ok"
+        assert (refused.status_code, refused.json()["error"]) == (401, "missing credentials")
+
+    asyncio.run(main())
 
 
-async def test_clients_that_do_not_trust_the_ca_are_refused(tls_server: str) -> None:
-    untrusting = ssl.create_default_context()  # system roots only: the test CA is unknown
-    with pytest.raises(ssl.SSLCertVerificationError):
-        async with connect(f"wss://{tls_server}/api/v2/workflows/runs/{uuid.uuid4()}/stream",
-                           ssl=untrusting, proxy=None, open_timeout=5):  # fmt: skip
-            pass
+def test_clients_that_do_not_trust_the_ca_are_refused(tls_server: str) -> None:
+    async def main() -> None:
+        untrusting = ssl.create_default_context()  # system roots only: the test CA is unknown
+        with pytest.raises(ssl.SSLCertVerificationError):
+            async with connect(f"wss://{tls_server}/api/v2/workflows/runs/{uuid.uuid4()}/stream",
+                               ssl=untrusting, proxy=None, open_timeout=5):  # fmt: skip
+                pass
+
+    asyncio.run(main())
 
 
 def test_plain_http_to_the_tls_port_gets_no_stream(tls_server: str) -> None:
