@@ -10,7 +10,6 @@ import os
 import re
 import socket
 import struct
-import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -23,7 +22,7 @@ from conftest import free_port
 
 from prefect_ws.backends.memory import MemoryBackend
 from prefect_ws.protocol.events import Draft
-from prefect_ws.server.uvicorn.config import uvicorn_config
+from prefect_ws.server.uvicorn.config import running_in_thread, uvicorn_config
 from prefect_ws.settings import Settings
 
 # Loggers a server writes to; uvicorn's do not propagate to the root logger.
@@ -114,18 +113,10 @@ def running_server(settings: Settings, **overrides: Any) -> Iterator[RunningServ
     loggers = [logging.getLogger(name) for name in SERVER_LOGGERS]
     for logger in loggers:
         logger.addHandler(running.log)
-    thread = threading.Thread(target=server.run, name="attacked-server", daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 15
-    while not server.started:
-        if not thread.is_alive() or time.monotonic() > deadline:
-            raise RuntimeError("server did not start")
-        time.sleep(0.01)
     try:
-        yield running
+        with running_in_thread(server, name="attacked-server"):
+            yield running
     finally:
-        server.should_exit = True
-        thread.join(timeout=10)
         for logger in loggers:
             logger.removeHandler(running.log)
 

@@ -329,28 +329,15 @@ def servers(
 @contextlib.contextmanager
 def serve_app(settings: Settings) -> Iterator[tuple[str, Any]]:
     """uvicorn in a thread, like ``serve_in_thread``, but also yields the app (for its hub)."""
-    import threading
-
     import uvicorn
     from conftest import free_port
 
-    from prefect_ws.server.uvicorn.config import uvicorn_config
+    from prefect_ws.server.uvicorn.config import running_in_thread, uvicorn_config
 
     port = free_port()
     config = uvicorn_config(settings, host="127.0.0.1", port=port)
-    server = uvicorn.Server(config)
-    thread = threading.Thread(target=server.run, name="delivery-test-server", daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 15
-    while not server.started:
-        if not thread.is_alive() or time.monotonic() > deadline:
-            raise RuntimeError("server did not start")
-        time.sleep(0.01)
-    try:
+    with running_in_thread(uvicorn.Server(config), name="delivery-test-server"):
         yield f"ws://127.0.0.1:{port}", config.app
-    finally:
-        server.should_exit = True
-        thread.join(timeout=10)
 
 
 def watchers(app: Any, run_id: str) -> int:

@@ -13,8 +13,8 @@ import uvicorn
 
 from prefect_ws.server.app import create_app
 from prefect_ws.server.uvicorn import logs
-from prefect_ws.server.uvicorn.http import MAX_HEAD_BYTES, http_protocol
-from prefect_ws.server.uvicorn.wsprotocol import websocket_protocol
+from prefect_ws.server.uvicorn.http import MAX_HEAD_BYTES, PrefectWsHttpProtocol, http_protocol
+from prefect_ws.server.uvicorn.wsprotocol import PrefectWsProtocol, websocket_protocol
 from prefect_ws.settings import Settings
 
 
@@ -48,15 +48,24 @@ def uvicorn_options(settings: Settings) -> dict[str, Any]:
     }
 
 
+def protocol_classes(
+    settings: Settings,
+) -> tuple[type[PrefectWsHttpProtocol], type[PrefectWsProtocol]]:
+    """uvicorn's HTTP and WebSocket protocols with the settings' deadlines: h11 with a deadline
+    for every request's headers (slowloris), 431 and non-readers cut off; websockets-sansio
+    answering unparsable handshakes and cutting off non-readers."""
+    return (
+        http_protocol(
+            header_deadline=settings.handshake_timeout, max_lag_seconds=settings.max_lag_seconds
+        ),
+        websocket_protocol(settings.max_lag_seconds),
+    )
+
+
 def uvicorn_config(settings: Settings, *, host: str, port: int, **overrides: Any) -> uvicorn.Config:
     """uvicorn's config for one prefect-ws process serving ``create_app(settings)``."""
     options = uvicorn_options(settings)
-    # websockets-sansio, answering unparsable handshakes, cutting off non-readers
-    options["ws"] = websocket_protocol(settings.max_lag_seconds)
-    # h11 with a deadline for every request's headers (slowloris), 431 and non-readers
-    options["http"] = http_protocol(
-        header_deadline=settings.handshake_timeout, max_lag_seconds=settings.max_lag_seconds
-    )
+    options["http"], options["ws"] = protocol_classes(settings)
     options.update(host=host, port=port, **overrides)
     return uvicorn.Config(create_app(settings), **options)
 
@@ -105,21 +114,29 @@ def free_port(host: str = "127.0.0.1") -> int:
 
 
 @contextlib.contextmanager
+def running_in_thread(server: uvicorn.Server, name: str = "prefect-ws-server") -> Iterator[None]:
+    """Run ``server`` in a daemon thread for the block, from the moment it listens."""
+    thread = threading.Thread(target=server.run, name=name, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 15
+    while not server.started:
+        if not thread.is_alive() or time.monotonic() > deadline:
+            config = server.config
+            raise RuntimeError(f"prefect-ws server did not start on {config.host}:{config.port}")
+        time.sleep(0.01)
+    try:
+        yield
+    finally:
+        server.should_exit = True
+        thread.join(timeout=10)
+
+
+@contextlib.contextmanager
 def serve_in_thread(
     settings: Settings, *, host: str = "127.0.0.1", port: int | None = None, **overrides: Any
 ) -> Iterator[str]:
     """Serve in a background thread; yields the ``ws://host:port`` base URL. For demos and tests."""
     port = port or free_port(host)
     server = uvicorn.Server(uvicorn_config(settings, host=host, port=port, **overrides))
-    thread = threading.Thread(target=server.run, name="prefect-ws-server", daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 15
-    while not server.started:
-        if not thread.is_alive() or time.monotonic() > deadline:
-            raise RuntimeError(f"prefect-ws server did not start on {host}:{port}")
-        time.sleep(0.01)
-    try:
+    with running_in_thread(server):
         yield f"ws://{host}:{port}" if ":" not in host else f"ws://[{host}]:{port}"
-    finally:
-        server.should_exit = True
-        thread.join(timeout=10)
