@@ -227,16 +227,10 @@ def pytest_addoption(parser: pytest.Parser) -> None:
 @pytest.fixture(scope="session")
 def redis_cluster() -> Iterator[Any]:
     """A 3-master Redis Cluster on loopback ports for the session (tests/redis_cluster.py)."""
-    from redis_cluster import RedisClusterProcesses, cluster_binaries
+    from redis_cluster import started_cluster
 
-    if cluster_binaries() is None:
-        pytest.skip("a Redis Cluster needs redis-server and redis-cli 7+ on PATH (Debian: redis)")
-    cluster = RedisClusterProcesses()
-    try:
-        cluster.start()
+    with started_cluster() as cluster:
         yield cluster
-    finally:
-        cluster.close()
 
 
 @pytest.fixture(params=["redis", "redis-cluster"])

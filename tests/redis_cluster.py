@@ -7,14 +7,17 @@ again comes back with its keys (as a production cluster configured for persisten
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import signal
 import subprocess
 import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
+import pytest
 from conftest import free_port
 
 
@@ -151,3 +154,16 @@ class RedisClusterProcesses:
             if time.monotonic() > deadline:
                 raise RuntimeError(f"timed out waiting for {what}")
             time.sleep(0.1)
+
+
+@contextlib.contextmanager
+def started_cluster() -> Iterator[RedisClusterProcesses]:
+    """A started 3-master cluster for the block; the test is skipped where Redis 7+ is missing."""
+    if cluster_binaries() is None:
+        pytest.skip("a Redis Cluster needs redis-server and redis-cli 7+ on PATH (Debian: redis)")
+    cluster = RedisClusterProcesses()
+    try:
+        cluster.start()
+        yield cluster
+    finally:
+        cluster.close()

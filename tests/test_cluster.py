@@ -32,7 +32,7 @@ from delivery_support import (
     stream_url,
 )
 from helpers import eventually
-from redis_cluster import RedisClusterProcesses, cluster_binaries
+from redis_cluster import RedisClusterProcesses, started_cluster
 
 from prefect_ws.backends.base import Batch
 from prefect_ws.backends.cluster import ClusterUrl
@@ -42,14 +42,8 @@ from prefect_ws.settings import Settings
 @pytest.fixture
 def own_cluster() -> Iterator[RedisClusterProcesses]:
     """A cluster of the test's own, for tests that kill or reshape it."""
-    if cluster_binaries() is None:
-        pytest.skip("a Redis Cluster needs redis-server and redis-cli 7+ on PATH (Debian: redis)")
-    cluster = RedisClusterProcesses()
-    try:
-        cluster.start()
+    with started_cluster() as cluster:
         yield cluster
-    finally:
-        cluster.close()
 
 
 _BATCH_NUMBERS = itertools.count(1)
