@@ -12,16 +12,11 @@ from starlette.applications import Starlette
 from prefect_ws.server.app import create_app
 from prefect_ws.server.gctuning import tune_for_serving
 from prefect_ws.server.uvicorn import logs
-from prefect_ws.server.uvicorn.http import http_protocol
-from prefect_ws.server.uvicorn.wsprotocol import websocket_protocol
+from prefect_ws.server.uvicorn.config import protocol_classes
 from prefect_ws.settings import get_settings
 
-_settings = get_settings()
 logs.install()  # the filters of uvicorn's loggers, in this process too
-HttpProtocol = http_protocol(
-    header_deadline=_settings.handshake_timeout, max_lag_seconds=_settings.max_lag_seconds
-)
-WebSocketProtocol = websocket_protocol(_settings.max_lag_seconds)
+HttpProtocol, WebSocketProtocol = protocol_classes(get_settings())
 
 
 def create_worker_app() -> Starlette:
