@@ -324,7 +324,7 @@ def _run_done(flow_run: Any, status: str, state: Any) -> None:
             {
                 "status": status,
                 "duration": _elapsed(run.started),
-                "steps": {s: run.counts.get(s, 0) for s in STEP_STATUSES},
+                "steps": {s: run.counts[s] for s in STEP_STATUSES},
                 "failedSteps": list(run.failed_steps),
                 "error": error_of(state) if status in ("failed", "crashed") else None,
                 "attempts": max(1, run.attempt),

@@ -106,7 +106,7 @@ def end_drafts(
         for step, task_run_id in opened.items()
     ]
     counts = dict(counts)
-    counts[step_status] = counts.get(step_status, 0) + len(opened)
+    counts[step_status] += len(opened)
     if step_status in FAILED_STATUSES:
         failed = [*failed, *opened]
     status = state.run_status
