@@ -327,7 +327,11 @@ def main() -> None:
     )
     parser.add_argument("--tag", default="", help="suffix for the result file")
     parser.add_argument(
-        "--profile", action="store_true", help="py-spy each server in the first flood cases"
+        "--profile",
+        nargs="?",
+        const="flood",
+        choices=("flood", "paced"),
+        help="py-spy each server in the first repetition's cases of this kind (default flood)",
     )
     add_loop_option(parser)
     args = parser.parse_args()
@@ -393,7 +397,7 @@ def main() -> None:
                             label = f"K{clients}" if runs == 1 else f"R{runs}xK{clients}"
                             profile = (
                                 results_dir() / f"profile-fanout{suffix}-{mode}-{label}.txt"
-                                if args.profile and repeat == 0 and kind == "flood"
+                                if args.profile == kind and repeat == 0
                                 else None
                             )
                             result = run_case(

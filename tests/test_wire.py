@@ -152,3 +152,59 @@ def test_an_open_connection_keeps_nothing_of_its_handshake_and_still_reads_frame
 
     with serve_in_thread(settings) as base:
         assert asyncio.run(scenario(base)) == 1009
+
+
+def test_a_level_clients_live_events_are_written_at_once_by_the_hub(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Events that come one at a time reach a client that is level through the protocol's
+    ``write_now`` (no wake-up of the stream's task per event), in order and exactly once; the
+    run's end still goes through the stream's task, which closes with 1000 and counts every
+    event in the access log."""
+    from prefect_ws.server.uvicorn.wsprotocol import PrefectWsProtocol
+
+    written: list[bytes] = []
+    write_now = PrefectWsProtocol.write_now
+
+    def spy(self: PrefectWsProtocol, data: bytes) -> bool:
+        done = write_now(self, data)
+        if done:
+            written.append(data)
+        return done
+
+    monkeypatch.setattr(PrefectWsProtocol, "write_now", spy)
+    settings = Settings(broadcast_url="memory://", access_log=True)
+    caplog.set_level(logging.INFO, "prefect_ws.access")
+    run_id = str(uuid.uuid4())
+    logs = 5
+
+    async def scenario(base: str) -> tuple[list[str], int | None]:
+        url = f"{base}/api/v2/workflows/runs/{run_id}/stream?wait=20"
+        publisher = Publisher(settings)
+        publisher.emit(run_id, "run_start", {"flowName": "w", "flowRunId": run_id})
+        assert publisher.flush(10)
+        messages: list[str] = []
+        async with asyncio.timeout(30):
+            async with connect(url, compression=None, proxy=None) as ws:
+                messages.append(str(await ws.recv()))  # hello
+                messages.append(str(await ws.recv()))  # run_start, from history
+                for i in range(logs):
+                    message = {"stepId": None, "level": "INFO", "message": f"line {i}"}
+                    publisher.emit(run_id, "step_log", message)
+                    assert publisher.flush(10)
+                    messages.append(str(await ws.recv()))  # level again before the next
+                publisher.emit(run_id, "run_complete", {"status": "completed", "duration": 1})
+                assert publisher.flush(10)
+                messages.extend([str(m) async for m in ws])
+        publisher.close()
+        return messages, ws.close_code
+
+    with serve_in_thread(settings) as base:
+        messages, code = asyncio.run(scenario(base))
+    assert code == 1000
+    events = messages[1:]
+    assert [f'"seq":{i},' in e for i, e in enumerate(events, start=1)] == [True] * (logs + 2)
+    assert [f"line {i}" in e for i, e in enumerate(events[1:-1])] == [True] * logs
+    assert len(written) == logs, f"{len(written)} of {logs} live events written at once"
+    counted = [r.getMessage() for r in caplog.records if r.getMessage().startswith("disconnect")]
+    assert len(counted) == 1 and f"events={logs + 2}" in counted[0], counted

@@ -10,7 +10,9 @@ Servers that can take such pre-framed bytes say so with the ASGI extension
 :data:`FRAMES_EXTENSION` in the connection scope and accept the send message
 ``{"type": FRAMES_EXTENSION, "data": <bytes>, "events": <count>}``; prefect-ws' own uvicorn
 protocol (:mod:`~prefect_ws.server.uvicorn.wsprotocol`) does. Elsewhere the app sends text
-messages one by one.
+messages one by one. The extension's value may hold ``"write_now"``: a callable that writes
+such bytes at once, from any task, when the connection takes them without waiting, and
+returns whether it did (the hub writes a level client's live events with it).
 """
 
 from __future__ import annotations

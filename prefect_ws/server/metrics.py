@@ -68,7 +68,7 @@ REPLAYS = Counter(
 LATENCY = Histogram(
     "prefect_ws_delivery_latency_seconds",
     "Publish (event ts) to hand-off to the client's writer, live events only; "
-    f"sampled: the newest event of one live batch in {LATENCY_SAMPLE}.",
+    f"sampled: the newest event of one live hand-off in {LATENCY_SAMPLE}.",
     buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10),
     registry=None,
 )
@@ -115,10 +115,10 @@ def delivered_replay(count: int) -> None:
     _DELIVERED_REPLAY.inc(count)
 
 
-def delivered_live(frames: list[Frame]) -> None:
-    """Counts a live delivery and, for one batch in :data:`LATENCY_SAMPLE`, observes the
-    latency of its newest frame."""
-    _DELIVERED_LIVE.inc(len(frames))
+def delivered_live(frames: list[Frame], clients: int = 1) -> None:
+    """Counts a live delivery (of the same frames to ``clients`` clients) and, for one call
+    in :data:`LATENCY_SAMPLE`, observes the latency of its newest frame."""
+    _DELIVERED_LIVE.inc(len(frames) * clients)
     if next(_live_deliveries) % LATENCY_SAMPLE:
         return
     latency = _age(frames[-1].data)

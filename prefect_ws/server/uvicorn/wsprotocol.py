@@ -3,7 +3,8 @@
 The extension: pre-built frames (:mod:`prefect_ws.protocol.frames`). The scope of every connection
 advertises :data:`~.frames.FRAMES_EXTENSION`, and a send message of that type writes its
 bytes to the socket as they are, with the same flow control as a text message: it waits while
-the write buffer is over its high-water mark.
+the write buffer is over its high-water mark. The extension's ``write_now(data)`` writes such
+bytes from outside the connection's task, only when that needs no waiting.
 
 The fix: when the upgrade request is malformed for the websockets parser (a request line over
 8 KiB, say), ``websockets.ServerProtocol`` records the error, emits no event and sends nothing;
@@ -131,7 +132,15 @@ class PrefectWsProtocol(stall.AbortsStalledWrites, WebSocketsSansIOProtocol):
         super().handle_connect(event)  # builds the scope and schedules the app, not yet run
         scope = getattr(self, "scope", None)  # none when the handshake was refused
         if scope is not None:
-            scope["extensions"][FRAMES_EXTENSION] = {}
+            scope["extensions"][FRAMES_EXTENSION] = {"write_now": self.write_now}
+
+    def write_now(self, data: bytes) -> bool:
+        """Write pre-built frames at once if the connection takes data now (open, write buffer
+        under its high-water mark); False, with nothing written, otherwise."""
+        if not (self.writable.is_set() and self._open()):
+            return False
+        self.transport.write(data)
+        return True
 
     def start_keepalive(self) -> None:
         # uvicorn calls this right after writing the 101: the handshake's objects are done with.
@@ -162,7 +171,7 @@ class PrefectWsProtocol(stall.AbortsStalledWrites, WebSocketsSansIOProtocol):
         kind = message["type"]
         if kind == FRAMES_EXTENSION:
             await self.writable.wait()
-            if self.disconnected or self.close_sent or not self.handshake_complete:
+            if not self._open():
                 raise ClientDisconnected()
             self.transport.write(message["data"])
             return
