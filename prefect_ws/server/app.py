@@ -6,7 +6,7 @@ import asyncio
 import contextlib
 import json
 import logging
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from typing import Any
 
 from starlette.applications import Starlette
@@ -122,22 +122,6 @@ async def _write(
     return closecodes.RUN_COMPLETE, "run complete"
 
 
-def _writer(scope: Scope, outcome: Outcome) -> Callable[[bytes, int], bool] | None:
-    """The server's ``write_now`` for pre-built frames (:mod:`~.frames`), counting what it
-    wrote in the stream's outcome; None where the server has none."""
-    write_now = scope.get("extensions", {}).get(FRAMES_EXTENSION, {}).get("write_now")
-    if write_now is None:
-        return None
-
-    def write(data: bytes, events: int) -> bool:
-        if not write_now(data):
-            return False
-        outcome.sent(events)
-        return True
-
-    return write
-
-
 def _client_there(reader: asyncio.Task[bool]) -> bool:
     """Whether a close frame can still reach the client; stops the reader if it still runs."""
     if not reader.done():
@@ -172,8 +156,9 @@ class StreamEndpoint:
         await websocket.accept(subprotocol)
         outcome.accept()
         subscription = request.subscription(settings.client_queue_size)
-        if request.filter.everything:
-            subscription.writer = _writer(scope, outcome)
+        if request.filter.everything:  # live events written by the hub when the client is level
+            extension = scope.get("extensions", {}).get(FRAMES_EXTENSION, {})
+            subscription.writer = extension.get("write_now")
         reader = asyncio.create_task(
             _read_until_disconnect(websocket, settings.max_inbound_bytes, subscription, outcome)
         )
@@ -197,6 +182,7 @@ class StreamEndpoint:
             logger.exception("stream for run %s failed", request.run_id)
             close = (closecodes.INTERNAL_ERROR, "internal error; reconnect with since=<last seq>")
         finally:
+            outcome.sent(subscription.written)
             if expiry is not None:
                 expiry.cancel()
             client_there = _client_there(reader)

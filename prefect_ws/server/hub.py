@@ -70,7 +70,8 @@ class Subscription:
     def __init__(self, run_id: str, *, since: int, queue_size: int) -> None:
         self.run_id = run_id
         # Set by a stream whose server writes pre-built frames at once: see wrote_now().
-        self.writer: Callable[[bytes, int], bool] | None = None
+        self.writer: Callable[[bytes], bool] | None = None
+        self.written = 0  # events written by wrote_now()
         self.last_seq = since
         self.epoch: str | None = None  # the history's epoch when the stream started
         self.sent = 0
@@ -100,9 +101,10 @@ class Subscription:
             and not self._queue
             and frames[0].seq == self.last_seq + 1
             and not frames[-1].is_final
-            and self.writer(wire, len(frames))
+            and self.writer(wire)
         ):
             self.advance(frames)
+            self.written += len(frames)
             return True
         return False
 
