@@ -701,7 +701,9 @@ def test_client_sending_garbage_during_replay(redis_url: str, redis_prefix: str)
     async def main(base: str) -> None:
         run_id = new_run_id()
         async with redis_backend(settings) as backend:
-            await publish_logs(backend, run_id, 20_000, batch=500)
+            # 20 MB: more than the sockets' buffers hold, so a client that stops reading holds
+            # the server mid-replay (pages kept in memory are written as fast as it reads).
+            await publish_logs(backend, run_id, 20_000, batch=500, size=1000)
         head = 20_001
         # small garbage (text, binary, invalid JSON) is ignored: the replay goes on, complete
         async with connect(stream_url(base, run_id), max_size=2**24) as websocket:
@@ -717,7 +719,8 @@ def test_client_sending_garbage_during_replay(redis_url: str, redis_prefix: str)
                 seqs.append(json.loads(message)["seq"])
             assert seqs == list(range(1, head + 1))
             assert (websocket.close_code, websocket.close_reason) == (1000, "run complete")
-        # an oversized frame mid-replay: closed 1009, subscription released
+        # an oversized frame mid-replay (the client reads no more until it is answered):
+        # closed 1009, subscription released
         async with connect(stream_url(base, run_id), max_size=2**24) as websocket:
             for _ in range(100):
                 await websocket.recv()

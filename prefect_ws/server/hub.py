@@ -21,9 +21,10 @@ from typing import Final
 
 from prefect_ws.backends import RESYNC, Transport
 from prefect_ws.protocol import closecodes
-from prefect_ws.protocol.events import Frame, frame_from_text, frames_from_message
+from prefect_ws.protocol.events import Frame, frames_from_message
 from prefect_ws.protocol.frames import WRITE_SIZE
 from prefect_ws.server import metrics
+from prefect_ws.server.history import HistoryPages
 
 logger = logging.getLogger("prefect_ws.hub")
 
@@ -322,6 +323,7 @@ class Hub:
         self.transport = transport
         self.runs: dict[str, RunChannel] = {}
         self.replay_page_size = replay_page_size
+        self.history = HistoryPages(transport.backend, replay_page_size)
         self.max_lag_seconds = max_lag_seconds
         self._subscribed: set[str] = set()  # runs the backend was asked to subscribe
         self._changed: asyncio.Queue[str] = asyncio.Queue()  # runs to (un)subscribe
@@ -408,15 +410,13 @@ class Hub:
             yield batch  # the caller advances subscription.last_seq
             if batch[-1].is_final or batch[-1].seq >= recent[-1].seq:
                 return
-        backend = self.transport.backend
         if not initial and subscription.epoch is not None:
             await self._check_same_history(subscription)
         cursor = subscription.last_seq
         while True:
-            texts = await backend.history(subscription.run_id, cursor, self.replay_page_size)
+            frames = await self.history.after(subscription.run_id, subscription.epoch, cursor)
             page: list[Frame] = []
-            for text in texts:
-                frame = frame_from_text(text)
+            for frame in frames:
                 if frame.seq <= cursor:
                     continue
                 if frame.seq != cursor + 1 and not (initial and not page):
@@ -428,8 +428,8 @@ class Hub:
             if page:
                 yield page
                 initial = False
-            if len(texts) < self.replay_page_size or (page and page[-1].is_final):
-                if not texts and subscription.last_seq > 0:
+            if len(frames) < self.replay_page_size or (page and page[-1].is_final):
+                if not page and subscription.last_seq > 0:
                     await self._check_history_kept(subscription)
                 return
 
