@@ -38,6 +38,7 @@ from prefect_ws.backends.base import (
     StreamBackend,
 )
 from prefect_ws.protocol.events import Draft
+from prefect_ws.server.security.redact import safe_url
 
 logger = logging.getLogger("prefect_ws.transport")
 
@@ -372,7 +373,8 @@ class RedisBackend(StreamBackend):
                         continue
                     if outage:
                         logger.warning(
-                            "Redis pub/sub at %s is back; replaying missed events", self._url
+                            "Redis pub/sub at %s is back; replaying missed events",
+                            safe_url(self._url),
                         )
                         outage, delay = False, 0.05
                     kind = message["type"]
@@ -392,7 +394,9 @@ class RedisBackend(StreamBackend):
                 await self._close_pubsub()
                 if not outage:
                     logger.warning(
-                        "Redis pub/sub at %s unreachable (%s); reconnecting", self._url, exc
+                        "Redis pub/sub at %s unreachable (%s); reconnecting",
+                        safe_url(self._url),
+                        exc,
                     )
                     outage = True
                 self.reconnects += 1
