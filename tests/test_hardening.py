@@ -32,6 +32,7 @@ from websockets.asyncio.client import connect
 
 from prefect_ws.clients.follow import follow
 from prefect_ws.server.security.auth import mint_token
+from prefect_ws.server.security.redact import safe_url
 from prefect_ws.server.uvicorn import stall
 from prefect_ws.settings import Settings
 
@@ -179,6 +180,19 @@ def test_a_backend_password_never_reaches_a_log_line_or_an_answer() -> None:
         assert answer.status_code == 503
         assert "s3cret-pw" not in answer.text
         assert "s3cret-pw" not in server.log.text
+
+
+@pytest.mark.parametrize(
+    ("url", "safe"),
+    [
+        ("redis://:s3cret-pw@127.0.0.1:6379/0", "redis://[redacted]@127.0.0.1:6379/0"),
+        ("rediss://user:s3cret-pw@[::1]:6380", "rediss://[redacted]@[::1]:6380"),
+        ("redis+cluster://u:s3cret-pw@a:7000,b:7001", "redis+cluster://[redacted]@a:7000,b:7001"),
+        ("redis://127.0.0.1:6379/0", "redis://127.0.0.1:6379/0"),
+    ],
+)
+def test_a_backend_url_is_shown_without_its_credentials(url: str, safe: str) -> None:
+    assert safe_url(url) == safe
 
 
 # -- 4. DNS rebinding: the Host must be one of ours ------------------------------------------------

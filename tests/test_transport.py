@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import threading
 
 import pytest
@@ -288,3 +289,25 @@ def test_redis_down_raises_backend_unavailable_not_redis_errors(redis_server) ->
 
     for error in asyncio.run(main()):
         assert str(error).startswith("redis: ")
+
+
+def test_the_listener_names_an_unreachable_redis_without_its_password(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    async def main() -> None:
+        backend = RedisBackend("redis://:s3cret-pw@127.0.0.1:1/0", prefix="down")
+        await backend.connect()
+        await backend.subscribe(RUN)
+        try:
+            for _ in range(100):
+                if backend.reconnects:
+                    return
+                await asyncio.sleep(0.05)
+        finally:
+            await backend.disconnect()
+
+    with caplog.at_level(logging.WARNING, logger="prefect_ws.transport"):
+        asyncio.run(main())
+    lines = [record.getMessage() for record in caplog.records]
+    assert any("127.0.0.1:1" in line and "unreachable" in line for line in lines), lines
+    assert not any("s3cret-pw" in line for line in lines), lines

@@ -38,15 +38,19 @@ from typing import Any, Final, TypeVar
 from urllib.parse import unquote, urlsplit
 
 import redis.asyncio as aioredis
-from broadcaster import Event
 from redis.asyncio.cluster import ClusterNode, RedisCluster
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.crc import key_slot
-from redis.exceptions import AskError, RedisClusterException, RedisError
+from redis.exceptions import RedisClusterException, RedisError
 
-from prefect_ws.backends.base import RESYNC, BackendUnavailable, RecentRun
-from prefect_ws.backends.redis import _NETWORK_ERRORS, PUBLISH_SCRIPT, RedisBackend
+from prefect_ws.backends.base import BackendUnavailable, RecentRun
+from prefect_ws.backends.redis import (
+    _NETWORK_ERRORS,
+    PUBLISH_SCRIPT,
+    PubSubListener,
+    RedisBackend,
+)
 
 logger = logging.getLogger("prefect_ws.transport")
 
@@ -153,138 +157,6 @@ async def check_cluster(url: str, timeout: float = 3.0) -> None:
         raise ClusterUnreachable("Redis Cluster node(s) unreachable: " + ", ".join(failures))
 
 
-class _NodeListener:
-    """One master's sharded pub/sub connection: the runs whose slot it serves.
-
-    Reconnects with backoff and resubscribes its runs after any failure; each confirmed
-    ``ssubscribe`` emits RESYNC. An ``sunsubscribe`` the backend did not ask for (the slot moved
-    away) or a ``MOVED`` reply asks the backend to refresh the slot map.
-    """
-
-    def __init__(self, backend: ClusterBackend, node: ClusterNode) -> None:
-        self.name = node.name
-        self._backend = backend
-        self._client = aioredis.Redis(
-            host=node.host,
-            port=int(node.port),
-            socket_connect_timeout=2.0,
-            health_check_interval=10,
-            **backend._parsed.client_options,
-        )
-        self.channels: set[str] = set()
-        self._pubsub: Any = None
-        self._reconnect = asyncio.Event()
-        self._task = asyncio.create_task(self._run(), name=f"prefect-ws cluster {self.name}")
-
-    async def add(self, run_id: str) -> None:
-        self.channels.add(run_id)
-        await self._command("ssubscribe", run_id)
-
-    async def remove(self, run_id: str) -> None:
-        self.channels.discard(run_id)
-        self._backend._confirmed.discard(run_id)
-        await self._command("sunsubscribe", run_id)
-
-    async def _command(self, command: str, run_id: str) -> None:
-        pubsub = self._pubsub
-        if pubsub is None:
-            return  # connecting: _open applies what changed meanwhile
-        try:
-            channel = self._backend.channel_name(run_id)
-            await asyncio.wait_for(getattr(pubsub, command)(channel), 5.0)
-        except Exception as exc:
-            logger.warning("%s of run %s on %s failed (%r)", command, run_id, self.name, exc)
-            self._reconnect.set()
-
-    async def close(self) -> None:
-        self._task.cancel()
-        await asyncio.gather(self._task, return_exceptions=True)
-        await self._close_pubsub()
-        with contextlib.suppress(Exception):
-            await self._client.aclose()
-
-    async def _open(self) -> None:
-        """Subscribe the anchor and every run, then publish the connection (see RedisBackend)."""
-        pubsub = self._client.pubsub()
-        backend = self._backend
-        try:
-            await pubsub.subscribe(backend._anchor)
-            wanted: set[str] = set()
-            while wanted != self.channels:
-                added, removed = self.channels - wanted, wanted - self.channels
-                wanted = set(self.channels)
-                for run_id in added:  # one SSUBSCRIBE per channel: one slot each
-                    await pubsub.ssubscribe(backend.channel_name(run_id))
-                for run_id in removed:
-                    await pubsub.sunsubscribe(backend.channel_name(run_id))
-        except BaseException:
-            with contextlib.suppress(Exception):
-                await pubsub.aclose()
-            raise
-        self._pubsub = pubsub
-
-    async def _close_pubsub(self) -> None:
-        for run_id in self.channels:
-            self._backend._confirmed.discard(run_id)
-        pubsub, self._pubsub = self._pubsub, None
-        if pubsub is not None:
-            with contextlib.suppress(Exception):
-                await pubsub.aclose()
-
-    async def _run(self) -> None:
-        backend = self._backend
-        delay = 0.05
-        outage = False
-        while True:
-            try:
-                self._reconnect.clear()
-                await self._open()
-                pubsub = self._pubsub
-                while not self._reconnect.is_set():
-                    message = await pubsub.get_message(timeout=1.0)
-                    if message is None:
-                        continue
-                    if outage:
-                        logger.warning("Redis Cluster node %s is back; replaying", self.name)
-                        outage, delay = False, 0.05
-                    kind = message["type"]
-                    if message["channel"] == backend._anchor:
-                        continue
-                    run_id = backend._run_id_of(message["channel"])
-                    if kind == "smessage":
-                        text = message["data"].decode("utf-8", "replace")
-                        backend._queue.put_nowait(Event(run_id, text))
-                    elif kind == "ssubscribe" and run_id in self.channels:
-                        backend._confirmed.add(run_id)
-                        backend._queue.put_nowait(Event(run_id, RESYNC))
-                    elif kind == "sunsubscribe" and run_id in self.channels:
-                        # Not ours: the slot moved to another master.
-                        logger.info("run %s moved off %s; following its slot", run_id, self.name)
-                        backend._confirmed.discard(run_id)
-                        backend._topology_changed.set()
-                await self._close_pubsub()
-            except asyncio.CancelledError:
-                raise
-            except AskError as exc:  # MOVED too: a slot of ours moved to another master
-                await self._close_pubsub()
-                logger.info("a slot moved off %s (%s); following it", self.name, exc)
-                backend._topology_changed.set()
-                await asyncio.sleep(0.05)
-            except _NETWORK_ERRORS as exc:
-                await self._close_pubsub()
-                if not outage:
-                    logger.warning("Redis Cluster node %s unreachable (%s)", self.name, exc)
-                    outage = True
-                backend.reconnects += 1
-                backend._topology_changed.set()  # a failover may have moved its slots
-                await asyncio.sleep(delay)
-                delay = min(delay * 2, backend._reconnect_max_delay)
-            except Exception:  # never let a listener die
-                logger.exception("Unexpected error in the Redis Cluster listener; restarting it")
-                await self._close_pubsub()
-                await asyncio.sleep(delay)
-
-
 class ClusterBackend(RedisBackend):
     """:class:`RedisBackend` on a Redis Cluster: see the module's docstring."""
 
@@ -297,7 +169,7 @@ class ClusterBackend(RedisBackend):
         self._display_url = f"{SCHEMES[1] if self._parsed.tls else SCHEMES[0]}://" + ",".join(
             self._parsed.names()
         )
-        self._listeners: dict[str, _NodeListener] = {}
+        self._listeners: dict[str, PubSubListener] = {}  # master name -> its listener
         self._owner: dict[str, str] = {}  # run id -> name of the listener it is subscribed on
         self._topology_changed = asyncio.Event()
         self._indexed: OrderedDict[str, float] = OrderedDict()  # run id -> last index update
@@ -311,7 +183,7 @@ class ClusterBackend(RedisBackend):
             max_connections=100,
             **self._parsed.client_options,
         )
-        return client, None  # pub/sub: one connection per master (_NodeListener)
+        return client, None  # pub/sub: one connection per master (_listener_on)
 
     def _script_keys(self, run_id: str) -> list[str]:
         keys = super()._script_keys(run_id)
@@ -485,9 +357,27 @@ class ClusterBackend(RedisBackend):
             await self._listeners[current].remove(run_id)
         listener = self._listeners.get(node.name)
         if listener is None:
-            listener = self._listeners[node.name] = _NodeListener(self, node)
+            listener = self._listeners[node.name] = self._listener_on(node)
         self._owner[run_id] = node.name
         await listener.add(run_id)
+
+    def _listener_on(self, node: ClusterNode) -> PubSubListener:
+        """A started sharded pub/sub listener on ``node``: a run's SSUBSCRIBE is served by the
+        master of its slot only."""
+        client = aioredis.Redis(
+            host=node.host,
+            port=int(node.port),
+            socket_connect_timeout=2.0,
+            health_check_interval=10,
+            **self._parsed.client_options,
+        )
+        name = f"Redis Cluster node {node.name}"
+        listener = PubSubListener(self, client, name=name, channels=set(), sharded=True)
+        listener.start()
+        return listener
+
+    def _slots_may_have_moved(self) -> None:
+        self._topology_changed.set()
 
     async def _listen(self) -> None:
         """Keep every subscribed run placed on its master; re-place all after a topology event.

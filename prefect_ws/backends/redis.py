@@ -10,9 +10,9 @@ This one:
 - ends a run once: the same script sets the run's ``ended`` key with its ``run_complete`` and
   refuses every later batch, so of the flow's hooks and any number of reconciling replicas
   exactly one ends the run (:meth:`RedisBackend.publish_end`);
-- listens on one pub/sub connection per process and, after any connection loss, reconnects with
-  backoff, resubscribes every channel and emits :data:`RESYNC` for each, so the hub replays what
-  was missed from the stream;
+- listens on one pub/sub connection per process (a :class:`PubSubListener`) and, after any
+  connection loss, reconnects with backoff, resubscribes every channel and emits :data:`RESYNC`
+  for each, so the hub replays what was missed from the stream;
 - never raises out of ``next_published``, so broadcaster's listener task never dies.
 """
 
@@ -26,8 +26,8 @@ from typing import Any, Final, TypeVar
 
 import redis.asyncio as aioredis
 from broadcaster import Event
+from redis.exceptions import AskError, MaxConnectionsError, RedisError
 from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import MaxConnectionsError, RedisError
 
 from prefect_ws.backends.base import (
     RESYNC,
@@ -38,6 +38,7 @@ from prefect_ws.backends.base import (
     StreamBackend,
 )
 from prefect_ws.protocol.events import Draft
+from prefect_ws.server.security.redact import safe_url
 
 logger = logging.getLogger("prefect_ws.transport")
 
@@ -108,6 +109,194 @@ _NETWORK_ERRORS = (RedisError, OSError, asyncio.TimeoutError)
 T = TypeVar("T")
 
 
+class PubSubListener:
+    """A pub/sub connection that stays subscribed to ``channels`` (run ids) through any failure.
+
+    After any failure it reconnects with backoff (0.05 s, doubled up to the backend's
+    ``reconnect_max_delay``) and resubscribes every channel it was asked for. It hands each
+    message to the backend's queue and each confirmed (re)subscription as :data:`RESYNC`, so the
+    hub replays from the run's history what an outage cost; a channel is live for the backend
+    (``_confirmed``) from its confirmation until this connection closes.
+
+    One Redis has one listener for every run, with classic ``SUBSCRIBE``. A Redis Cluster has one
+    per master with sharded pub/sub (``sharded``: ``SSUBSCRIBE``, one slot per command), where
+    the server also drops a channel whose slot moved (an ``sunsubscribe`` not asked for) or
+    answers ``MOVED``: both, and any connection loss, are reported to the backend
+    (:meth:`RedisBackend._slots_may_have_moved`) so it can place the runs anew.
+
+    The connection also subscribes an anchor channel and keeps it, so redis-py never sees the
+    connection unsubscribed from everything: in that state its next SUBSCRIBE first drains the
+    socket for health-check replies and fails on a pending UNSUBSCRIBE reply, which lost
+    subscriptions under churn.
+    """
+
+    def __init__(
+        self,
+        backend: RedisBackend,
+        client: Any,
+        *,
+        name: str,
+        channels: set[str],
+        sharded: bool,
+    ) -> None:
+        self.name = name  # the server, as log lines may show it: never a credential
+        self.channels = channels
+        self._backend = backend
+        self._client = client
+        self._sharded = sharded
+        s = "s" if sharded else ""  # SSUBSCRIBE, SUNSUBSCRIBE and "smessage" when sharded
+        self._subscribe, self._unsubscribe, self._message = (
+            f"{s}subscribe",
+            f"{s}unsubscribe",
+            f"{s}message",
+        )
+        self._pubsub: Any = None
+        self._reconnect = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+
+    def start(self) -> None:
+        self._task = asyncio.create_task(self._run(), name=f"prefect-ws pub/sub: {self.name}")
+
+    async def close(self) -> None:
+        """Stop listening; close the connection and the client."""
+        if self._task is not None:
+            self._task.cancel()
+            await asyncio.gather(self._task, return_exceptions=True)
+            self._task = None
+        await self._close_pubsub()
+        with contextlib.suppress(Exception):
+            await self._client.aclose()
+
+    async def add(self, run_id: str) -> None:
+        self.channels.add(run_id)
+        await self._command(self._subscribe, run_id)
+
+    async def remove(self, run_id: str) -> None:
+        self.channels.discard(run_id)
+        self._backend._confirmed.discard(run_id)
+        await self._command(self._unsubscribe, run_id)
+
+    async def _command(self, command: str, run_id: str) -> None:
+        """(UN)SUBSCRIBE on the open connection; on any failure, make it reconnect.
+
+        Reconnecting resubscribes every channel, so a lost command costs a RESYNC, never a stuck
+        subscription.
+        """
+        pubsub = self._pubsub
+        if pubsub is None:
+            return  # not connected: _open subscribes self.channels when it is
+        try:
+            channel = self._backend.channel_name(run_id)
+            await asyncio.wait_for(getattr(pubsub, command)(channel), 5.0)
+        except Exception as exc:
+            logger.warning(
+                "%s of run %s on %s failed (%r); reconnecting", command, run_id, self.name, exc
+            )
+            self._reconnect.set()
+
+    async def _open(self) -> None:
+        """Connect and subscribe the anchor and every channel, then publish the connection.
+
+        Until the first command has connected it, a redis-py ``PubSub`` has no connection, and
+        a second command sent meanwhile opens another one: a SUBSCRIBE sent there is confirmed
+        on a socket nobody reads, and its run never went live (seen when a stream opened while
+        the listener was connecting). So (un)subscribes wait for ``self._pubsub`` to be set,
+        and what changed while connecting is applied right after.
+        """
+        pubsub = self._client.pubsub()
+        try:
+            await pubsub.subscribe(self._backend._anchor)
+            wanted: set[str] = set()
+            while wanted != self.channels:
+                added, removed = self.channels - wanted, wanted - self.channels
+                wanted = set(self.channels)
+                await self._send(pubsub, self._subscribe, added)
+                await self._send(pubsub, self._unsubscribe, removed)
+        except BaseException:
+            with contextlib.suppress(Exception):
+                await pubsub.aclose()
+            raise
+        self._pubsub = pubsub
+
+    async def _send(self, pubsub: Any, command: str, run_ids: set[str]) -> None:
+        channels = [self._backend.channel_name(run_id) for run_id in run_ids]
+        if self._sharded:  # one command per channel: each names one slot
+            for channel in channels:
+                await getattr(pubsub, command)(channel)
+        elif channels:
+            await getattr(pubsub, command)(*channels)
+
+    async def _close_pubsub(self) -> None:
+        self._backend._confirmed.difference_update(self.channels)
+        pubsub, self._pubsub = self._pubsub, None
+        if pubsub is not None:
+            with contextlib.suppress(Exception):
+                await pubsub.aclose()
+
+    def _deliver(self, message: dict[str, Any]) -> None:
+        """A message to the backend's queue; a confirmed subscription to it as RESYNC."""
+        backend = self._backend
+        kind = message["type"]
+        if message["channel"] == backend._anchor or kind not in (
+            self._message,
+            self._subscribe,
+            self._unsubscribe,
+        ):
+            return
+        run_id = backend._run_id_of(message["channel"])
+        if kind == self._message:
+            text = message["data"].decode("utf-8", "replace")
+            backend._queue.put_nowait(Event(run_id, text))
+        elif run_id not in self.channels:
+            return  # the answer to a command given up since
+        elif kind == self._subscribe:
+            backend._confirmed.add(run_id)
+            backend._queue.put_nowait(Event(run_id, RESYNC))
+        elif self._sharded:  # not asked for: the slot moved to another master
+            logger.info("run %s moved off %s; following its slot", run_id, self.name)
+            backend._confirmed.discard(run_id)
+            backend._slots_may_have_moved()
+
+    async def _run(self) -> None:
+        backend = self._backend
+        delay = 0.05
+        outage = False
+        while True:
+            try:
+                self._reconnect.clear()
+                await self._open()
+                pubsub = self._pubsub
+                while not self._reconnect.is_set():
+                    message = await pubsub.get_message(timeout=1.0)
+                    if message is None:
+                        continue
+                    if outage:
+                        logger.warning("%s is back; replaying missed events", self.name)
+                        outage, delay = False, 0.05
+                    self._deliver(message)
+                await self._close_pubsub()
+            except asyncio.CancelledError:
+                raise
+            except AskError as exc:  # MOVED too: a slot of ours moved to another master
+                await self._close_pubsub()
+                logger.info("a slot moved off %s (%s); following it", self.name, exc)
+                backend._slots_may_have_moved()
+                await asyncio.sleep(0.05)
+            except _NETWORK_ERRORS as exc:
+                await self._close_pubsub()
+                if not outage:
+                    logger.warning("%s unreachable (%s); reconnecting", self.name, exc)
+                    outage = True
+                backend.reconnects += 1
+                backend._slots_may_have_moved()  # a failover may have moved them
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, backend._reconnect_max_delay)
+            except Exception:  # never let a listener die
+                logger.exception("Unexpected error in the listener of %s; restarting it", self.name)
+                await self._close_pubsub()
+                await asyncio.sleep(delay)
+
+
 class RedisBackend(StreamBackend):
     name = "redis"
 
@@ -125,15 +314,20 @@ class RedisBackend(StreamBackend):
         self._maxlen = history_maxlen
         self._ttl = history_ttl_seconds
         self._reconnect_max_delay = reconnect_max_delay
-        self._redis, self._pubsub_redis = self._clients(url)
+        self._redis, pubsub_client = self._clients(url)
         self._script = self._redis.register_script(self.publish_script)
         self._channels: set[str] = set()
         self._confirmed: set[str] = set()  # channels Redis confirmed on the current connection
         self._anchor = f"{prefix}:listener".encode()
-        self._pubsub: Any = None
+        self._pubsub_listener = PubSubListener(
+            self,
+            pubsub_client,
+            name=f"Redis pub/sub at {safe_url(url)}",
+            channels=self._channels,
+            sharded=False,
+        )
         self._queue: asyncio.Queue[Event] = asyncio.Queue()
         self._started = asyncio.Event()  # set at the first subscribe: publishers never listen
-        self._reconnect = asyncio.Event()
         self._listener: asyncio.Task[None] | None = None
         self.reconnects = 0
 
@@ -172,37 +366,18 @@ class RedisBackend(StreamBackend):
             self._listener.cancel()
             await asyncio.gather(self._listener, return_exceptions=True)
             self._listener = None
-        await self._close_pubsub()
+        await self._pubsub_listener.close()
         await self._redis.aclose()
-        await self._pubsub_redis.aclose()
 
     async def subscribe(self, channel: str) -> None:
-        self._channels.add(channel)
         self._started.set()
-        await self._pubsub_command("subscribe", channel)
+        await self._pubsub_listener.add(channel)
 
     def is_live(self, channel: str) -> bool:
         return channel in self._confirmed
 
     async def unsubscribe(self, channel: str) -> None:
-        self._channels.discard(channel)
-        self._confirmed.discard(channel)
-        await self._pubsub_command("unsubscribe", channel)
-
-    async def _pubsub_command(self, command: str, channel: str) -> None:
-        """(UN)SUBSCRIBE on the listener's connection; on any failure, make it reconnect.
-
-        The listener resubscribes every channel when it reconnects, so a lost command costs
-        a RESYNC, never a stuck subscription.
-        """
-        pubsub = self._pubsub
-        if pubsub is None:
-            return  # not connected: the listener subscribes self._channels when it is
-        try:
-            await asyncio.wait_for(getattr(pubsub, command)(self.channel_name(channel)), 5.0)
-        except Exception as exc:
-            logger.warning("Redis %s of run %s failed (%r); reconnecting", command, channel, exc)
-            self._reconnect.set()
+        await self._pubsub_listener.remove(channel)
 
     async def publish(self, channel: str, message: Any) -> None:
         drafts: list[Draft] = message
@@ -313,92 +488,18 @@ class RedisBackend(StreamBackend):
         except _NETWORK_ERRORS as exc:
             raise BackendUnavailable(f"redis: {exc or type(exc).__name__}") from exc
 
-    async def _open_pubsub(self) -> None:
-        """Connect and subscribe the anchor and every channel, then publish the connection.
-
-        Until the first command has connected it, a redis-py ``PubSub`` has no connection, and
-        a second command sent meanwhile opens another one: a SUBSCRIBE sent there is confirmed
-        on a socket nobody reads, and its run never went live (seen when a stream opened while
-        the listener was connecting). So (un)subscribes wait for ``self._pubsub`` to be set,
-        and what changed while connecting is applied right after.
-        """
-        pubsub = self._pubsub_redis.pubsub()
-        try:
-            wanted = set(self._channels)
-            await pubsub.subscribe(self._anchor, *(self.channel_name(c) for c in wanted))
-            while wanted != self._channels:
-                added, removed = self._channels - wanted, wanted - self._channels
-                wanted = set(self._channels)
-                if added:
-                    await pubsub.subscribe(*(self.channel_name(c) for c in added))
-                if removed:
-                    await pubsub.unsubscribe(*(self.channel_name(c) for c in removed))
-        except BaseException:
-            with contextlib.suppress(Exception):
-                await pubsub.aclose()
-            raise
-        self._pubsub = pubsub
-
-    async def _close_pubsub(self) -> None:
-        self._confirmed.clear()
-        pubsub, self._pubsub = self._pubsub, None
-        if pubsub is not None:
-            with contextlib.suppress(Exception):
-                await pubsub.aclose()
-
     def _run_id_of(self, channel: bytes) -> str:
         name = channel.decode("utf-8", "replace")
         return name[len(self._prefix) + 2 : -1]
 
     async def _listen(self) -> None:
-        """Deliver pub/sub messages; reconnect and resubscribe everything after any failure.
-
-        The connection also subscribes an anchor channel and keeps it, so redis-py never sees
-        the connection unsubscribed from everything: in that state its next SUBSCRIBE first
-        drains the socket for health-check replies and fails on a pending UNSUBSCRIBE reply,
-        which lost subscriptions under churn.
-        """
+        """Start the listener at the first subscribe: a flow's process only publishes."""
         await self._started.wait()
-        delay = 0.05
-        outage = False
-        while True:
-            try:
-                self._reconnect.clear()
-                await self._open_pubsub()
-                pubsub = self._pubsub
-                while not self._reconnect.is_set():
-                    message = await pubsub.get_message(timeout=1.0)
-                    if message is None:
-                        continue
-                    if outage:
-                        logger.warning(
-                            "Redis pub/sub at %s is back; replaying missed events", self._url
-                        )
-                        outage, delay = False, 0.05
-                    kind = message["type"]
-                    if message["channel"] == self._anchor or kind not in ("message", "subscribe"):
-                        continue
-                    run_id = self._run_id_of(message["channel"])
-                    if kind == "message":
-                        text = message["data"].decode("utf-8", "replace")
-                        self._queue.put_nowait(Event(run_id, text))
-                    elif run_id in self._channels:
-                        self._confirmed.add(run_id)
-                        self._queue.put_nowait(Event(run_id, RESYNC))
-                await self._close_pubsub()
-            except asyncio.CancelledError:
-                raise
-            except _NETWORK_ERRORS as exc:
-                await self._close_pubsub()
-                if not outage:
-                    logger.warning(
-                        "Redis pub/sub at %s unreachable (%s); reconnecting", self._url, exc
-                    )
-                    outage = True
-                self.reconnects += 1
-                await asyncio.sleep(delay)
-                delay = min(delay * 2, self._reconnect_max_delay)
-            except Exception:  # never let the process-wide listener die
-                logger.exception("Unexpected error in the Redis listener; restarting it")
-                await self._close_pubsub()
-                await asyncio.sleep(delay)
+        self._pubsub_listener.start()
+
+    def _slots_may_have_moved(self) -> None:
+        """A listener lost its connection or a channel it did not give up.
+
+        One Redis serves every channel, so the listener's resubscribing is all it takes; a
+        cluster places its runs on their masters anew (:class:`~.cluster.ClusterBackend`).
+        """

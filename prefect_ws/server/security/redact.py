@@ -39,8 +39,9 @@ def redact(text: str) -> str:
 def safe_url(url: str) -> str:
     """``url`` without its user and password (a backend URL, for a log line or an answer)."""
     parts = urlsplit(url)
-    if parts.username is None and parts.password is None:
+    _, at, hosts = parts.netloc.rpartition("@")
+    if not at:
         return url
-    host = parts.hostname or ""
-    netloc = f"{REDACTED}@{host}" + (f":{parts.port}" if parts.port else "")
-    return parts._replace(netloc=netloc).geturl()
+    # The hosts as written: a cluster URL names several (``a:7000,b:7001``), which urlsplit
+    # cannot read as one host and port.
+    return parts._replace(netloc=f"{REDACTED}@{hosts}").geturl()
