@@ -2,14 +2,19 @@
 
     .venv/bin/python benchmarks/bench_catchup.py [--quick] [--events 100000] [--clients 10]
     .venv/bin/python benchmarks/bench_catchup.py --variant gc-default:BENCH_GC=default
+    .venv/bin/python benchmarks/bench_catchup.py --client python
 
 The publisher (the real ``Publisher.emit`` path) stores N ``step_log`` events and
-``run_complete`` first; then K clients (``_wsload.py``, one process) connect with ``since=0`` at
+``run_complete`` first; then K clients (one load client process) connect with ``since=0`` at
 once and read the run to its end, all of it from the stored history (Redis ``XRANGE`` pages):
 the path a late joiner or a client that fell far behind takes. Reported: total delivered
 events/s (first connect -> last frame at the last client), server CPU per delivered event and
 the load client's own CPU. ``--variant`` starts one more prefect-ws server with extra
 environment variables and alternates the two, for A/B ratios from the same minutes.
+
+The load client is ``anchors/node/load.js`` where Node is installed: ``_wsload.py`` (``--client
+python``, and the fallback, with a line saying why) spends ~6 us of CPU per event, which caps
+the measurement near 150k events/s.
 """
 
 from __future__ import annotations
@@ -22,6 +27,7 @@ import time
 import uuid
 from typing import Any
 
+from _anchors import LOAD_CLIENTS, stream_load_client
 from _common import (
     HERE,
     PYTHON,
@@ -52,14 +58,16 @@ def store_run(prefix: str, events: int) -> str:
     return run_id
 
 
-def catch_up(port: int, pid: int, run_id: str, clients: int, deadline: float) -> dict[str, Any]:
+def catch_up(
+    port: int, pid: int, run_id: str, clients: int, deadline: float, load_client: list[str]
+) -> dict[str, Any]:
+    """One catch-up; ``load_client`` is the command of :func:`stream_load_client`."""
     url = f"ws://127.0.0.1:{port}/api/v2/workflows/runs/{run_id}/stream?since=0"
     cpu0 = cpu_seconds(pid)
     start_ns = time.time_ns()
     out = subprocess.run(
         [
-            PYTHON,
-            str(HERE / "_wsload.py"),
+            *load_client,
             "--mode",
             "stream",
             "--url",
@@ -100,10 +108,21 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--variant", action="append", default=[], help="as in bench_fanout.py")
     parser.add_argument("--tag", default="", help="suffix for the result file")
+    parser.add_argument(
+        "--client",
+        choices=LOAD_CLIENTS,
+        help="load client: node (anchors/node/load.js; the default where Node is installed) "
+        "or python (_wsload.py; ~6 us CPU per event)",
+    )
     args = parser.parse_args()
     if args.quick:
         args.events, args.clients, args.repeats = 500, 2, 1
     raise_nofile()
+    try:
+        client, load_client = stream_load_client(args.client)
+    except RuntimeError as exc:
+        parser.error(str(exc))
+    print(f"load client: {client}", flush=True)
     variants = parse_variants(args.variant)
     modes = ["prefect-ws", *variants]
     prefix = redis_prefix("catchup")
@@ -121,8 +140,8 @@ def main() -> None:
             for repeat in range(args.repeats):
                 for mode in modes if repeat % 2 == 0 else reversed(modes):
                     proc, port = servers[mode]
-                    result = catch_up(port, proc.pid, run_id, args.clients, 600.0)
-                    result.update(mode=mode, repeat=repeat, expected=expected)
+                    result = catch_up(port, proc.pid, run_id, args.clients, 600.0, load_client)
+                    result.update(mode=mode, repeat=repeat, expected=expected, client=client)
                     results.append(result)
                     print(result, flush=True)
     finally:
@@ -150,7 +169,7 @@ def main() -> None:
         )
     print_table(
         f"Catch-up: {args.clients} clients join a {args.events}-event run with since=0 "
-        f"(Redis backend, median of {args.repeats})",
+        f"(Redis backend, {client} load client, median of {args.repeats})",
         ["server", "events/s", "server us/ev", "client CPU %", "all delivered", "prefect-ws / it"],
         rows,
     )
@@ -163,6 +182,7 @@ def main() -> None:
             "clients": args.clients,
             "repeats": args.repeats,
             "servers": modes,
+            "load_client": client,
             "runs": results,
         },
     )

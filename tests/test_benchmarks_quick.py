@@ -172,3 +172,8 @@ def test_catchup_quick(redis_url: str, results: Path) -> None:
     data = _result(results, "catchup")
     assert data["servers"] == ["prefect-ws", "prefect-ws[gc-default]"]
     assert all(r["delivered"] == r["expected"] and r["out_of_order"] == 0 for r in data["runs"])
+    # The Node load client where Node is installed, else the Python one.
+    assert data["load_client"] == (
+        "node" if shutil.which("node") and shutil.which("npm") else "python"
+    )
+    assert all(r["client"] == data["load_client"] for r in data["runs"])
