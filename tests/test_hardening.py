@@ -5,10 +5,14 @@ aliases and log lines a client can trigger at will. Real server, real sockets.""
 from __future__ import annotations
 
 import asyncio
+import gc
 import logging
+import socket
+import struct
 import threading
 import time
 import uuid
+import weakref
 from collections.abc import Iterator
 from typing import Any
 from urllib.parse import quote
@@ -485,3 +489,57 @@ def test_the_uvicorn_internals_the_protocols_build_on_are_there() -> None:
         for attribute in ("close_timeout", "close_sent", "read_paused", "frames", "conn"):
             assert hasattr(protocol, attribute), attribute
         sock.close()
+
+
+@pytest.mark.parametrize("loop", ["asyncio", "uvloop"])
+def test_a_closed_connection_is_freed_without_the_cycle_collector(loop: str) -> None:
+    """A serving process collects cycles rarely (server/gctuning.py): a connection's objects
+    left in a reference cycle would wait there, thousands at a time under churn, and the memory
+    they held at the peak stays with the process. With the collector off, a closed stream's
+    protocol, transport, websockets connection and task must be freed all the same. The client
+    closes while the stream waits for the next event."""
+    run_id = str(uuid.uuid4())
+    with running_server(memory_settings(), loop=loop) as server:
+        server.publish(run_id, [log_draft(run_id, 1)])  # open: every stream waits after it
+
+        def open_stream() -> socket.socket:
+            sock = raw_socket(server)
+            sock.sendall(ws_request(stream_path(run_id)))
+            assert read_head(sock).startswith(b"HTTP/1.1 101 ")
+            assert sock.recv(65536)  # hello, then the stream waits for the next event
+            return sock
+
+        def close(sock: socket.socket) -> None:
+            time.sleep(0.05)
+            sock.sendall(client_frame(0x8, struct.pack("!H", 1000)))
+            read_all(sock)
+            sock.close()
+
+        def connection_objects(server: RunningServer) -> list[weakref.ref[Any]]:
+            connections: list[Any] = list(server.server.server_state.connections)
+            return [
+                weakref.ref(thing)
+                for protocol in connections
+                if hasattr(protocol, "conn")
+                for thing in (protocol, protocol.transport, protocol.conn, *protocol.tasks)
+            ]
+
+        close(open_stream())  # first use
+        gc.collect()
+        gc.disable()
+        try:
+            refs: list[weakref.ref[Any]] = []
+            for _ in range(5):
+                sock = open_stream()
+                wait_for(lambda: len(server.ws_transports()) == 1, 5, "the connection is seen")
+                refs += connection_objects(server)
+                close(sock)
+            wait_for(lambda: not server.ws_transports(), 5, "every connection is gone")
+            wait_for(lambda: server.gauge("websocket") == 0, 5, "every stream has ended")
+            wait_for(
+                lambda: [type(r()).__name__ for r in refs if r() is not None] or True,
+                5,
+                "every closed connection's objects are freed",
+            )
+        finally:
+            gc.enable()

@@ -181,7 +181,12 @@ class Subscription:
                 self._waiter = None
         item = queue.popleft()
         if isinstance(item, StreamClosed):
-            raise item
+            # Not kept in this frame: the exception's traceback holds the frame, and that cycle
+            # would keep the connection's stream state until the cycle collector runs.
+            try:
+                raise item
+            finally:
+                del item
         if isinstance(item, _Resync):
             return item
         self._queued -= len(item)

@@ -6,7 +6,8 @@
 - a request head over :data:`MAX_HEAD_BYTES` is answered ``431`` (h11 would say 400);
 - a WebSocket upgrade must be HTTP/1.1 (RFC 6455 section 4.1): anything else gets ``400``;
 - a write buffer full for ``max_lag_seconds`` plus :data:`~.stall.GRACE` aborts the connection
-  (:mod:`.stall`): an SSE client that stopped reading.
+  (:mod:`.stall`): an SSE client that stopped reading;
+- a closed connection's transport is freed by reference counting (:mod:`.release`).
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from uvicorn.protocols.http.h11_impl import H11Protocol
 from prefect_ws.server import metrics
 from prefect_ws.server.security.headers import MAX_HEADER_BYTES
 from prefect_ws.server.uvicorn import stall
+from prefect_ws.server.uvicorn.release import ReleasesTransport
 
 # uvicorn's h11 parses header blocks up to this size, so that the header check answers 431 with
 # its reason for anything between MAX_HEADER_BYTES and this; larger is answered here.
@@ -37,7 +39,7 @@ def _plain_answer(status: int, phrase: str, reason: str) -> bytes:
     return head.encode() + body
 
 
-class PrefectWsHttpProtocol(stall.AbortsStalledWrites, H11Protocol):
+class PrefectWsHttpProtocol(ReleasesTransport, stall.AbortsStalledWrites, H11Protocol):
     header_deadline: float = 10.0
 
     def connection_made(self, transport: Any) -> None:

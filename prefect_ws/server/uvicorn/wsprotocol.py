@@ -29,7 +29,10 @@ The footprint: a server mostly holds idle connections, so what each one keeps ma
 at 3,000 idle connections (docs/benchmarks.md §4), uvicorn's protocol kept ~15 KB per connection
 that an idle stream never uses: the handshake's request and response (the websockets parser
 keeps the request alive in its generator frame), an ``asyncio.Queue`` (four deques) for the one
-reader of incoming messages, an ``asyncio.Event`` for flow control, a per-connection uuid.
+reader of incoming messages, an ``asyncio.Event`` for flow control, a per-connection uuid. And a
+closed connection leaves nothing to the cycle collector, which a serving process runs rarely
+(:mod:`~prefect_ws.server.gctuning`): the websockets parser is closed, the transport released
+(:mod:`.release`).
 """
 
 from __future__ import annotations
@@ -46,6 +49,7 @@ from websockets.protocol import State
 from prefect_ws.protocol.frames import FRAMES_EXTENSION
 from prefect_ws.server.uvicorn import stall
 from prefect_ws.server.uvicorn.logs import client_noise
+from prefect_ws.server.uvicorn.release import ReleasesTransport
 
 
 def bad_request(reason: str) -> bytes:
@@ -120,7 +124,7 @@ class Writable:
             await asyncio.shield(paused)  # a cancelled sender must not cancel the others
 
 
-class PrefectWsProtocol(stall.AbortsStalledWrites, WebSocketsSansIOProtocol):
+class PrefectWsProtocol(ReleasesTransport, stall.AbortsStalledWrites, WebSocketsSansIOProtocol):
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.close_timeout = stall.GRACE  # uvicorn: 10 s for the client's close reply
@@ -224,6 +228,13 @@ class PrefectWsProtocol(stall.AbortsStalledWrites, WebSocketsSansIOProtocol):
     @property
     def peer(self) -> str:
         return f"{self.client[0]}:{self.client[1]}" if self.client else "-"
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        super().connection_lost(exc)
+        # The websockets parser is a generator suspended on the connection's reader, and its
+        # frame holds the connection: a cycle only the collector would free (with the reader's
+        # buffers). Closed, it holds nothing.
+        self.conn.parser.close()
 
     def data_received(self, data: bytes) -> None:
         super().data_received(data)
