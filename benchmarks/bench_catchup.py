@@ -22,9 +22,11 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import signal
 import subprocess
 import time
 import uuid
+from pathlib import Path
 from typing import Any
 
 from _anchors import LOAD_CLIENTS, stream_load_client
@@ -40,9 +42,11 @@ from _common import (
     raise_nofile,
     ratio,
     redis_prefix,
+    results_dir,
+    top_frames,
     write_results,
 )
-from bench_fanout import parse_variants, publisher_env
+from bench_fanout import parse_variants, publisher_env, start_profile
 
 
 def store_run(prefix: str, events: int) -> str:
@@ -59,10 +63,18 @@ def store_run(prefix: str, events: int) -> str:
 
 
 def catch_up(
-    port: int, pid: int, run_id: str, clients: int, deadline: float, load_client: list[str]
+    port: int,
+    pid: int,
+    run_id: str,
+    clients: int,
+    deadline: float,
+    load_client: list[str],
+    profile: Path | None = None,
 ) -> dict[str, Any]:
-    """One catch-up; ``load_client`` is the command of :func:`stream_load_client`."""
+    """One catch-up; ``load_client`` is the command of :func:`stream_load_client`; ``profile``:
+    py-spy the server into this file meanwhile."""
     url = f"ws://127.0.0.1:{port}/api/v2/workflows/runs/{run_id}/stream?since=0"
+    spy = start_profile(pid, profile) if profile else None
     cpu0 = cpu_seconds(pid)
     start_ns = time.time_ns()
     out = subprocess.run(
@@ -83,6 +95,9 @@ def catch_up(
         timeout=deadline + 60,
     )
     server_cpu = cpu_seconds(pid) - cpu0
+    if spy is not None:
+        spy.send_signal(signal.SIGINT)  # py-spy writes its file on Ctrl-C
+        spy.wait(30)
     report = json.loads(out.stdout.strip().splitlines()[-1])
     seconds = (report["last_recv_ns"] - start_ns) / 1e9
     delivered = report["delivered"]
@@ -114,6 +129,9 @@ def main() -> None:
         help="load client: node (anchors/node/load.js; the default where Node is installed) "
         "or python (_wsload.py; ~6 us CPU per event)",
     )
+    parser.add_argument(
+        "--profile", action="store_true", help="py-spy the server in the first repetition"
+    )
     args = parser.parse_args()
     if args.quick:
         args.events, args.clients, args.repeats = 500, 2, 1
@@ -140,7 +158,16 @@ def main() -> None:
             for repeat in range(args.repeats):
                 for mode in modes if repeat % 2 == 0 else reversed(modes):
                     proc, port = servers[mode]
-                    result = catch_up(port, proc.pid, run_id, args.clients, 600.0, load_client)
+                    profile = (
+                        results_dir() / f"profile-catchup-{mode}.txt"
+                        if args.profile and repeat == 0
+                        else None
+                    )
+                    result = catch_up(
+                        port, proc.pid, run_id, args.clients, 600.0, load_client, profile
+                    )
+                    if profile is not None and profile.exists():
+                        result["profile_top"] = top_frames(profile)
                     result.update(mode=mode, repeat=repeat, expected=expected, client=client)
                     results.append(result)
                     print(result, flush=True)

@@ -208,6 +208,36 @@ def _until_final(frames: list[Frame]) -> list[Frame]:
     return frames
 
 
+def _following(frames: list[Frame], cursor: int, *, initial: bool) -> list[Frame]:
+    """A history page's frames after ``cursor``: from ``cursor + 1`` on, or, on a stream's first
+    read (``initial``), from wherever the retained history starts; ClientLagging on a gap.
+
+    A page as stored is consecutive, and ``run_complete`` can only be its last frame (a
+    backend stores nothing after it), so each client takes a slice and checks one frame.
+    """
+    if not frames or frames[-1].seq - frames[0].seq != len(frames) - 1:
+        return _following_gaps(frames, cursor, initial=initial)
+    page = frames[max(0, cursor + 1 - frames[0].seq) :]
+    if page and page[0].seq != cursor + 1 and not initial:
+        raise ClientLagging(f"events after seq {cursor} are no longer retained")
+    return page
+
+
+def _following_gaps(frames: list[Frame], cursor: int, *, initial: bool) -> list[Frame]:
+    """:func:`_following` for a page with gaps in ``seq`` (a backend that misbehaves)."""
+    page: list[Frame] = []
+    for frame in frames:
+        if frame.seq <= cursor:
+            continue
+        if frame.seq != cursor + 1 and not (initial and not page):
+            raise ClientLagging(f"events after seq {cursor} are no longer retained")
+        cursor = frame.seq
+        page.append(frame)
+        if frame.is_final:
+            break
+    return page
+
+
 def _joined_wire(frames: list[Frame]) -> bytes | None:
     """The frames' wire bytes in one piece, built once for every client of the run, or None
     when they exceed one write (:data:`~.frames.WRITE_SIZE`): a burst goes through the
@@ -420,17 +450,9 @@ class Hub:
         cursor = subscription.last_seq
         while True:
             frames = await self.history.after(subscription.run_id, subscription.epoch, cursor)
-            page: list[Frame] = []
-            for frame in frames:
-                if frame.seq <= cursor:
-                    continue
-                if frame.seq != cursor + 1 and not (initial and not page):
-                    raise ClientLagging(f"events after seq {cursor} are no longer retained")
-                cursor = frame.seq
-                page.append(frame)
-                if frame.is_final:
-                    break
+            page = _following(frames, cursor, initial=initial)
             if page:
+                cursor = page[-1].seq
                 yield page
                 initial = False
             if len(frames) < self.replay_page_size or (page and page[-1].is_final):
