@@ -11,6 +11,12 @@ Servers that can take such pre-framed bytes say so with the ASGI extension
 ``{"type": FRAMES_EXTENSION, "data": <bytes>, "events": <count>}``; prefect-ws' own uvicorn
 protocol (:mod:`~prefect_ws.server.uvicorn.wsprotocol`) does. Elsewhere the app sends text
 messages one by one.
+
+:data:`LISTEN_EXTENSION`, from the same protocol: the send message
+``{"type": LISTEN_EXTENSION, "listener": <callable>}`` hands every later receive message
+(``websocket.receive``, ``websocket.disconnect``) to ``listener`` as it arrives, instead of
+keeping it for ``receive()``: an app with nothing to read but the client leaving needs no task
+waiting in ``receive()`` for each connection.
 """
 
 from __future__ import annotations
@@ -19,6 +25,7 @@ from collections.abc import Iterable, Iterator
 from typing import Final
 
 FRAMES_EXTENSION: Final = "prefect_ws.frames"
+LISTEN_EXTENSION: Final = "prefect_ws.listen"
 
 
 def text_frame(payload: bytes) -> bytes:

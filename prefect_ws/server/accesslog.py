@@ -136,9 +136,12 @@ class AccessLogMiddleware:
             self.log.connect(run=self._run(outcome), client=client, transport=outcome.transport)
 
         outcome.on_accept = accepted
+        outcome.on_finish = []
         try:
             await self.app(scope, receive, send)
         finally:
+            for finish in outcome.on_finish:
+                finish()
             if outcome.refusal is not None:
                 metrics.refused(outcome.refusal)
                 self.log.refuse(

@@ -6,20 +6,21 @@ import asyncio
 import contextlib
 import json
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable
 from typing import Any
 
 from starlette.applications import Starlette
+from starlette.middleware.errors import ServerErrorMiddleware
 from starlette.requests import HTTPConnection, Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
-from starlette.routing import Route, WebSocketRoute
-from starlette.types import Receive, Scope, Send
+from starlette.routing import Match, Route, WebSocketRoute
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from starlette.websockets import WebSocket, WebSocketDisconnect
 
 from prefect_ws.backends import BackendUnavailable, Transport, create_transport
 from prefect_ws.protocol import closecodes
 from prefect_ws.protocol.events import Frame, frame_from_text
-from prefect_ws.protocol.frames import FRAMES_EXTENSION, coalesce
+from prefect_ws.protocol.frames import FRAMES_EXTENSION, LISTEN_EXTENSION, coalesce
 from prefect_ws.server import metrics
 from prefect_ws.server.hub import Hub, StreamClosed, Subscription
 from prefect_ws.server.pages import page_routes
@@ -70,19 +71,43 @@ async def _read_until_disconnect(
     """Clients have nothing to say but pings (answered by the server itself): drain and ignore.
 
     Ends the stream through ``subscription`` when the client leaves or sends too much; returns
-    whether the client is still there to be sent a close frame.
+    whether the client is still there to be sent a close frame. For servers without
+    :data:`~.frames.LISTEN_EXTENSION`; :class:`_ClientWatch` does the same without a task.
     """
-    while True:
-        message = await websocket.receive()
-        if message["type"] == "websocket.disconnect":
-            outcome.end(message.get("code", 1005), "client disconnected", by_server=False)
-            subscription.abort(closecodes.GOING_AWAY, "client disconnected")
-            return False
-        size = len(message.get("text") or "") + len(message.get("bytes") or b"")
-        if size > max_bytes:
-            reason = f"client frames are limited to {max_bytes} bytes"
-            subscription.abort(closecodes.MESSAGE_TOO_BIG, reason)
+    watch = _ClientWatch(subscription, outcome, max_bytes)
+    while not watch.gone:
+        watch.message(await websocket.receive())
+        if watch.too_big:
             return True
+    return False
+
+
+class _ClientWatch:
+    """What the client sends, judged as it arrives: its leaving ends the stream, and so does a
+    message over ``max_bytes`` (anything else is ignored)."""
+
+    __slots__ = ("gone", "max_bytes", "outcome", "subscription", "too_big")
+
+    def __init__(self, subscription: Subscription, outcome: Outcome, max_bytes: int) -> None:
+        self.subscription = subscription
+        self.outcome = outcome
+        self.max_bytes = max_bytes
+        self.gone = False
+        self.too_big = False
+
+    def message(self, message: Message) -> None:
+        if self.gone:
+            return
+        if message["type"] == "websocket.disconnect":
+            self.gone = True
+            self.outcome.end(message.get("code", 1005), "client disconnected", by_server=False)
+            self.subscription.abort(closecodes.GOING_AWAY, "client disconnected")
+            return
+        size = len(message.get("text") or "") + len(message.get("bytes") or b"")
+        if size > self.max_bytes and not self.too_big:
+            self.too_big = True
+            reason = f"client frames are limited to {self.max_bytes} bytes"
+            self.subscription.abort(closecodes.MESSAGE_TOO_BIG, reason)
 
 
 async def _write(
@@ -122,8 +147,10 @@ async def _write(
     return closecodes.RUN_COMPLETE, "run complete"
 
 
-def _client_there(reader: asyncio.Task[bool]) -> bool:
+def _client_there(reader: asyncio.Task[bool] | _ClientWatch) -> bool:
     """Whether a close frame can still reach the client; stops the reader if it still runs."""
+    if isinstance(reader, _ClientWatch):
+        return not reader.gone
     if not reader.done():
         reader.cancel()
         return True
@@ -155,10 +182,17 @@ class StreamEndpoint:
             return
         await websocket.accept(subprotocol)
         outcome.accept()
+        # Read by the checks and the handshake; an open stream never looks at them again.
+        scope["headers"] = []
         subscription = request.subscription(settings.client_queue_size)
-        reader = asyncio.create_task(
-            _read_until_disconnect(websocket, settings.max_inbound_bytes, subscription, outcome)
-        )
+        reader: asyncio.Task[bool] | _ClientWatch
+        if LISTEN_EXTENSION in (scope.get("extensions") or {}):
+            reader = _ClientWatch(subscription, outcome, settings.max_inbound_bytes)
+            await send({"type": LISTEN_EXTENSION, "listener": reader.message})
+        else:
+            reader = asyncio.create_task(
+                _read_until_disconnect(websocket, settings.max_inbound_bytes, subscription, outcome)
+            )
         # Closes the stream with 4401 when the client's token expires.
         expiry = schedule_expiry(websocket.scope, subscription)
         close: tuple[int, str] | None = None
@@ -306,6 +340,43 @@ async def healthz(request: Request) -> JSONResponse:
     return JSONResponse({"status": "ok", "backend": transport.backend.name, "prefect": prefect})
 
 
+class _StreamRoute:
+    """The innermost middleware: a WebSocket for the stream route goes to its endpoint at once.
+
+    Starlette's exception layer and router would otherwise each keep a frame (and the exception
+    layer a ``WebSocket`` and two closures) alive for as long as the stream lasts, to handle
+    exceptions the endpoint never raises. The route's own ``matches`` decides, as the router
+    would (the stream route is the first); everything else goes on to the router.
+    """
+
+    def __init__(self, app: ASGIApp, *, route: WebSocketRoute) -> None:
+        self.app = app
+        self.route = route
+
+    def __call__(self, scope: Scope, receive: Receive, send: Send) -> Awaitable[None]:
+        if scope["type"] == "websocket":
+            match, child_scope = self.route.matches(scope)
+            if match is Match.FULL:
+                scope.update(child_scope)
+                return self.route.app(scope, receive, send)
+        return self.app(scope, receive, send)
+
+
+class _App(Starlette):
+    """Starlette, handing a WebSocket past ``ServerErrorMiddleware``, which only answers errors
+    of HTTP requests: a stream's task keeps no frame of a layer it never uses. (``__call__``
+    stays a coroutine function: servers tell ASGI 3 apps by it.)"""
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        scope["app"] = self
+        if self.middleware_stack is None:
+            self.middleware_stack = self.build_middleware_stack()
+        stack = self.middleware_stack
+        if scope["type"] == "websocket" and isinstance(stack, ServerErrorMiddleware):
+            stack = stack.app
+        await stack(scope, receive, send)
+
+
 def create_app(settings: Settings | None = None, transport: Transport | None = None) -> Starlette:
     """The prefect-ws ASGI app. Mount it, or serve it with ``prefect-ws serve``."""
     settings = settings or get_settings()
@@ -347,9 +418,10 @@ def create_app(settings: Settings | None = None, transport: Transport | None = N
             await hub.close()
             await watchdog.stop()
 
-    app = Starlette(
+    stream_route = WebSocketRoute(STREAM_PATH, StreamEndpoint())
+    app = _App(
         routes=[
-            WebSocketRoute(STREAM_PATH, StreamEndpoint()),
+            stream_route,
             Route(SSE_PATH, sse_endpoint),
             Route(EVENTS_PATH, events_endpoint),
             Route("/healthz", healthz),
@@ -361,5 +433,6 @@ def create_app(settings: Settings | None = None, transport: Transport | None = N
     )
     app.state.settings = settings
     app.state.transport = transport
+    app.add_middleware(_StreamRoute, route=stream_route)  # innermost: added first
     protect(app, settings)  # hosts, limits, origins, credentials: prefect_ws.server.security
     return app

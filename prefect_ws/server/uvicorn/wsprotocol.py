@@ -34,6 +34,7 @@ reader of incoming messages, an ``asyncio.Event`` for flow control, a per-connec
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable
 from typing import Any
 
 from uvicorn.protocols.utils import ClientDisconnected
@@ -42,7 +43,7 @@ from websockets.http11 import Request
 from websockets.protocol import Protocol as FrameProtocol
 from websockets.protocol import State
 
-from prefect_ws.protocol.frames import FRAMES_EXTENSION
+from prefect_ws.protocol.frames import FRAMES_EXTENSION, LISTEN_EXTENSION
 from prefect_ws.server.uvicorn import stall
 from prefect_ws.server.uvicorn.logs import client_noise
 
@@ -58,15 +59,30 @@ def bad_request(reason: str) -> bytes:
 
 class Inbox:
     """What uvicorn uses of ``asyncio.Queue`` (``put_nowait``, ``get``, ``empty``) for the one
-    task that calls ``receive()``: a list made on demand and one future while it waits."""
+    task that calls ``receive()``: a list made on demand and one future while it waits. Once
+    the app asked for a listener (:data:`~.frames.LISTEN_EXTENSION`), messages go to it."""
 
-    __slots__ = ("_items", "_waiter")
+    __slots__ = ("_items", "_listener", "_waiter")
 
     def __init__(self) -> None:
         self._items: list[Any] | None = None
         self._waiter: asyncio.Future[None] | None = None
+        self._listener: Callable[[Any], None] | None = None
+
+    @property
+    def listened(self) -> bool:
+        return self._listener is not None
+
+    def listen(self, listener: Callable[[Any], None]) -> None:
+        self._listener = listener
+        items, self._items = self._items, None
+        for item in items or ():
+            listener(item)
 
     def put_nowait(self, item: Any) -> None:
+        if self._listener is not None:
+            self._listener(item)
+            return
         if self._items is None:
             self._items = [item]
         else:
@@ -123,7 +139,7 @@ class PrefectWsProtocol(stall.AbortsStalledWrites, WebSocketsSansIOProtocol):
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.close_timeout = stall.GRACE  # uvicorn: 10 s for the client's close reply
-        self.queue = Inbox()  # type: ignore[assignment]
+        self.queue = self.inbox = Inbox()  # type: ignore[assignment]
         self.writable = Writable()  # type: ignore[assignment]
         self.conn.id = None  # type: ignore[assignment]  # a uuid4, only for websockets' logs
 
@@ -131,7 +147,8 @@ class PrefectWsProtocol(stall.AbortsStalledWrites, WebSocketsSansIOProtocol):
         super().handle_connect(event)  # builds the scope and schedules the app, not yet run
         scope = getattr(self, "scope", None)  # none when the handshake was refused
         if scope is not None:
-            scope["extensions"][FRAMES_EXTENSION] = {}
+            extensions = scope["extensions"]
+            extensions[FRAMES_EXTENSION] = extensions[LISTEN_EXTENSION] = {}
 
     def start_keepalive(self) -> None:
         # uvicorn calls this right after writing the 101: the handshake's objects are done with.
@@ -165,6 +182,12 @@ class PrefectWsProtocol(stall.AbortsStalledWrites, WebSocketsSansIOProtocol):
             if self.disconnected or self.close_sent or not self.handshake_complete:
                 raise ClientDisconnected()
             self.transport.write(message["data"])
+            return
+        if kind == LISTEN_EXTENSION:
+            self.inbox.listen(message["listener"])
+            if self.read_paused:
+                self.read_paused = False
+                self.transport.resume_reading()
             return
         if kind == "websocket.close" and not self.writable.is_set() and self._open():
             # The client takes no data now: put the close frame behind what it has not read
@@ -205,7 +228,7 @@ class PrefectWsProtocol(stall.AbortsStalledWrites, WebSocketsSansIOProtocol):
                 return
         else:
             self.queue.put_nowait({"type": "websocket.receive", "bytes": data})
-        if not self.read_paused:
+        if not self.read_paused and not self.inbox.listened:
             self.read_paused = True
             self.transport.pause_reading()
 
