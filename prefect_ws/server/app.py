@@ -15,7 +15,7 @@ from starlette.requests import HTTPConnection, Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Match, Route, WebSocketRoute
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
-from starlette.websockets import WebSocket, WebSocketDisconnect
+from starlette.websockets import WebSocketDisconnect
 
 from prefect_ws.backends import BackendUnavailable, Transport, create_transport
 from prefect_ws.protocol import closecodes
@@ -66,7 +66,7 @@ def _reason(text: str) -> str:
 
 
 async def _read_until_disconnect(
-    websocket: WebSocket, max_bytes: int, subscription: Subscription, outcome: Outcome
+    receive: Receive, max_bytes: int, subscription: Subscription, outcome: Outcome
 ) -> bool:
     """Clients have nothing to say but pings (answered by the server itself): drain and ignore.
 
@@ -76,7 +76,7 @@ async def _read_until_disconnect(
     """
     watch = _ClientWatch(subscription, outcome, max_bytes)
     while not watch.gone:
-        watch.message(await websocket.receive())
+        watch.message(await receive())
         if watch.too_big:
             return True
     return False
@@ -111,8 +111,8 @@ class _ClientWatch:
 
 
 async def _write(
-    websocket: WebSocket,
     send: Send,
+    prebuilt: bool,
     stream: AsyncIterator[str | list[Frame]],
     watchdog: SendWatchdog,
     outcome: Outcome,
@@ -121,13 +121,12 @@ async def _write(
     takes them (:mod:`~.frames`), else frame by frame. One write blocked for longer than the
     watchdog's timeout ends the stream with 1013: each write is timed, not the batch, since a
     catch-up batch of megabytes takes a slow but reading client longer than that."""
-    prebuilt = FRAMES_EXTENSION in websocket.scope.get("extensions", {})
     task = asyncio.current_task()
     try:
         async for item in stream:
             if isinstance(item, str):
                 with watchdog.sending(task):
-                    await websocket.send_text(item)
+                    await send({"type": "websocket.send", "text": item})
             elif prebuilt:
                 for data, count in coalesce(frame.wire for frame in item):
                     with watchdog.sending(task):
@@ -136,7 +135,7 @@ async def _write(
             else:
                 for frame in item:
                     with watchdog.sending(task):
-                        await websocket.send_text(frame.data)
+                        await send({"type": "websocket.send", "text": frame.data})
                     outcome.sent(1)
     except StreamClosed as closed:
         return closed.code, closed.reason
@@ -161,47 +160,53 @@ class StreamEndpoint:
     """The run's events over a WebSocket: hello, replay after ``since``, then live.
 
     A plain ASGI app rather than a Starlette WebSocket function, so that it can send the
-    pre-framed batches of :mod:`~.frames`. The connection's own task writes; a second
-    task reads, only to notice the client leaving.
+    pre-framed batches of :mod:`~.frames`. The connection's own task writes; what the client
+    sends is judged as it arrives (:class:`_ClientWatch`), only to notice the client leaving.
+    An open stream holds only what it uses: no ``WebSocket`` object, no parsed query.
     """
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        websocket = WebSocket(scope, receive, send)
-        hub: Hub = websocket.app.state.hub
-        settings: Settings = websocket.app.state.settings
+        state = scope["app"].state
         outcome = outcome_of(scope)
         # The client offered the protocol name next to its token: say it is spoken.
         subprotocol = SUBPROTOCOL if SUBPROTOCOL in scope.get("subprotocols", []) else None
         try:
-            request = _stream_request(websocket)
+            request: StreamRequest | InvalidRequest = _stream_request(HTTPConnection(scope))
         except InvalidRequest as exc:
-            await websocket.accept(subprotocol)
-            outcome.accept()
-            outcome.end(closecodes.INVALID_REQUEST, _reason(str(exc)))
-            await websocket.close(closecodes.INVALID_REQUEST, _reason(str(exc)))
-            return
-        await websocket.accept(subprotocol)
+            request = exc
+        if (await receive())["type"] != "websocket.connect":
+            return  # gone before the handshake completed
+        await send({"type": "websocket.accept", "subprotocol": subprotocol})
         outcome.accept()
+        if isinstance(request, InvalidRequest):
+            reason = _reason(str(request))
+            outcome.end(closecodes.INVALID_REQUEST, reason)
+            await send(
+                {"type": "websocket.close", "code": closecodes.INVALID_REQUEST, "reason": reason}
+            )
+            return
         # Read by the checks and the handshake; an open stream never looks at them again.
         scope["headers"] = []
+        extensions = scope.get("extensions") or {}
+        settings: Settings = state.settings
         subscription = request.subscription(settings.client_queue_size)
         reader: asyncio.Task[bool] | _ClientWatch
-        if LISTEN_EXTENSION in (scope.get("extensions") or {}):
+        if LISTEN_EXTENSION in extensions:
             reader = _ClientWatch(subscription, outcome, settings.max_inbound_bytes)
             await send({"type": LISTEN_EXTENSION, "listener": reader.message})
         else:
             reader = asyncio.create_task(
-                _read_until_disconnect(websocket, settings.max_inbound_bytes, subscription, outcome)
+                _read_until_disconnect(receive, settings.max_inbound_bytes, subscription, outcome)
             )
         # Closes the stream with 4401 when the client's token expires.
-        expiry = schedule_expiry(websocket.scope, subscription)
+        expiry = schedule_expiry(scope, subscription)
         close: tuple[int, str] | None = None
         try:
             close = await _write(
-                websocket,
                 send,
-                open_stream(hub, request, subscription, websocket.app.state.reconciler),
-                websocket.app.state.watchdog,
+                FRAMES_EXTENSION in extensions,
+                open_stream(state.hub, request, subscription, state.reconciler),
+                state.watchdog,
                 outcome,
             )
         except BackendUnavailable as exc:  # backend down: expected, no stack trace
@@ -220,7 +225,9 @@ class StreamEndpoint:
             outcome.end(close[0], close[1])
             if client_there:
                 with contextlib.suppress(Exception):
-                    await websocket.close(close[0], _reason(close[1]))
+                    await send(
+                        {"type": "websocket.close", "code": close[0], "reason": _reason(close[1])}
+                    )
 
 
 def _error(status: int, message: str) -> JSONResponse:

@@ -34,14 +34,19 @@ reader of incoming messages, an ``asyncio.Event`` for flow control, a per-connec
 from __future__ import annotations
 
 import asyncio
+import logging
 from collections.abc import Callable
-from typing import Any
+from typing import Any, Literal, cast
 
+from uvicorn.config import Config
 from uvicorn.protocols.utils import ClientDisconnected
 from uvicorn.protocols.websockets.websockets_sansio_impl import WebSocketsSansIOProtocol
+from uvicorn.server import ServerState
+from websockets.extensions.permessage_deflate import ServerPerMessageDeflateFactory
 from websockets.http11 import Request
 from websockets.protocol import Protocol as FrameProtocol
 from websockets.protocol import State
+from websockets.server import ServerProtocol
 
 from prefect_ws.protocol.frames import FRAMES_EXTENSION, LISTEN_EXTENSION
 from prefect_ws.server.uvicorn import stall
@@ -136,12 +141,69 @@ class Writable:
 
 
 class PrefectWsProtocol(stall.AbortsStalledWrites, WebSocketsSansIOProtocol):
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
-        self.close_timeout = stall.GRACE  # uvicorn: 10 s for the client's close reply
-        self.queue = self.inbox = Inbox()  # type: ignore[assignment]
-        self.writable = Writable()  # type: ignore[assignment]
+    # What uvicorn's __init__ sets to the same value for every connection lives on the class:
+    # with at most 30 attributes of its own, an instance's __dict__ takes CPython's shared-key
+    # layout (~0.4 KB) instead of a table of its own (1.6 KB with uvicorn's 35 attributes).
+    logger = logging.getLogger("uvicorn.error")
+    close_timeout = stall.GRACE  # uvicorn: 10 s for the client's close reply
+    handshake_initiated = handshake_complete = close_sent = disconnected = read_paused = False
+    close_timer: asyncio.TimerHandle | None = None
+    ping_timer: asyncio.TimerHandle | None = None
+    pong_timer: asyncio.TimerHandle | None = None
+    initial_response: tuple[int, list[tuple[str, str]], bytes] | None = None
+    pending_ping_payload: bytes | None = None
+    ping_sent_at = last_ping_rtt = 0.0
+    curr_msg_data_type: Literal["text", "bytes"] = "bytes"
+    ping_interval: float | None = None
+    ping_timeout: float | None = None
+
+    def __init__(
+        self,
+        config: Config,
+        server_state: ServerState,
+        app_state: dict[str, Any],
+        _loop: asyncio.AbstractEventLoop | None = None,
+    ) -> None:
+        # WebSocketsSansIOProtocol.__init__ (uvicorn 0.54) but for the class attributes above.
+        if not config.loaded:
+            config.load()
+        self.config = config
+        self.app = config.loaded_app
+        self.loop = _loop or asyncio.get_event_loop()
+        self.root_path = config.root_path
+        self.asgi_version = config.asgi_version
+        self.app_state = app_state
+        self.connections = server_state.connections
+        self.tasks = server_state.tasks
+        self.default_headers = server_state.default_headers
+        self.transport: asyncio.Transport = None  # type: ignore[assignment]
+        self.server: tuple[str, int | None] | None = None
+        self.client: tuple[str, int] | None = None
+        self.scheme: Literal["wss", "ws"] = None  # type: ignore[assignment]
+        self.queue = Inbox()  # type: ignore[assignment]
+        extensions = []
+        if config.ws_per_message_deflate:
+            extensions = [
+                ServerPerMessageDeflateFactory(
+                    server_max_window_bits=12,
+                    client_max_window_bits=12,
+                    compress_settings={"memLevel": 5},
+                )
+            ]
+        self.conn = ServerProtocol(
+            extensions=extensions, max_size=config.ws_max_size, logger=self.logger
+        )
         self.conn.id = None  # type: ignore[assignment]  # a uuid4, only for websockets' logs
+        self.writable = Writable()  # type: ignore[assignment]
+        if config.ws_ping_interval != self.ping_interval:
+            self.ping_interval = config.ws_ping_interval
+        if config.ws_ping_timeout != self.ping_timeout:
+            self.ping_timeout = config.ws_ping_timeout
+        self.frames: list[bytes] = []
+
+    @property
+    def inbox(self) -> Inbox:
+        return cast(Inbox, self.queue)
 
     def handle_connect(self, event: Request) -> None:
         super().handle_connect(event)  # builds the scope and schedules the app, not yet run
@@ -248,8 +310,16 @@ class PrefectWsProtocol(stall.AbortsStalledWrites, WebSocketsSansIOProtocol):
             self.transport.close()
 
 
-def websocket_protocol(max_lag_seconds: float) -> type[PrefectWsProtocol]:
+def websocket_protocol(
+    max_lag_seconds: float, *, ping_interval: float | None = None, ping_timeout: float | None = None
+) -> type[PrefectWsProtocol]:
     """:class:`PrefectWsProtocol` aborting connections whose writes stall for longer than
-    ``max_lag_seconds`` (when the app closes them with 1013) plus :data:`~.stall.GRACE`."""
+    ``max_lag_seconds`` (when the app closes them with 1013) plus :data:`~.stall.GRACE`, its
+    keep-alive pings (uvicorn's ``ws_ping_interval``, ``ws_ping_timeout``) on the class."""
     max_stall = max_lag_seconds + stall.GRACE
-    return type("PrefectWsProtocol", (PrefectWsProtocol,), {"max_stall": max_stall})
+    attributes = {
+        "max_stall": max_stall,
+        "ping_interval": ping_interval,
+        "ping_timeout": ping_timeout,
+    }
+    return type("PrefectWsProtocol", (PrefectWsProtocol,), attributes)
