@@ -51,26 +51,23 @@ class StreamCapacity:
             self.check(outcome)
         except Refusal as refusal:
             return refuse(scope, receive, send, refusal)
-        ip = outcome.ip
         self.open_total += 1
-        self.open_per_ip[ip] += 1
-
-        def release() -> None:
-            self.open_total -= 1
-            self.open_per_ip[ip] -= 1
-            if self.open_per_ip[ip] <= 0:
-                del self.open_per_ip[ip]
-
+        self.open_per_ip[outcome.ip] += 1
         if outcome.on_finish is not None:
             # The access log runs it when the request is over: no frame held here meanwhile.
-            outcome.on_finish.append(release)
+            outcome.on_finish.append(self._release)
             return self.app(scope, receive, send)
-        return self._holding(release, scope, receive, send)
+        return self._holding(outcome, scope, receive, send)
 
-    async def _holding(
-        self, release: Callable[[], None], scope: Scope, receive: Receive, send: Send
-    ) -> None:
+    def _release(self, outcome: Outcome) -> None:
+        ip = outcome.ip
+        self.open_total -= 1
+        self.open_per_ip[ip] -= 1
+        if self.open_per_ip[ip] <= 0:
+            del self.open_per_ip[ip]
+
+    async def _holding(self, outcome: Outcome, scope: Scope, receive: Receive, send: Send) -> None:
         try:
             await self.app(scope, receive, send)
         finally:
-            release()
+            self._release(outcome)

@@ -42,7 +42,8 @@ class Outcome:
     on_accept: Callable[[Outcome], None] | None = field(default=None, repr=False)
     # What must run when the request is over, whatever ended it; None while no layer above
     # (the access log) promises to run it, so that a check holds its own frame instead.
-    on_finish: list[Callable[[], None]] | None = field(default=None, repr=False)
+    on_finish: list[Callable[[Outcome], None]] | None = field(default=None, repr=False)
+    client: str | None = None  # the client's address as the access log shows it
 
     @property
     def streaming(self) -> bool:
