@@ -21,6 +21,7 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from typing import Any, Final
+from urllib.parse import urlsplit
 
 from broadcaster import BroadcastBackend, Event
 
@@ -153,3 +154,18 @@ class RunInfo:
         if self.head <= since:
             return False
         return self.first is None or self.first > since + 1
+
+
+REDACTED: Final = "[redacted]"
+
+
+def safe_url(url: str) -> str:
+    """``url`` without its user and password (a backend URL, for a log line or an answer):
+    here, not with the server's redaction, so that a flow process imports no server code."""
+    parts = urlsplit(url)
+    _, at, hosts = parts.netloc.rpartition("@")
+    if not at:
+        return url
+    # The hosts as written: a cluster URL names several (``a:7000,b:7001``), which urlsplit
+    # cannot read as one host and port.
+    return parts._replace(netloc=f"{REDACTED}@{hosts}").geturl()

@@ -36,9 +36,9 @@ from prefect_ws.backends.base import (
     RecentRun,
     RunInfo,
     StreamBackend,
+    safe_url,
 )
 from prefect_ws.protocol.events import Draft
-from prefect_ws.server.security.redact import safe_url
 
 logger = logging.getLogger("prefect_ws.transport")
 

@@ -13,6 +13,12 @@ protocol (:mod:`~prefect_ws.server.uvicorn.wsprotocol`) does. Elsewhere the app 
 messages one by one. The extension's value may hold ``"write_now"``: a callable that writes
 such bytes at once, from any task, when the connection takes them without waiting, and
 returns whether it did (the hub writes a level client's live events with it).
+
+:data:`LISTEN_EXTENSION`, from the same protocol: the send message
+``{"type": LISTEN_EXTENSION, "listener": <callable>}`` hands every later receive message
+(``websocket.receive``, ``websocket.disconnect``) to ``listener`` as it arrives, instead of
+keeping it for ``receive()``: an app with nothing to read but the client leaving needs no task
+waiting in ``receive()`` for each connection.
 """
 
 from __future__ import annotations
@@ -21,6 +27,7 @@ from collections.abc import Iterable, Iterator
 from typing import Final
 
 FRAMES_EXTENSION: Final = "prefect_ws.frames"
+LISTEN_EXTENSION: Final = "prefect_ws.listen"
 
 
 def text_frame(payload: bytes) -> bytes:

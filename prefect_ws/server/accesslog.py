@@ -123,22 +123,24 @@ class AccessLogMiddleware:
             return outcome.run
         return redact(outcome.raw_run)
 
+    def _accepted(self, outcome: Outcome) -> None:
+        metrics.connection_opened(outcome.transport)
+        self.log.connect(run=self._run(outcome), client=outcome.client, transport=outcome.transport)
+
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] not in ("http", "websocket"):
             await self.app(scope, receive, send)
             return
         outcome = scope[OUTCOME_SCOPE_KEY] = describe(scope)
-        client = client_address(scope)
+        client = outcome.client = client_address(scope)
         started = time.monotonic()
-
-        def accepted(outcome: Outcome) -> None:
-            metrics.connection_opened(outcome.transport)
-            self.log.connect(run=self._run(outcome), client=client, transport=outcome.transport)
-
-        outcome.on_accept = accepted
+        outcome.on_accept = self._accepted
+        outcome.on_finish = []
         try:
             await self.app(scope, receive, send)
         finally:
+            for finish in outcome.on_finish:
+                finish(outcome)
             if outcome.refusal is not None:
                 metrics.refused(outcome.refusal)
                 self.log.refuse(

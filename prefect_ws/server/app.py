@@ -6,20 +6,21 @@ import asyncio
 import contextlib
 import json
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable
 from typing import Any
 
 from starlette.applications import Starlette
+from starlette.middleware.errors import ServerErrorMiddleware
 from starlette.requests import HTTPConnection, Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
-from starlette.routing import Route, WebSocketRoute
-from starlette.types import Receive, Scope, Send
-from starlette.websockets import WebSocket, WebSocketDisconnect
+from starlette.routing import Match, Route, WebSocketRoute
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+from starlette.websockets import WebSocketDisconnect
 
 from prefect_ws.backends import BackendUnavailable, Transport, create_transport
 from prefect_ws.protocol import closecodes
-from prefect_ws.protocol.events import Frame, frame_from_text
-from prefect_ws.protocol.frames import FRAMES_EXTENSION, coalesce
+from prefect_ws.protocol.events import frame_from_text
+from prefect_ws.protocol.frames import FRAMES_EXTENSION, LISTEN_EXTENSION, coalesce
 from prefect_ws.server import metrics
 from prefect_ws.server.hub import Hub, StreamClosed, Subscription
 from prefect_ws.server.pages import page_routes
@@ -42,6 +43,7 @@ from prefect_ws.settings import Settings, get_settings
 logger = logging.getLogger("prefect_ws.server")
 
 BACKEND_UNAVAILABLE = "backend unavailable; reconnect with since=<last seq>"
+SLOW_CLIENT = "client not reading; reconnect with since=<last seq>"
 STREAM_PATH = "/api/v2/workflows/runs/{run_id:path}/stream"
 EVENTS_PATH = "/api/v2/workflows/runs/{run_id:path}/events"
 SSE_PATH = "/api/v2/workflows/runs/{run_id:path}/events/stream"
@@ -65,65 +67,54 @@ def _reason(text: str) -> str:
 
 
 async def _read_until_disconnect(
-    websocket: WebSocket, max_bytes: int, subscription: Subscription, outcome: Outcome
+    receive: Receive, max_bytes: int, subscription: Subscription, outcome: Outcome
 ) -> bool:
     """Clients have nothing to say but pings (answered by the server itself): drain and ignore.
 
     Ends the stream through ``subscription`` when the client leaves or sends too much; returns
-    whether the client is still there to be sent a close frame.
+    whether the client is still there to be sent a close frame. For servers without
+    :data:`~.frames.LISTEN_EXTENSION`; :class:`_ClientWatch` does the same without a task.
     """
-    while True:
-        message = await websocket.receive()
-        if message["type"] == "websocket.disconnect":
-            outcome.end(message.get("code", 1005), "client disconnected", by_server=False)
-            subscription.abort(closecodes.GOING_AWAY, "client disconnected")
-            return False
-        size = len(message.get("text") or "") + len(message.get("bytes") or b"")
-        if size > max_bytes:
-            reason = f"client frames are limited to {max_bytes} bytes"
-            subscription.abort(closecodes.MESSAGE_TOO_BIG, reason)
+    watch = _ClientWatch(subscription, outcome, max_bytes)
+    while not watch.gone:
+        watch.message(await receive())
+        if watch.too_big:
             return True
+    return False
 
 
-async def _write(
-    websocket: WebSocket,
-    send: Send,
-    stream: AsyncIterator[str | list[Frame]],
-    watchdog: SendWatchdog,
-    outcome: Outcome,
-) -> tuple[int, str]:
-    """Send the stream: each batch of events in writes of pre-built frames where the server
-    takes them (:mod:`~.frames`), else frame by frame. One write blocked for longer than the
-    watchdog's timeout ends the stream with 1013: each write is timed, not the batch, since a
-    catch-up batch of megabytes takes a slow but reading client longer than that."""
-    prebuilt = FRAMES_EXTENSION in websocket.scope.get("extensions", {})
-    task = asyncio.current_task()
-    try:
-        async for item in stream:
-            if isinstance(item, str):
-                with watchdog.sending(task):
-                    await websocket.send_text(item)
-            elif prebuilt:
-                for data, count in coalesce(frame.wire for frame in item):
-                    with watchdog.sending(task):
-                        await send({"type": FRAMES_EXTENSION, "data": data, "events": count})
-                    outcome.sent(count)
-            else:
-                for frame in item:
-                    with watchdog.sending(task):
-                        await websocket.send_text(frame.data)
-                    outcome.sent(1)
-    except StreamClosed as closed:
-        return closed.code, closed.reason
-    except SendTimeout:
-        return closecodes.TRY_AGAIN_LATER, "client not reading; reconnect with since=<last seq>"
-    finally:
-        await stream.aclose()  # type: ignore[attr-defined]
-    return closecodes.RUN_COMPLETE, "run complete"
+class _ClientWatch:
+    """What the client sends, judged as it arrives: its leaving ends the stream, and so does a
+    message over ``max_bytes`` (anything else is ignored)."""
+
+    __slots__ = ("gone", "max_bytes", "outcome", "subscription", "too_big")
+
+    def __init__(self, subscription: Subscription, outcome: Outcome, max_bytes: int) -> None:
+        self.subscription = subscription
+        self.outcome = outcome
+        self.max_bytes = max_bytes
+        self.gone = False
+        self.too_big = False
+
+    def message(self, message: Message) -> None:
+        if self.gone:
+            return
+        if message["type"] == "websocket.disconnect":
+            self.gone = True
+            self.outcome.end(message.get("code", 1005), "client disconnected", by_server=False)
+            self.subscription.abort(closecodes.GOING_AWAY, "client disconnected")
+            return
+        size = len(message.get("text") or "") + len(message.get("bytes") or b"")
+        if size > self.max_bytes and not self.too_big:
+            self.too_big = True
+            reason = f"client frames are limited to {self.max_bytes} bytes"
+            self.subscription.abort(closecodes.MESSAGE_TOO_BIG, reason)
 
 
-def _client_there(reader: asyncio.Task[bool]) -> bool:
+def _client_there(reader: asyncio.Task[bool] | _ClientWatch) -> bool:
     """Whether a close frame can still reach the client; stops the reader if it still runs."""
+    if isinstance(reader, _ClientWatch):
+        return not reader.gone
     if not reader.done():
         reader.cancel()
         return True
@@ -134,45 +125,83 @@ class StreamEndpoint:
     """The run's events over a WebSocket: hello, replay after ``since``, then live.
 
     A plain ASGI app rather than a Starlette WebSocket function, so that it can send the
-    pre-framed batches of :mod:`~.frames`. The connection's own task writes; a second
-    task reads, only to notice the client leaving.
+    pre-framed batches of :mod:`~.frames`. The connection's own task writes; what the client
+    sends is judged as it arrives (:class:`_ClientWatch`), only to notice the client leaving.
+    An open stream holds only what it uses: no ``WebSocket`` object, no parsed query.
     """
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        websocket = WebSocket(scope, receive, send)
-        hub: Hub = websocket.app.state.hub
-        settings: Settings = websocket.app.state.settings
+        state = scope["app"].state
         outcome = outcome_of(scope)
         # The client offered the protocol name next to its token: say it is spoken.
         subprotocol = SUBPROTOCOL if SUBPROTOCOL in scope.get("subprotocols", []) else None
         try:
-            request = _stream_request(websocket)
+            request: StreamRequest | InvalidRequest = _stream_request(HTTPConnection(scope))
         except InvalidRequest as exc:
-            await websocket.accept(subprotocol)
-            outcome.accept()
-            outcome.end(closecodes.INVALID_REQUEST, _reason(str(exc)))
-            await websocket.close(closecodes.INVALID_REQUEST, _reason(str(exc)))
-            return
-        await websocket.accept(subprotocol)
+            request = exc
+        if (await receive())["type"] != "websocket.connect":
+            return  # gone before the handshake completed
+        await send({"type": "websocket.accept", "subprotocol": subprotocol})
         outcome.accept()
+        if isinstance(request, InvalidRequest):
+            reason = _reason(str(request))
+            outcome.end(closecodes.INVALID_REQUEST, reason)
+            await send(
+                {"type": "websocket.close", "code": closecodes.INVALID_REQUEST, "reason": reason}
+            )
+            return
+        # Read by the checks and the handshake; an open stream never looks at them again.
+        scope["headers"] = []
+        extensions = scope.get("extensions") or {}
+        settings: Settings = state.settings
         subscription = request.subscription(settings.client_queue_size)
         if request.filter.everything:  # live events written by the hub when the client is level
-            extension = scope.get("extensions", {}).get(FRAMES_EXTENSION, {})
-            subscription.writer = extension.get("write_now")
-        reader = asyncio.create_task(
-            _read_until_disconnect(websocket, settings.max_inbound_bytes, subscription, outcome)
-        )
-        # Closes the stream with 4401 when the client's token expires.
-        expiry = schedule_expiry(websocket.scope, subscription)
-        close: tuple[int, str] | None = None
-        try:
-            close = await _write(
-                websocket,
-                send,
-                open_stream(hub, request, subscription, websocket.app.state.reconciler),
-                websocket.app.state.watchdog,
-                outcome,
+            subscription.writer = extensions.get(FRAMES_EXTENSION, {}).get("write_now")
+        reader: asyncio.Task[bool] | _ClientWatch
+        if LISTEN_EXTENSION in extensions:
+            reader = _ClientWatch(subscription, outcome, settings.max_inbound_bytes)
+            await send({"type": LISTEN_EXTENSION, "listener": reader.message})
+        else:
+            reader = asyncio.create_task(
+                _read_until_disconnect(receive, settings.max_inbound_bytes, subscription, outcome)
             )
+        # Closes the stream with 4401 when the client's token expires.
+        expiry = schedule_expiry(scope, subscription)
+        close: tuple[int, str] | None = None
+        stream = open_stream(state.hub, request, subscription, state.reconciler)
+        prebuilt = FRAMES_EXTENSION in extensions
+        watchdog: SendWatchdog = state.watchdog
+        task = asyncio.current_task()
+        try:
+            # Each batch of events in writes of pre-built frames where the server takes them
+            # (:mod:`~.frames`), else frame by frame. One write blocked for longer than the
+            # watchdog's timeout ends the stream with 1013: each write is timed, not the batch,
+            # since a catch-up batch of megabytes takes a slow but reading client longer than
+            # that. (Written here, not in a function of its own: one frame less per stream.)
+            try:
+                async for item in stream:
+                    if isinstance(item, str):
+                        with watchdog.sending(task):
+                            await send({"type": "websocket.send", "text": item})
+                    elif prebuilt:
+                        for data, count in coalesce(frame.wire for frame in item):
+                            with watchdog.sending(task):
+                                await send(
+                                    {"type": FRAMES_EXTENSION, "data": data, "events": count}
+                                )
+                            outcome.sent(count)
+                    else:
+                        for frame in item:
+                            with watchdog.sending(task):
+                                await send({"type": "websocket.send", "text": frame.data})
+                            outcome.sent(1)
+                close = (closecodes.RUN_COMPLETE, "run complete")
+            except StreamClosed as closed:
+                close = (closed.code, closed.reason)
+            except SendTimeout:
+                close = (closecodes.TRY_AGAIN_LATER, SLOW_CLIENT)
+            finally:
+                await stream.aclose()  # type: ignore[attr-defined]
         except BackendUnavailable as exc:  # backend down: expected, no stack trace
             logger.warning("stream for run %s: backend unavailable (%s)", request.run_id, exc)
             close = (closecodes.TRY_AGAIN_LATER, BACKEND_UNAVAILABLE)
@@ -183,6 +212,7 @@ class StreamEndpoint:
             close = (closecodes.INTERNAL_ERROR, "internal error; reconnect with since=<last seq>")
         finally:
             outcome.sent(subscription.written)
+            subscription.writer = None  # the protocol's method: no cycle through its listener
             if expiry is not None:
                 expiry.cancel()
             client_there = _client_there(reader)
@@ -190,7 +220,9 @@ class StreamEndpoint:
             outcome.end(close[0], close[1])
             if client_there:
                 with contextlib.suppress(Exception):
-                    await websocket.close(close[0], _reason(close[1]))
+                    await send(
+                        {"type": "websocket.close", "code": close[0], "reason": _reason(close[1])}
+                    )
 
 
 def _error(status: int, message: str) -> JSONResponse:
@@ -310,6 +342,43 @@ async def healthz(request: Request) -> JSONResponse:
     return JSONResponse({"status": "ok", "backend": transport.backend.name, "prefect": prefect})
 
 
+class _StreamRoute:
+    """The innermost middleware: a WebSocket for the stream route goes to its endpoint at once.
+
+    Starlette's exception layer and router would otherwise each keep a frame (and the exception
+    layer a ``WebSocket`` and two closures) alive for as long as the stream lasts, to handle
+    exceptions the endpoint never raises. The route's own ``matches`` decides, as the router
+    would (the stream route is the first); everything else goes on to the router.
+    """
+
+    def __init__(self, app: ASGIApp, *, route: WebSocketRoute) -> None:
+        self.app = app
+        self.route = route
+
+    def __call__(self, scope: Scope, receive: Receive, send: Send) -> Awaitable[None]:
+        if scope["type"] == "websocket":
+            match, child_scope = self.route.matches(scope)
+            if match is Match.FULL:
+                scope.update(child_scope)
+                return self.route.app(scope, receive, send)
+        return self.app(scope, receive, send)
+
+
+class _App(Starlette):
+    """Starlette, handing a WebSocket past ``ServerErrorMiddleware``, which only answers errors
+    of HTTP requests: a stream's task keeps no frame of a layer it never uses. (``__call__``
+    stays a coroutine function: servers tell ASGI 3 apps by it.)"""
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        scope["app"] = self
+        if self.middleware_stack is None:
+            self.middleware_stack = self.build_middleware_stack()
+        stack = self.middleware_stack
+        if scope["type"] == "websocket" and isinstance(stack, ServerErrorMiddleware):
+            stack = stack.app
+        await stack(scope, receive, send)
+
+
 def create_app(settings: Settings | None = None, transport: Transport | None = None) -> Starlette:
     """The prefect-ws ASGI app. Mount it, or serve it with ``prefect-ws serve``."""
     settings = settings or get_settings()
@@ -351,9 +420,10 @@ def create_app(settings: Settings | None = None, transport: Transport | None = N
             await hub.close()
             await watchdog.stop()
 
-    app = Starlette(
+    stream_route = WebSocketRoute(STREAM_PATH, StreamEndpoint())
+    app = _App(
         routes=[
-            WebSocketRoute(STREAM_PATH, StreamEndpoint()),
+            stream_route,
             Route(SSE_PATH, sse_endpoint),
             Route(EVENTS_PATH, events_endpoint),
             Route("/healthz", healthz),
@@ -365,5 +435,6 @@ def create_app(settings: Settings | None = None, transport: Transport | None = N
     )
     app.state.settings = settings
     app.state.transport = transport
+    app.add_middleware(_StreamRoute, route=stream_route)  # innermost: added first
     protect(app, settings)  # hosts, limits, origins, credentials: prefect_ws.server.security
     return app

@@ -11,7 +11,6 @@ bounded memory and never holds the others back.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import time
 from collections import deque
@@ -65,8 +64,27 @@ class Subscription:
 
     The queue holds whole backend messages (lists of frames with consecutive ``seq``), as the
     hub's listener received them: the same list objects go to every client of the run, and a
-    client that fell behind takes everything queued at once (:meth:`take`).
+    client that fell behind takes everything queued at once (:meth:`take`). The queue exists
+    only while something is queued: an empty ``deque`` holds a 64-slot block, and most
+    connections wait with nothing queued.
     """
+
+    __slots__ = (
+        "__weakref__",
+        "_loop",
+        "_queue",
+        "_queue_size",
+        "_queued",
+        "_waiter",
+        "behind_since",
+        "epoch",
+        "finished",
+        "last_seq",
+        "run_id",
+        "sent",
+        "writer",
+        "written",
+    )
 
     def __init__(self, run_id: str, *, since: int, queue_size: int) -> None:
         self.run_id = run_id
@@ -80,7 +98,7 @@ class Subscription:
         # While the client is behind: when it last made progress (see check_lag).
         self.behind_since: float | None = None
         self._queue_size = queue_size
-        self._queue: deque[list[Frame] | _Resync | StreamClosed] = deque()
+        self._queue: deque[list[Frame] | _Resync | StreamClosed] | None = None
         self._queued = 0  # frames in the queue
         self._waiter: asyncio.Future[None] | None = None  # while take() waits: no Event kept
         # Kept from the first wait: asyncio.get_running_loop() makes a getpid system call.
@@ -119,9 +137,15 @@ class Subscription:
             if self.behind_since is None:
                 self.behind_since = time.monotonic()
         else:
-            self._queue.append(frames)
+            self._append(frames)
             self._queued += len(frames)
         self._wake()
+
+    def _append(self, item: list[Frame] | _Resync | StreamClosed) -> None:
+        if self._queue is None:
+            self._queue = deque((item,))
+        else:
+            self._queue.append(item)
 
     def abort(self, code: int, reason: str) -> None:
         """End the stream at once (server shutting down, client gone, token expired)."""
@@ -130,7 +154,7 @@ class Subscription:
 
     def resync(self) -> None:
         if not self._queue or self._queue[-1] is not RESYNC_MARK:
-            self._queue.append(RESYNC_MARK)
+            self._append(RESYNC_MARK)
         self._wake()
 
     def _wake(self) -> None:
@@ -138,9 +162,10 @@ class Subscription:
             self._waiter.set_result(None)
 
     def _reset(self, item: _Resync | StreamClosed) -> None:
-        self._queue.clear()
+        if self._queue is not None:
+            self._queue.clear()
         self._queued = 0
-        self._queue.append(item)
+        self._append(item)
 
     def advance(self, frames: list[Frame]) -> None:
         last = frames[-1]
@@ -157,7 +182,7 @@ class Subscription:
             self.behind_since = time.monotonic()
 
     def caught_up(self) -> None:
-        if RESYNC_MARK not in self._queue:
+        if not self._queue or RESYNC_MARK not in self._queue:
             self.behind_since = None
 
     def check_lag(self, max_lag_seconds: float) -> None:
@@ -169,8 +194,7 @@ class Subscription:
 
     async def take(self) -> list[Frame] | _Resync:
         """Every queued live frame that follows on from the first queued message, or a marker."""
-        queue = self._queue
-        while not queue:
+        while not self._queue:
             loop = self._loop
             if loop is None:
                 loop = self._loop = asyncio.get_running_loop()
@@ -179,7 +203,10 @@ class Subscription:
                 await self._waiter
             finally:
                 self._waiter = None
+        queue = self._queue
         item = queue.popleft()
+        if not queue:
+            self._queue = None
         if isinstance(item, StreamClosed):
             # Not kept in this frame: the exception's traceback holds the frame, and that cycle
             # would keep the connection's stream state until the cycle collector runs.
@@ -197,6 +224,8 @@ class Subscription:
             assert isinstance(more, list)
             self._queued -= len(more)
             frames = frames + more
+        if not queue:
+            self._queue = None
         return frames
 
 
@@ -381,9 +410,11 @@ class Hub:
         await asyncio.gather(*self._tasks, return_exceptions=True)
         await self.transport.backend.disconnect()
 
-    @contextlib.asynccontextmanager
-    async def attach(self, subscription: Subscription) -> AsyncIterator[RunChannel]:
-        """Register a client on its run, subscribing the process to the run if it is the first."""
+    def attach(self, subscription: Subscription) -> RunChannel:
+        """Register a client on its run, subscribing the process to the run if it is the first.
+
+        Pair with :meth:`detach` (``try``/``finally``): plain calls rather than a context
+        manager, which would keep a generator alive for as long as the stream."""
         run_id = subscription.run_id
         channel = self.runs.get(run_id)
         if channel is None:
@@ -392,13 +423,15 @@ class Hub:
                 channel.go_live()  # still subscribed (its unsubscribe not yet made) and confirmed
             self._changed.put_nowait(run_id)
         channel.add(subscription)
-        try:
-            yield channel
-        finally:
-            channel.subscriptions.discard(subscription)
-            if not channel.subscriptions and self.runs.get(run_id) is channel:
-                del self.runs[run_id]
-                self._changed.put_nowait(run_id)
+        return channel
+
+    def detach(self, subscription: Subscription, channel: RunChannel) -> None:
+        """The client is gone: unsubscribe the process from the run if it was the last."""
+        channel.subscriptions.discard(subscription)
+        run_id = subscription.run_id
+        if not channel.subscriptions and self.runs.get(run_id) is channel:
+            del self.runs[run_id]
+            self._changed.put_nowait(run_id)
 
     async def _listen(self) -> None:
         backend = self.transport.backend

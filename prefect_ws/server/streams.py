@@ -232,7 +232,8 @@ async def open_stream(
     Ends normally after ``run_complete``; raises :class:`StreamClosed` when the stream must end
     otherwise (unknown run, lagging client, shutdown, or ``subscription.abort``).
     """
-    async with hub.attach(subscription):
+    channel = hub.attach(subscription)
+    try:
         backend = hub.transport.backend
         info = await backend.info(request.run_id)
         wait = request.wait
@@ -276,3 +277,5 @@ async def open_stream(
         async for batch in batches:
             if batch := request.filter.select(batch):
                 yield batch
+    finally:
+        hub.detach(subscription, channel)

@@ -7,7 +7,7 @@ A stream holds its slot from the check to the moment its connection is gone, wha
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import Callable, Collection
+from collections.abc import Awaitable, Callable, Collection
 
 from starlette.types import ASGIApp, Receive, Scope, Send
 
@@ -41,26 +41,33 @@ class StreamCapacity:
             if outcome.run not in runs and len(runs) >= settings.max_runs:
                 raise Refusal(503, "server at its run limit", "max_runs")
 
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+    def __call__(self, scope: Scope, receive: Receive, send: Send) -> Awaitable[None]:
         if scope["type"] not in ("http", "websocket"):
-            await self.app(scope, receive, send)
-            return
+            return self.app(scope, receive, send)
         outcome = outcome_of(scope)
         if not outcome.streaming:
-            await self.app(scope, receive, send)
-            return
+            return self.app(scope, receive, send)
         try:
             self.check(outcome)
         except Refusal as refusal:
-            await refuse(scope, receive, send, refusal)
-            return
-        ip = outcome.ip
+            return refuse(scope, receive, send, refusal)
         self.open_total += 1
-        self.open_per_ip[ip] += 1
+        self.open_per_ip[outcome.ip] += 1
+        if outcome.on_finish is not None:
+            # The access log runs it when the request is over: no frame held here meanwhile.
+            outcome.on_finish.append(self._release)
+            return self.app(scope, receive, send)
+        return self._holding(outcome, scope, receive, send)
+
+    def _release(self, outcome: Outcome) -> None:
+        ip = outcome.ip
+        self.open_total -= 1
+        self.open_per_ip[ip] -= 1
+        if self.open_per_ip[ip] <= 0:
+            del self.open_per_ip[ip]
+
+    async def _holding(self, outcome: Outcome, scope: Scope, receive: Receive, send: Send) -> None:
         try:
             await self.app(scope, receive, send)
         finally:
-            self.open_total -= 1
-            self.open_per_ip[ip] -= 1
-            if self.open_per_ip[ip] <= 0:
-                del self.open_per_ip[ip]
+            self._release(outcome)

@@ -10,6 +10,7 @@ endpoint closes the stream when its token expires.
 
 from __future__ import annotations
 
+from collections.abc import Awaitable
 from urllib.parse import parse_qsl
 
 from starlette.types import ASGIApp, Receive, Scope, Send
@@ -51,10 +52,10 @@ class RequireCredentials:
             raise Refusal(403, "this token is scoped to one run", "wrong_run")
         return principal
 
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+    def __call__(self, scope: Scope, receive: Receive, send: Send) -> Awaitable[None]:
+        # Not a coroutine: nothing here waits, and no frame of this layer outlives the checks.
         if scope["type"] not in ("http", "websocket"):
-            await self.app(scope, receive, send)
-            return
+            return self.app(scope, receive, send)
         raw_query = scope.get("query_string", b"")
         subprotocols = list(scope.get("subprotocols", []))
         credential = extract_credential(
@@ -73,6 +74,5 @@ class RequireCredentials:
             try:
                 scope[PRINCIPAL_SCOPE_KEY] = self._principal(scope, outcome, credential)
             except Refusal as refusal:
-                await refuse(scope, receive, send, refusal)
-                return
-        await self.app(scope, receive, send)
+                return refuse(scope, receive, send, refusal)
+        return self.app(scope, receive, send)

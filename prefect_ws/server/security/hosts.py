@@ -11,6 +11,7 @@ is ignored); a refusal is ``400 invalid host header``. The probes (``/healthz``,
 
 from __future__ import annotations
 
+from collections.abc import Awaitable
 from typing import Any, Final
 from urllib.parse import urlsplit
 
@@ -42,24 +43,31 @@ def allowed_hosts(settings: Settings) -> list[str]:
 class HostAllowList:
     """Starlette's ``TrustedHostMiddleware`` decides, its refusal recorded like every other one.
 
-    It is asked on its own (its app only marks the scope), so the app's messages never pass
-    through a wrapper here.
+    It is asked on its own (its app only marks the scope, its refusal goes nowhere), so the
+    app's messages never pass through a wrapper here. Neither awaits anything, so the question
+    is answered in one step, without a frame of this layer living as long as the stream.
     """
 
     def __init__(self, app: ASGIApp, *, hosts: list[str]) -> None:
         self.app = app
         self._trusted = TrustedHostMiddleware(_mark, allowed_hosts=hosts, www_redirect=False)
 
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+    def __call__(self, scope: Scope, receive: Receive, send: Send) -> Awaitable[None]:
         if scope["type"] not in ("http", "websocket") or scope.get("path") in PROBES:
-            await self.app(scope, receive, send)
-            return
+            return self.app(scope, receive, send)
         outcome_of(scope)
-        await self._trusted(scope, receive, _drop)
-        if scope.pop(_PASSED, False):
-            await self.app(scope, receive, send)
-        else:
-            await refuse(scope, receive, send, Refusal(400, "invalid host header", "host"))
+        if self._allowed(scope, receive):
+            return self.app(scope, receive, send)
+        return refuse(scope, receive, send, Refusal(400, "invalid host header", "host"))
+
+    def _allowed(self, scope: Scope, receive: Receive) -> bool:
+        answer = self._trusted(scope, receive, _drop)
+        try:
+            answer.send(None)
+        except StopIteration:
+            return bool(scope.pop(_PASSED, False))
+        answer.close()
+        raise RuntimeError("TrustedHostMiddleware waited for something")
 
 
 async def _mark(scope: Scope, receive: Receive, send: Send) -> None:

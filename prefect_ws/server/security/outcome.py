@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import json
 import re
-from collections.abc import Callable, MutableMapping
+from collections.abc import Awaitable, Callable, MutableMapping
 from dataclasses import dataclass, field
 from typing import Any, Final
 
@@ -40,6 +40,10 @@ class Outcome:
     accepted: bool = False
     by_server: bool = False  # the server chose ``code`` (not the client leaving)
     on_accept: Callable[[Outcome], None] | None = field(default=None, repr=False)
+    # What must run when the request is over, whatever ended it; None while no layer above
+    # (the access log) promises to run it, so that a check holds its own frame instead.
+    on_finish: list[Callable[[Outcome], None]] | None = field(default=None, repr=False)
+    client: str | None = None  # the client's address as the access log shows it
 
     @property
     def streaming(self) -> bool:
@@ -131,7 +135,9 @@ async def refuse(scope: Scope, receive: Receive, send: Send, refusal: Refusal) -
 class Check:
     """A one-job ASGI middleware: ``check(scope, outcome)`` raises :class:`Refusal` or returns.
 
-    Lifespan and other scopes pass through unchecked.
+    Lifespan and other scopes pass through unchecked. ``__call__`` is not a coroutine: it
+    decides at once and hands back the next app's awaitable (or the refusal's), so a check
+    keeps no frame alive for as long as a stream lasts.
     """
 
     def __init__(self, app: Any) -> None:
@@ -140,16 +146,13 @@ class Check:
     def check(self, scope: Scope, outcome: Outcome) -> None:
         raise NotImplementedError
 
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] not in ("http", "websocket"):
-            await self.app(scope, receive, send)
-            return
-        try:
-            self.check(scope, outcome_of(scope))
-        except Refusal as refusal:
-            await refuse(scope, receive, send, refusal)
-            return
-        await self.app(scope, receive, send)
+    def __call__(self, scope: Scope, receive: Receive, send: Send) -> Awaitable[None]:
+        if scope["type"] in ("http", "websocket"):
+            try:
+                self.check(scope, outcome_of(scope))
+            except Refusal as refusal:
+                return refuse(scope, receive, send, refusal)
+        return self.app(scope, receive, send)
 
 
 def first_headers(scope: Scope) -> dict[str, str]:

@@ -10,11 +10,13 @@ from __future__ import annotations
 
 import re
 from typing import Final
-from urllib.parse import unquote_plus, urlsplit
+from urllib.parse import unquote_plus
 
+from prefect_ws.backends.base import REDACTED, safe_url
 from prefect_ws.server.security.auth import TOKEN_QUERY_PARAM
 
-REDACTED: Final = "[redacted]"
+__all__ = ["REDACTED", "redact", "safe_url"]
+
 _PARAM: Final = re.compile(r"(?P<lead>[?&;])(?P<name>[^=&;#\s]{1,64})=(?P<value>[^&;#\s\"']*)")
 _JWT: Final = re.compile(r"[A-Za-z0-9_-]{8,}\.[A-Za-z0-9_-]{8,}\.[A-Za-z0-9_-]{8,}")
 _BEARER: Final = re.compile(r"(?i)(bearer[ .:=]+)[^\s,\"']+")
@@ -34,14 +36,3 @@ def redact(text: str) -> str:
     text = _BEARER.sub(lambda m: m.group(1) + REDACTED, text)
     text = _USERINFO.sub(lambda m: f"{m.group('scheme')}{REDACTED}@", text)
     return _JWT.sub(REDACTED, text)
-
-
-def safe_url(url: str) -> str:
-    """``url`` without its user and password (a backend URL, for a log line or an answer)."""
-    parts = urlsplit(url)
-    _, at, hosts = parts.netloc.rpartition("@")
-    if not at:
-        return url
-    # The hosts as written: a cluster URL names several (``a:7000,b:7001``), which urlsplit
-    # cannot read as one host and port.
-    return parts._replace(netloc=f"{REDACTED}@{hosts}").geturl()

@@ -58,7 +58,11 @@ def protocol_classes(
         http_protocol(
             header_deadline=settings.handshake_timeout, max_lag_seconds=settings.max_lag_seconds
         ),
-        websocket_protocol(settings.max_lag_seconds),
+        websocket_protocol(
+            settings.max_lag_seconds,
+            ping_interval=settings.ping_interval,
+            ping_timeout=settings.ping_timeout,
+        ),
     )
 
 

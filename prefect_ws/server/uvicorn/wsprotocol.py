@@ -38,15 +38,21 @@ closed connection leaves nothing to the cycle collector, which a serving process
 from __future__ import annotations
 
 import asyncio
-from typing import Any
+import logging
+from collections.abc import Callable
+from typing import Any, Literal, cast
 
+from uvicorn.config import Config
 from uvicorn.protocols.utils import ClientDisconnected
 from uvicorn.protocols.websockets.websockets_sansio_impl import WebSocketsSansIOProtocol
+from uvicorn.server import ServerState
+from websockets.extensions.permessage_deflate import ServerPerMessageDeflateFactory
 from websockets.http11 import Request
 from websockets.protocol import Protocol as FrameProtocol
 from websockets.protocol import State
+from websockets.server import ServerProtocol
 
-from prefect_ws.protocol.frames import FRAMES_EXTENSION
+from prefect_ws.protocol.frames import FRAMES_EXTENSION, LISTEN_EXTENSION
 from prefect_ws.server.uvicorn import stall
 from prefect_ws.server.uvicorn.logs import client_noise
 from prefect_ws.server.uvicorn.release import ReleasesTransport
@@ -63,15 +69,30 @@ def bad_request(reason: str) -> bytes:
 
 class Inbox:
     """What uvicorn uses of ``asyncio.Queue`` (``put_nowait``, ``get``, ``empty``) for the one
-    task that calls ``receive()``: a list made on demand and one future while it waits."""
+    task that calls ``receive()``: a list made on demand and one future while it waits. Once
+    the app asked for a listener (:data:`~.frames.LISTEN_EXTENSION`), messages go to it."""
 
-    __slots__ = ("_items", "_waiter")
+    __slots__ = ("_items", "_listener", "_waiter")
 
     def __init__(self) -> None:
         self._items: list[Any] | None = None
         self._waiter: asyncio.Future[None] | None = None
+        self._listener: Callable[[Any], None] | None = None
+
+    @property
+    def listened(self) -> bool:
+        return self._listener is not None
+
+    def listen(self, listener: Callable[[Any], None]) -> None:
+        self._listener = listener
+        items, self._items = self._items, None
+        for item in items or ():
+            listener(item)
 
     def put_nowait(self, item: Any) -> None:
+        if self._listener is not None:
+            self._listener(item)
+            return
         if self._items is None:
             self._items = [item]
         else:
@@ -125,18 +146,77 @@ class Writable:
 
 
 class PrefectWsProtocol(ReleasesTransport, stall.AbortsStalledWrites, WebSocketsSansIOProtocol):
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
-        self.close_timeout = stall.GRACE  # uvicorn: 10 s for the client's close reply
+    # What uvicorn's __init__ sets to the same value for every connection lives on the class:
+    # with at most 30 attributes of its own, an instance's __dict__ takes CPython's shared-key
+    # layout (~0.4 KB) instead of a table of its own (1.6 KB with uvicorn's 35 attributes).
+    logger = logging.getLogger("uvicorn.error")
+    close_timeout = stall.GRACE  # uvicorn: 10 s for the client's close reply
+    handshake_initiated = handshake_complete = close_sent = disconnected = read_paused = False
+    close_timer: asyncio.TimerHandle | None = None
+    ping_timer: asyncio.TimerHandle | None = None
+    pong_timer: asyncio.TimerHandle | None = None
+    initial_response: tuple[int, list[tuple[str, str]], bytes] | None = None
+    pending_ping_payload: bytes | None = None
+    ping_sent_at = last_ping_rtt = 0.0
+    curr_msg_data_type: Literal["text", "bytes"] = "bytes"
+    ping_interval: float | None = None
+    ping_timeout: float | None = None
+
+    def __init__(
+        self,
+        config: Config,
+        server_state: ServerState,
+        app_state: dict[str, Any],
+        _loop: asyncio.AbstractEventLoop | None = None,
+    ) -> None:
+        # WebSocketsSansIOProtocol.__init__ (uvicorn 0.54) but for the class attributes above.
+        if not config.loaded:
+            config.load()
+        self.config = config
+        self.app = config.loaded_app
+        self.loop = _loop or asyncio.get_event_loop()
+        self.root_path = config.root_path
+        self.asgi_version = config.asgi_version
+        self.app_state = app_state
+        self.connections = server_state.connections
+        self.tasks = server_state.tasks
+        self.default_headers = server_state.default_headers
+        self.transport: asyncio.Transport = None  # type: ignore[assignment]
+        self.server: tuple[str, int | None] | None = None
+        self.client: tuple[str, int] | None = None
+        self.scheme: Literal["wss", "ws"] = None  # type: ignore[assignment]
         self.queue = Inbox()  # type: ignore[assignment]
-        self.writable = Writable()  # type: ignore[assignment]
+        extensions = []
+        if config.ws_per_message_deflate:
+            extensions = [
+                ServerPerMessageDeflateFactory(
+                    server_max_window_bits=12,
+                    client_max_window_bits=12,
+                    compress_settings={"memLevel": 5},
+                )
+            ]
+        self.conn = ServerProtocol(
+            extensions=extensions, max_size=config.ws_max_size, logger=self.logger
+        )
         self.conn.id = None  # type: ignore[assignment]  # a uuid4, only for websockets' logs
+        self.writable = Writable()  # type: ignore[assignment]
+        if config.ws_ping_interval != self.ping_interval:
+            self.ping_interval = config.ws_ping_interval
+        if config.ws_ping_timeout != self.ping_timeout:
+            self.ping_timeout = config.ws_ping_timeout
+        self.frames: list[bytes] = []
+
+    @property
+    def inbox(self) -> Inbox:
+        return cast(Inbox, self.queue)
 
     def handle_connect(self, event: Request) -> None:
         super().handle_connect(event)  # builds the scope and schedules the app, not yet run
         scope = getattr(self, "scope", None)  # none when the handshake was refused
         if scope is not None:
-            scope["extensions"][FRAMES_EXTENSION] = {"write_now": self.write_now}
+            extensions = scope["extensions"]
+            extensions[FRAMES_EXTENSION] = {"write_now": self.write_now}
+            extensions[LISTEN_EXTENSION] = {}
 
     def write_now(self, data: bytes) -> bool:
         """Write pre-built frames at once if the connection takes data now (open, write buffer
@@ -179,6 +259,12 @@ class PrefectWsProtocol(ReleasesTransport, stall.AbortsStalledWrites, WebSockets
                 raise ClientDisconnected()
             self.transport.write(message["data"])
             return
+        if kind == LISTEN_EXTENSION:
+            self.inbox.listen(message["listener"])
+            if self.read_paused:
+                self.read_paused = False
+                self.transport.resume_reading()
+            return
         if kind == "websocket.close" and not self.writable.is_set() and self._open():
             # The client takes no data now: put the close frame behind what it has not read
             # (a client that reads again gets it) instead of waiting for room, forever for a
@@ -218,7 +304,7 @@ class PrefectWsProtocol(ReleasesTransport, stall.AbortsStalledWrites, WebSockets
                 return
         else:
             self.queue.put_nowait({"type": "websocket.receive", "bytes": data})
-        if not self.read_paused:
+        if not self.read_paused and not self.inbox.listened:
             self.read_paused = True
             self.transport.pause_reading()
 
@@ -235,6 +321,10 @@ class PrefectWsProtocol(ReleasesTransport, stall.AbortsStalledWrites, WebSockets
         # frame holds the connection: a cycle only the collector would free (with the reader's
         # buffers). Closed, it holds nothing.
         self.conn.parser.close()
+        # The scope offers this protocol's write_now: another cycle (protocol -> scope -> it).
+        scope = getattr(self, "scope", None)
+        if scope is not None:
+            scope["extensions"][FRAMES_EXTENSION] = {}
 
     def data_received(self, data: bytes) -> None:
         super().data_received(data)
@@ -245,8 +335,16 @@ class PrefectWsProtocol(ReleasesTransport, stall.AbortsStalledWrites, WebSockets
             self.transport.close()
 
 
-def websocket_protocol(max_lag_seconds: float) -> type[PrefectWsProtocol]:
+def websocket_protocol(
+    max_lag_seconds: float, *, ping_interval: float | None = None, ping_timeout: float | None = None
+) -> type[PrefectWsProtocol]:
     """:class:`PrefectWsProtocol` aborting connections whose writes stall for longer than
-    ``max_lag_seconds`` (when the app closes them with 1013) plus :data:`~.stall.GRACE`."""
+    ``max_lag_seconds`` (when the app closes them with 1013) plus :data:`~.stall.GRACE`, its
+    keep-alive pings (uvicorn's ``ws_ping_interval``, ``ws_ping_timeout``) on the class."""
     max_stall = max_lag_seconds + stall.GRACE
-    return type("PrefectWsProtocol", (PrefectWsProtocol,), {"max_stall": max_stall})
+    attributes = {
+        "max_stall": max_stall,
+        "ping_interval": ping_interval,
+        "ping_timeout": ping_timeout,
+    }
+    return type("PrefectWsProtocol", (PrefectWsProtocol,), attributes)
