@@ -496,6 +496,9 @@ def test_redis_restarted_empty_is_reported_not_hidden(redis_server: Any, redis_p
         client = asyncio.create_task(
             receive(stream_url(base, run_id, "wait=30"), timeout=30, received=seen)
         )
+        # The hello comes first: the stream starts in no history (the run is unknown), so what
+        # the restart loses shows as the run's counter going back, not as another epoch.
+        await eventually(lambda: seen.hello, lambda hello: hello is not None)
         async with redis_backend(settings) as backend:
             await publish_logs(backend, run_id, 100, complete=False)
             await eventually(lambda: len(seen.seqs), lambda n: n == 100)  # all delivered
