@@ -18,6 +18,7 @@ import math
 import re
 import time
 from dataclasses import dataclass
+from datetime import datetime
 from typing import Any, Final, Literal
 
 import orjson
@@ -112,6 +113,7 @@ def encode(run_id: str, type: str, payload: dict[str, Any], ts: float | None = N
 
 
 _SEQ_MARK: Final = ',"seq":'
+_TS_MARK: Final = ',"ts":"'
 _FINAL_MARK: Final = f'{{"v":{PROTOCOL_VERSION},"type":"run_complete"'
 
 
@@ -166,3 +168,16 @@ def frames_from_message(message: str) -> list[Frame]:
 
 def join_frames(texts: list[str]) -> str:
     return "\n".join(texts)
+
+
+def event_age(data: str) -> float | None:
+    """Seconds since the event's ``ts`` (the publisher's clock), or None without one."""
+    start = data.find(_TS_MARK)
+    if start < 0:
+        return None
+    start += len(_TS_MARK)
+    try:
+        moment = datetime.fromisoformat(data[start : data.index('"', start)])
+    except ValueError:
+        return None
+    return max(0.0, time.time() - moment.timestamp())

@@ -20,7 +20,7 @@ from typing import Final
 
 from prefect_ws.backends import RESYNC, Transport
 from prefect_ws.protocol import closecodes
-from prefect_ws.protocol.events import Frame, frames_from_message
+from prefect_ws.protocol.events import Frame, event_age, frames_from_message
 from prefect_ws.protocol.frames import WRITE_SIZE
 from prefect_ws.server import metrics
 from prefect_ws.server.history import HistoryPages
@@ -33,6 +33,8 @@ RECENT_FRAMES: Final = 1024  # per active run: ~500 KB of ~250-byte events (text
 # much event text per run (about as much again in wire bytes): in a burst, clients that fell
 # behind catch up from memory, built once, instead of each reading the history from the backend.
 RECENT_MAX_BYTES: Final = 4 * 1024 * 1024
+# Live messages older than this when they reach the fan-out go through the clients' queues.
+DIRECT_MAX_AGE: Final = 0.005
 RECENT_PAGE: Final = 1024  # frames per catch-up batch from memory: one list per client at a time
 
 
@@ -267,6 +269,16 @@ def _following_gaps(frames: list[Frame], cursor: int, *, initial: bool) -> list[
     return page
 
 
+def _fresh(frames: list[Frame]) -> bool:
+    """The message reached the fan-out within :data:`DIRECT_MAX_AGE` of being published: the
+    process keeps up, so level clients can be written at once. A process that falls behind
+    (1,000 clients at 100 events/s: 1,000 writes per event) sends them through their queues
+    instead, where a client's task takes every event queued meanwhile in one write: writing
+    each event at once there took the paced p50 from 83 to 540 ms."""
+    age = event_age(frames[-1].data)
+    return age is not None and age <= DIRECT_MAX_AGE
+
+
 def _joined_wire(frames: list[Frame]) -> bytes | None:
     """The frames' wire bytes in one piece, built once for every client of the run, or None
     when they exceed one write (:data:`~.frames.WRITE_SIZE`): a burst goes through the
@@ -345,7 +357,7 @@ class RunChannel:
             self.recent_bytes = 0
         recent.extend(frames)
         self.recent_bytes += sum(len(frame.data) for frame in frames)
-        wire = _joined_wire(frames)
+        wire = _joined_wire(frames) if _fresh(frames) else None
         written = 0
         for subscription in self.subscriptions:
             if wire is not None and subscription.wrote_now(frames, wire):

@@ -11,9 +11,7 @@ call each; every app gets its own registry holding them plus the gauges read fro
 from __future__ import annotations
 
 import itertools
-import time
 from collections.abc import Iterator
-from datetime import datetime
 from typing import Any, Final
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
@@ -22,7 +20,7 @@ from prometheus_client.registry import Collector
 from starlette.requests import Request
 from starlette.responses import Response
 
-from prefect_ws.protocol.events import Frame
+from prefect_ws.protocol.events import Frame, event_age
 
 CONTENT_TYPE: Final = "text/plain; version=0.0.4; charset=utf-8"
 
@@ -73,7 +71,6 @@ LATENCY = Histogram(
     registry=None,
 )
 _CLOSE_CODES: Final = frozenset({1000, 1001, 1008, 1009, 1011, 1013, 4400, 4401, 4404})
-_TS_MARK: Final = ',"ts":"'
 
 
 def connection_opened(transport: str) -> None:
@@ -121,21 +118,9 @@ def delivered_live(frames: list[Frame], clients: int = 1) -> None:
     _DELIVERED_LIVE.inc(len(frames) * clients)
     if next(_live_deliveries) % LATENCY_SAMPLE:
         return
-    latency = _age(frames[-1].data)
+    latency = event_age(frames[-1].data)
     if latency is not None:
         LATENCY.observe(latency)
-
-
-def _age(data: str) -> float | None:
-    start = data.find(_TS_MARK)
-    if start < 0:
-        return None
-    start += len(_TS_MARK)
-    try:
-        moment = datetime.fromisoformat(data[start : data.index('"', start)])
-    except ValueError:
-        return None
-    return max(0.0, time.time() - moment.timestamp())
 
 
 class _AppState(Collector):
