@@ -148,3 +148,42 @@ def test_recent_frames_keep_what_a_client_behind_needs_up_to_the_byte_cap() -> N
     assert RECENT_FRAMES < len(channel.recent) < 6000
     assert channel.recent_bytes <= RECENT_MAX_BYTES
     assert channel.recent[-1].seq == 6000
+
+
+def test_level_clients_are_written_at_once_only_while_the_process_keeps_up() -> None:
+    """A live message that reaches the fan-out fresh is written to a level client at once; one
+    published longer ago than DIRECT_MAX_AGE (the process is behind) goes through the client's
+    queue, where its task takes everything queued meanwhile in one write."""
+    from datetime import UTC, datetime, timedelta
+
+    from prefect_ws.server.hub import DIRECT_MAX_AGE
+
+    run_id = new_run_id()
+
+    def message(seq: int, age: float) -> str:
+        ts = (datetime.now(UTC) - timedelta(seconds=age)).isoformat().replace("+00:00", "Z")
+        return f'{{"v":1,"type":"step_log","seq":{seq},"ts":"{ts}","payload":{{}}}}'
+
+    written: list[bytes] = []
+
+    def writer(data: bytes) -> bool:
+        written.append(data)
+        return True
+
+    async def main() -> list[int]:
+        channel = RunChannel(run_id)
+        subscription = Subscription(run_id, since=0, queue_size=16)
+        subscription.writer = writer
+        channel.add(subscription)
+        waiting = asyncio.create_task(subscription.take())
+        await asyncio.sleep(0)  # the client's task waits with nothing queued: level
+        channel.receive(message(1, age=0.0))
+        channel.receive(message(2, age=0.0))
+        channel.receive(message(3, age=DIRECT_MAX_AGE * 20))  # the process fell behind
+        taken = await asyncio.wait_for(waiting, 5)
+        assert isinstance(taken, list)
+        return [frame.seq for frame in taken]
+
+    queued = asyncio.run(main())
+    assert len(written) == 2 and b'"seq":1,' in written[0] and b'"seq":2,' in written[1]
+    assert queued == [3]
