@@ -113,15 +113,14 @@ class Subscription:
         Level: the client's task waits in :meth:`take` with nothing queued, so everything
         before was written. Waking that task to pass one event down the stream's generators
         and the ASGI send was most of the server's CPU per delivered event when events come
-        one at a time. ``writer`` writes only while the connection takes data at once;
-        ``run_complete``, which ends the stream, always goes through the task.
+        one at a time. ``writer`` writes only while the connection takes data at once. The
+        caller never passes ``run_complete``: it ends the stream, so it goes through the task.
         """
         if (
             self.writer is not None
             and self._waiter is not None
             and not self._queue
             and frames[0].seq == self.last_seq + 1
-            and not frames[-1].is_final
             and self.writer(wire)
         ):
             self.advance(frames)
@@ -357,7 +356,8 @@ class RunChannel:
             self.recent_bytes = 0
         recent.extend(frames)
         self.recent_bytes += sum(len(frame.data) for frame in frames)
-        wire = _joined_wire(frames) if _fresh(frames) else None
+        # Decided once per message, not per client: run_complete and late messages are queued.
+        wire = None if frames[-1].is_final or not _fresh(frames) else _joined_wire(frames)
         written = 0
         for subscription in self.subscriptions:
             if wire is not None and subscription.wrote_now(frames, wire):
