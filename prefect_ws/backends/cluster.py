@@ -44,7 +44,7 @@ from redis.backoff import NoBackoff
 from redis.crc import key_slot
 from redis.exceptions import RedisClusterException, RedisError
 
-from prefect_ws.backends.base import BackendUnavailable, RecentRun
+from prefect_ws.backends.base import BackendUnavailable, RecentRun, RunInfo
 from prefect_ws.backends.redis import (
     _NETWORK_ERRORS,
     PUBLISH_SCRIPT,
@@ -190,6 +190,17 @@ class ClusterBackend(RedisBackend):
         # KEYS[3] must share the run's slot; the script ignores it (see CLUSTER_PUBLISH_SCRIPT).
         keys[2] = keys[0]
         return keys
+
+    # A script's keys must share one slot: one call per run, the calls at once.
+    async def _read_infos(self, run_ids: list[str]) -> list[RunInfo]:
+        read = super()._read_infos
+        replies = await asyncio.gather(*(read([run_id]) for run_id in run_ids))
+        return [info for infos in replies for info in infos]
+
+    async def _read_history(self, pages: list[tuple[str, int, int]]) -> list[list[str]]:
+        read = super()._read_history
+        replies = await asyncio.gather(*(read([page]) for page in pages))
+        return [texts for reply in replies for texts in reply]
 
     async def connect(self) -> None:
         self._topology_changed = asyncio.Event()

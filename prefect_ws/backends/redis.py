@@ -21,7 +21,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Collection
+from functools import partial
 from typing import Any, Final, TypeVar
 
 import redis.asyncio as aioredis
@@ -38,6 +39,7 @@ from prefect_ws.backends.base import (
     StreamBackend,
     safe_url,
 )
+from prefect_ws.backends.coalesce import Coalescer
 from prefect_ws.protocol.events import Draft
 
 logger = logging.getLogger("prefect_ws.transport")
@@ -105,6 +107,36 @@ end
 return last
 """
 
+# What a stream's start needs of runs, in one command for many (see coalesce.py): for each run
+# KEYS[i] sequence counter, KEYS[i+1] history stream, KEYS[i+2] epoch; for each, the head, the
+# oldest entry's id, the newest event's text and the epoch (false: absent). An entry's only
+# field is "d" (PUBLISH_SCRIPT), so its text is the second item of its field list.
+INFO_SCRIPT: Final = """
+local out = {}
+for i = 1, #KEYS, 3 do
+  local first = redis.call('XRANGE', KEYS[i + 1], '-', '+', 'COUNT', 1)[1]
+  local last = redis.call('XREVRANGE', KEYS[i + 1], '+', '-', 'COUNT', 1)[1]
+  out[#out + 1] = {redis.call('GET', KEYS[i]), first and first[1] or false,
+                   last and last[2][2] or false, redis.call('GET', KEYS[i + 2])}
+end
+return out
+"""
+
+# Pages of history, as the events' texts alone: for each KEYS[i] (a history stream), the
+# entries from id ARGV[2i-1], at most ARGV[2i]. redis-py parsed XRANGE into a dict per entry.
+HISTORY_SCRIPT: Final = """
+local out = {}
+for i = 1, #KEYS do
+  local texts = {}
+  local entries = redis.call('XRANGE', KEYS[i], ARGV[2 * i - 1], '+', 'COUNT', ARGV[2 * i])
+  for j, entry in ipairs(entries) do
+    texts[j] = entry[2][2]
+  end
+  out[i] = texts
+end
+return out
+"""
+
 _NETWORK_ERRORS = (RedisError, OSError, asyncio.TimeoutError)
 T = TypeVar("T")
 
@@ -151,6 +183,8 @@ class PubSubListener:
             f"{s}message",
         )
         self._pubsub: Any = None
+        self._subscribes = Coalescer(partial(self._command, self._subscribe), max_batch=1000)
+        self._unsubscribes = Coalescer(partial(self._command, self._unsubscribe), max_batch=1000)
         self._reconnect = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
 
@@ -169,30 +203,34 @@ class PubSubListener:
 
     async def add(self, run_id: str) -> None:
         self.channels.add(run_id)
-        await self._command(self._subscribe, run_id)
+        await self._subscribes(run_id)
 
     async def remove(self, run_id: str) -> None:
         self.channels.discard(run_id)
         self._backend._confirmed.discard(run_id)
-        await self._command(self._unsubscribe, run_id)
+        await self._unsubscribes(run_id)
 
-    async def _command(self, command: str, run_id: str) -> None:
+    async def _command(self, command: str, run_ids: list[str]) -> list[None]:
         """(UN)SUBSCRIBE on the open connection; on any failure, make it reconnect.
 
         Reconnecting resubscribes every channel, so a lost command costs a RESYNC, never a stuck
-        subscription.
+        subscription. Concurrent calls of :meth:`add` (or :meth:`remove`) make one command.
         """
         pubsub = self._pubsub
         if pubsub is None:
-            return  # not connected: _open subscribes self.channels when it is
+            return [None] * len(run_ids)  # not connected: _open subscribes self.channels
         try:
-            channel = self._backend.channel_name(run_id)
-            await asyncio.wait_for(getattr(pubsub, command)(channel), 5.0)
+            await asyncio.wait_for(self._send(pubsub, command, run_ids), 5.0)
         except Exception as exc:
             logger.warning(
-                "%s of run %s on %s failed (%r); reconnecting", command, run_id, self.name, exc
+                "%s of %d run(s) on %s failed (%r); reconnecting",
+                command,
+                len(run_ids),
+                self.name,
+                exc,
             )
             self._reconnect.set()
+        return [None] * len(run_ids)
 
     async def _open(self) -> None:
         """Connect and subscribe the anchor and every channel, then publish the connection.
@@ -218,7 +256,7 @@ class PubSubListener:
             raise
         self._pubsub = pubsub
 
-    async def _send(self, pubsub: Any, command: str, run_ids: set[str]) -> None:
+    async def _send(self, pubsub: Any, command: str, run_ids: Collection[str]) -> None:
         channels = [self._backend.channel_name(run_id) for run_id in run_ids]
         if self._sharded:  # one command per channel: each names one slot
             for channel in channels:
@@ -316,6 +354,11 @@ class RedisBackend(StreamBackend):
         self._reconnect_max_delay = reconnect_max_delay
         self._redis, pubsub_client = self._clients(url)
         self._script = self._redis.register_script(self.publish_script)
+        self._info_script = self._redis.register_script(INFO_SCRIPT)
+        self._history_script = self._redis.register_script(HISTORY_SCRIPT)
+        # A page is up to the replay page size of events (500): 10 pages make a ~1 MB reply.
+        self._infos = Coalescer(self._read_infos, max_batch=100)
+        self._history_pages = Coalescer(self._read_history, max_batch=10)
         self._channels: set[str] = set()
         self._confirmed: set[str] = set()  # channels Redis confirmed on the current connection
         self._anchor = f"{prefix}:listener".encode()
@@ -417,30 +460,33 @@ class RedisBackend(StreamBackend):
         return await self._queue.get()
 
     async def history(self, run_id: str, after: int, limit: int) -> list[str]:
-        _, stream = self._keys(run_id)
-        entries: Any = await self._once_more_on_stale_connection(
-            lambda: self._redis.xrange(stream, min=f"{after + 1}-0", max="+", count=limit)
-        )
-        return [fields[b"d"].decode("utf-8", "replace") for _, fields in entries]
+        return await self._history_pages((run_id, after, limit))
 
     async def info(self, run_id: str) -> RunInfo:
-        seq_key, stream = self._keys(run_id)
+        return await self._infos(run_id)
 
-        async def read() -> list[Any]:
-            async with self._redis.pipeline(transaction=False) as pipe:
-                pipe.get(seq_key)
-                pipe.xrange(stream, count=1)
-                pipe.xrevrange(stream, count=1)
-                pipe.get(self._epoch_key(run_id))
-                return list(await pipe.execute())
-
-        head, first, last, epoch = await self._once_more_on_stale_connection(read)
-        return RunInfo(
-            head=int(head or 0),
-            first=int(first[0][0].split(b"-")[0]) if first else None,
-            last=last[0][1][b"d"].decode("utf-8", "replace") if last else None,
-            epoch=epoch.decode("ascii", "replace") if epoch else None,
+    async def _read_history(self, pages: list[tuple[str, int, int]]) -> list[list[str]]:
+        keys = [self._keys(run_id)[1] for run_id, _, _ in pages]
+        args = [arg for _, after, limit in pages for arg in (f"{after + 1}-0", limit)]
+        replies: Any = await self._once_more_on_stale_connection(
+            lambda: self._history_script(keys=keys, args=args)
         )
+        return [[text.decode("utf-8", "replace") for text in texts] for texts in replies]
+
+    async def _read_infos(self, run_ids: list[str]) -> list[RunInfo]:
+        keys = [key for run_id in run_ids for key in (*self._keys(run_id), self._epoch_key(run_id))]
+        replies: Any = await self._once_more_on_stale_connection(
+            lambda: self._info_script(keys=keys)
+        )
+        return [
+            RunInfo(
+                head=int(head or 0),
+                first=int(first.split(b"-")[0]) if first else None,
+                last=last.decode("utf-8", "replace") if last else None,
+                epoch=epoch.decode("ascii", "replace") if epoch else None,
+            )
+            for head, first, last, epoch in replies
+        ]
 
     async def ping(self) -> None:
         await self._once_more_on_stale_connection(

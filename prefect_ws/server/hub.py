@@ -461,18 +461,26 @@ class Hub:
                 logger.exception("Delivering a message of run %s failed", event.channel)
 
     async def _keep_subscriptions(self) -> None:
-        backend = self.transport.backend
+        """Each round makes the changes queued since the last, at once (the backend sends
+        concurrent subscribes as one command); a run changes at most once per round."""
         while True:
-            run_id = await self._changed.get()
-            try:
-                if run_id in self.runs and run_id not in self._subscribed:
-                    self._subscribed.add(run_id)
-                    await backend.subscribe(run_id)
-                elif run_id not in self.runs and run_id in self._subscribed:
-                    self._subscribed.discard(run_id)
-                    await backend.unsubscribe(run_id)
-            except Exception:  # the backend resubscribes what it was asked for when it is back
-                logger.exception("(Un)subscribing run %s failed", run_id)
+            changed = {await self._changed.get()}
+            while not self._changed.empty():
+                changed.add(self._changed.get_nowait())
+            await asyncio.gather(*(self._follow(run_id) for run_id in changed))
+
+    async def _follow(self, run_id: str) -> None:
+        """(Un)subscribe the run as whether it has clients here now says."""
+        backend = self.transport.backend
+        try:
+            if run_id in self.runs and run_id not in self._subscribed:
+                self._subscribed.add(run_id)
+                await backend.subscribe(run_id)
+            elif run_id not in self.runs and run_id in self._subscribed:
+                self._subscribed.discard(run_id)
+                await backend.unsubscribe(run_id)
+        except Exception:  # the backend resubscribes what it was asked for when it is back
+            logger.exception("(Un)subscribing run %s failed", run_id)
 
     async def catch_up(
         self, subscription: Subscription, *, initial: bool = False
