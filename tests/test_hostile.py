@@ -18,6 +18,8 @@ from typing import Any
 import httpx
 import pytest
 from helpers import emit_small_run
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from websockets.asyncio.client import connect
 from websockets.exceptions import ConnectionClosed, InvalidStatus
 
@@ -25,6 +27,7 @@ from prefect_ws.protocol.events import EVENT_TYPES
 from prefect_ws.publish.publisher import Publisher
 from prefect_ws.server.security.auth import mint_token
 from prefect_ws.server.uvicorn.config import serve_in_thread
+from prefect_ws.server.uvicorn.http import _upgrade_head
 from prefect_ws.settings import Settings
 
 SECRET = "hostile-test-secret"
@@ -674,3 +677,100 @@ def test_churning_hostile_clients_do_not_wedge_redis_subscriptions(redis_url: st
                     await server.good_client()
 
     asyncio.run(main())
+
+
+# -- the upgrade's fast path ---------------------------------------------------------------------
+
+
+def test_only_a_whole_upgrade_head_skips_h11_and_its_header_names_are_lowered() -> None:
+    head = (
+        b"GET /s?t=A HTTP/1.1\r\nHOST: x\r\nUpgrade: WebSocket\r\n"
+        b"Connection: keep-alive, Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n"
+    )
+    assert _upgrade_head(head) == (
+        b"GET /s?t=A HTTP/1.1\r\nhost: x\r\nupgrade: WebSocket\r\n"
+        b"connection: keep-alive, Upgrade\r\nsec-websocket-key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n"
+    ), "names lower-case; values (the key is case-sensitive) and the request line as they came"
+    for other in (
+        head[:-2],  # not whole yet
+        head + b"GET / HTTP/1.1\r\n\r\n",  # something after it: h11 keeps order
+        head.replace(b"GET ", b"POST "),
+        head.replace(b"HTTP/1.1", b"HTTP/1.0"),
+        head.replace(b"keep-alive, Upgrade", b"keep-alive"),
+        head.replace(b"Upgrade: WebSocket", b"Upgrade: h2c"),
+        head.replace(b"HOST: x\r\n", b""),  # h11 refuses HTTP/1.1 without exactly one Host
+        head.replace(b"HOST: x\r\n", b"HOST: x\r\nHost: y\r\n"),
+        head.replace(b"HOST: x\r\n", b"HOST: x\r\nContent-Length: 0\r\n"),  # a body: h11's
+        b"GET / HTTP/1.1\r\nHost: x\r\n\r\n",
+    ):
+        assert _upgrade_head(other) is None, other
+
+
+_NAMES = st.sampled_from(
+    [b"Host", b"Upgrade", b"Connection", b"Sec-WebSocket-Key", b"Sec-WebSocket-Version",
+     b"Authorization", b"Origin", b"X-A", b"Host ", b" Upgrade", b"Up grade", b"\xffName", b"",
+     b"Content-Length", b"Transfer-Encoding"]
+)  # fmt: skip
+_VALUES = st.sampled_from(
+    [b"x", b"websocket", b"WebSocket", b"Upgrade", b"keep-alive, upgrade", b"upgrade,",
+     b"dGhlIHNhbXBsZSBub25jZQ==", b"13", b"8", f"Bearer {KEYS[1]}".encode(), ORIGIN.encode(),
+     b"a\x00b", b"\xe9t\xe9", b"\x7f", b"", b" websocket ", b"a" * 9000, b"0", b"chunked", b"-1"]
+)  # fmt: skip
+
+
+@st.composite
+def _upgrade_heads(draw: st.DrawFn, run_id: str) -> bytes:
+    """Upgrade requests, mostly valid, with names, values and lines a hostile client picks."""
+    target = draw(st.sampled_from([f"/api/v2/workflows/runs/{run_id}/stream", "/nope", "/%zz"]))
+    version = draw(st.sampled_from([b"HTTP/1.1", b"HTTP/1.1", b"HTTP/1.0", b"HTTP/2"]))
+    valid = [
+        (b"Host", b"127.0.0.1"),
+        (b"Upgrade", b"websocket"),
+        (b"Connection", b"Upgrade"),
+        (b"Sec-WebSocket-Key", b"dGhlIHNhbXBsZSBub25jZQ=="),
+        (b"Sec-WebSocket-Version", b"13"),
+        (b"Authorization", f"Bearer {KEYS[1]}".encode()),
+    ]
+    headers = draw(st.lists(st.sampled_from(valid), max_size=8))
+    headers += draw(st.lists(st.tuples(_NAMES, _VALUES), max_size=4))
+    headers = draw(st.permutations(headers))
+    lines = [b"GET " + target.encode() + b" " + version]
+    lines += [name + b": " + value for name, value in headers]
+    return b"\r\n".join(lines) + b"\r\n\r\n"
+
+
+async def _status_line(server: Server, request: bytes, *, dribble: bool) -> bytes:
+    """The server's first line for ``request``, sent in one write, or a byte at a time (the
+    server then sees the head in pieces, which h11 parses)."""
+    host, port = server.base.removeprefix("ws://").rsplit(":", 1)
+    reader, writer = await asyncio.open_connection(host, int(port))
+    try:
+        if dribble:
+            for i in range(len(request)):
+                writer.write(request[i : i + 1])
+                await writer.drain()
+                await asyncio.sleep(0)
+        else:
+            writer.write(request)
+        async with asyncio.timeout(10):
+            return (await reader.readline()).strip()
+    finally:
+        writer.close()
+
+
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(data=st.data())
+def test_an_upgrade_is_answered_alike_whole_or_in_pieces(
+    server: Server, data: st.DataObject
+) -> None:
+    """Generated upgrade heads, hostile ones included: the fast path (the head in one read)
+    answers each as h11's path (the head in pieces) does."""
+    request = data.draw(_upgrade_heads(server.run_id))
+
+    async def main() -> tuple[bytes, bytes]:
+        whole = await _status_line(server, request, dribble=False)
+        pieces = await _status_line(server, request, dribble=True)
+        return whole, pieces
+
+    whole, pieces = asyncio.run(main())
+    assert whole[:12] == pieces[:12], (request, whole, pieces)
