@@ -486,7 +486,10 @@ def test_the_uvicorn_internals_the_protocols_build_on_are_there() -> None:
         (protocol,) = [
             c for c in server.server.server_state.connections if hasattr(c, "close_timer")
         ]
-        for attribute in ("close_timeout", "close_sent", "read_paused", "frames", "conn"):
+        for attribute in (
+            *("close_timeout", "close_sent", "read_paused", "frames", "conn", "response"),
+            *("default_headers", "handshake_complete", "initial_response", "disconnected"),
+        ):
             assert hasattr(protocol, attribute), attribute
         sock.close()
 
@@ -545,3 +548,18 @@ def test_a_closed_connection_is_freed_without_the_cycle_collector(loop: str) -> 
             )
         finally:
             gc.enable()
+
+
+def test_the_hello_goes_out_in_the_same_write_as_the_101(redis_url: str, redis_prefix: str) -> None:
+    """The stream reads the run's state from Redis before it answers the upgrade, so the 101
+    and the hello leave in one write: the client's first read holds both."""
+    settings = Settings(broadcast_url=redis_url, redis_prefix=redis_prefix, **OPEN_LIMITS)
+    run_id = str(uuid.uuid4())
+    with running_server(settings) as server:
+        sock = raw_socket(server)
+        sock.sendall(ws_request(stream_path(run_id, "wait=60")))
+        first = sock.recv(65536)
+        head, _, rest = first.partition(b"\r\n\r\n")
+        assert head.startswith(b"HTTP/1.1 101 "), first
+        assert rest[:1] == b"\x81" and b'"type":"hello"' in rest, first
+        sock.close()

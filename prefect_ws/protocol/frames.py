@@ -12,7 +12,9 @@ Servers that can take such pre-framed bytes say so with the ASGI extension
 protocol (:mod:`~prefect_ws.server.uvicorn.wsprotocol`) does. Elsewhere the app sends text
 messages one by one. The extension's value may hold ``"write_now"``: a callable that writes
 such bytes at once, from any task, when the connection takes them without waiting, and
-returns whether it did (the hub writes a level client's live events with it).
+returns whether it did (the hub writes a level client's live events with it). Its
+``websocket.accept`` may carry pre-built frames under the extension's name: they are written
+with the 101 response in one ``write()`` (a stream's hello goes so).
 
 :data:`LISTEN_EXTENSION`, from the same protocol: the send message
 ``{"type": LISTEN_EXTENSION, "listener": <callable>}`` hands every later receive message

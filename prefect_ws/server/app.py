@@ -20,7 +20,7 @@ from starlette.websockets import WebSocketDisconnect
 from prefect_ws.backends import BackendUnavailable, Transport, create_transport
 from prefect_ws.protocol import closecodes
 from prefect_ws.protocol.events import frame_from_text
-from prefect_ws.protocol.frames import FRAMES_EXTENSION, LISTEN_EXTENSION, coalesce
+from prefect_ws.protocol.frames import FRAMES_EXTENSION, LISTEN_EXTENSION, coalesce, text_frame
 from prefect_ws.server import metrics
 from prefect_ws.server.hub import Hub, StreamClosed, Subscription
 from prefect_ws.server.pages import page_routes
@@ -66,16 +66,13 @@ def _reason(text: str) -> str:
     return text if len(data) <= 123 else data[:120].decode("utf-8", "ignore") + "..."
 
 
-async def _read_until_disconnect(
-    receive: Receive, max_bytes: int, subscription: Subscription, outcome: Outcome
-) -> bool:
+async def _read_until_disconnect(receive: Receive, watch: _ClientWatch) -> bool:
     """Clients have nothing to say but pings (answered by the server itself): drain and ignore.
 
-    Ends the stream through ``subscription`` when the client leaves or sends too much; returns
-    whether the client is still there to be sent a close frame. For servers without
-    :data:`~.frames.LISTEN_EXTENSION`; :class:`_ClientWatch` does the same without a task.
+    Ends the stream through ``watch`` when the client leaves or sends too much; returns whether
+    the client is still there to be sent a close frame. For servers without
+    :data:`~.frames.LISTEN_EXTENSION`, where ``watch`` is not handed the messages itself.
     """
-    watch = _ClientWatch(subscription, outcome, max_bytes)
     while not watch.gone:
         watch.message(await receive())
         if watch.too_big:
@@ -141,9 +138,10 @@ class StreamEndpoint:
             request = exc
         if (await receive())["type"] != "websocket.connect":
             return  # gone before the handshake completed
-        await send({"type": "websocket.accept", "subprotocol": subprotocol})
-        outcome.accept()
+        accept = {"type": "websocket.accept", "subprotocol": subprotocol}
         if isinstance(request, InvalidRequest):
+            await send(accept)
+            outcome.accept()
             reason = _reason(str(request))
             outcome.end(closecodes.INVALID_REQUEST, reason)
             await send(
@@ -157,14 +155,8 @@ class StreamEndpoint:
         subscription = request.subscription(settings.client_queue_size)
         if request.filter.everything:  # live events written by the hub when the client is level
             subscription.writer = extensions.get(FRAMES_EXTENSION, {}).get("write_now")
-        reader: asyncio.Task[bool] | _ClientWatch
-        if LISTEN_EXTENSION in extensions:
-            reader = _ClientWatch(subscription, outcome, settings.max_inbound_bytes)
-            await send({"type": LISTEN_EXTENSION, "listener": reader.message})
-        else:
-            reader = asyncio.create_task(
-                _read_until_disconnect(receive, settings.max_inbound_bytes, subscription, outcome)
-            )
+        reader: asyncio.Task[bool] | _ClientWatch | None = None
+        max_bytes = settings.max_inbound_bytes
         # Closes the stream with 4401 when the client's token expires.
         expiry = schedule_expiry(scope, subscription)
         close: tuple[int, str] | None = None
@@ -173,25 +165,37 @@ class StreamEndpoint:
         watchdog: SendWatchdog = state.watchdog
         task = asyncio.current_task()
         try:
-            # Each batch of events in writes of pre-built frames where the server takes them
-            # (:mod:`~.frames`), else frame by frame. One write blocked for longer than the
-            # watchdog's timeout ends the stream with 1013: each write is timed, not the batch,
-            # since a catch-up batch of megabytes takes a slow but reading client longer than
-            # that. (Written here, not in a function of its own: one frame less per stream.)
+            # The hello is made before the 101, so that a server taking pre-built frames
+            # writes both at once. Then each batch of events in writes of pre-built frames
+            # where the server takes them (:mod:`~.frames`), else frame by frame. One write
+            # blocked for longer than the watchdog's timeout ends the stream with 1013: each
+            # write is timed, not the batch, since a catch-up batch of megabytes takes a slow
+            # but reading client longer than that. (Written here, not in a function of its
+            # own: one frame less per stream.)
             try:
-                async for item in stream:
-                    if isinstance(item, str):
-                        with watchdog.sending(task):
-                            await send({"type": "websocket.send", "text": item})
-                    elif prebuilt:
-                        for data, count in coalesce(frame.wire for frame in item):
+                hello = await anext(stream)
+                assert isinstance(hello, str)
+                if prebuilt:
+                    await send({**accept, FRAMES_EXTENSION: text_frame(hello.encode())})
+                    outcome.accept()
+                else:
+                    await send(accept)
+                    outcome.accept()
+                    await send({"type": "websocket.send", "text": hello})
+                reader = await _watch_client(
+                    receive, send, extensions, _ClientWatch(subscription, outcome, max_bytes)
+                )
+                async for batch in stream:
+                    assert not isinstance(batch, str)
+                    if prebuilt:
+                        for data, count in coalesce(frame.wire for frame in batch):
                             with watchdog.sending(task):
                                 await send(
                                     {"type": FRAMES_EXTENSION, "data": data, "events": count}
                                 )
                             outcome.sent(count)
                     else:
-                        for frame in item:
+                        for frame in batch:
                             with watchdog.sending(task):
                                 await send({"type": "websocket.send", "text": frame.data})
                             outcome.sent(1)
@@ -215,14 +219,27 @@ class StreamEndpoint:
             subscription.writer = None  # the protocol's method: no cycle through its listener
             if expiry is not None:
                 expiry.cancel()
-            client_there = _client_there(reader)
+            client_there = reader is None or _client_there(reader)
         if close is not None:
             outcome.end(close[0], close[1])
             if client_there:
                 with contextlib.suppress(Exception):
+                    if not outcome.accepted:  # ended before its hello: a close needs the 101
+                        await send(accept)
                     await send(
                         {"type": "websocket.close", "code": close[0], "reason": _reason(close[1])}
                     )
+
+
+async def _watch_client(
+    receive: Receive, send: Send, extensions: dict[str, Any], watch: _ClientWatch
+) -> asyncio.Task[bool] | _ClientWatch:
+    """``watch`` judges what the client sends as it arrives: as the server's listener where it
+    hands messages to one (:data:`~.frames.LISTEN_EXTENSION`), else fed by a task reading them."""
+    if LISTEN_EXTENSION in extensions:
+        await send({"type": LISTEN_EXTENSION, "listener": watch.message})
+        return watch
+    return asyncio.create_task(_read_until_disconnect(receive, watch))
 
 
 def _error(status: int, message: str) -> JSONResponse:

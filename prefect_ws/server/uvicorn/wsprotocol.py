@@ -43,7 +43,11 @@ from collections.abc import Callable
 from typing import Any, Literal, cast
 
 from uvicorn.config import Config
-from uvicorn.protocols.utils import ClientDisconnected
+from uvicorn.protocols.utils import (
+    ClientDisconnected,
+    get_client_addr,
+    get_path_with_query_string,
+)
 from uvicorn.protocols.websockets.websockets_sansio_impl import WebSocketsSansIOProtocol
 from uvicorn.server import ServerState
 from websockets.extensions.permessage_deflate import ServerPerMessageDeflateFactory
@@ -253,6 +257,9 @@ class PrefectWsProtocol(ReleasesTransport, stall.AbortsStalledWrites, WebSockets
 
     async def send(self, message: Any) -> None:
         kind = message["type"]
+        if kind == "websocket.accept" and FRAMES_EXTENSION in message:
+            self._accept(message)
+            return
         if kind == FRAMES_EXTENSION:
             await self.writable.wait()
             if not self._open():
@@ -284,6 +291,34 @@ class PrefectWsProtocol(ReleasesTransport, stall.AbortsStalledWrites, WebSockets
             self.close_timer = self.loop.call_later(self.close_timeout, self.transport.abort)
         elif kind == "websocket.http.response.body" and not message.get("more_body", False):
             self.handshake_complete = True  # answered (a refusal): not an app that forgot to
+
+    def _accept(self, message: Any) -> None:
+        """uvicorn's answer to ``websocket.accept`` (0.54), with the message's pre-built frames
+        written in the same ``write()`` as the 101 (see :mod:`~.frames`): a client waits for
+        its first frame anyway, and each write is a system call."""
+        if self.handshake_complete or self.initial_response is not None:
+            raise RuntimeError(f"unexpected ASGI message {message['type']!r}")
+        if self.disconnected:
+            raise ClientDisconnected()
+        if self.logger.isEnabledFor(logging.INFO):
+            self.logger.info(
+                '%s - "WebSocket %s" [accepted]',
+                get_client_addr(self.scope),
+                get_path_with_query_string(self.scope),
+            )
+        headers = [
+            (name.decode("latin-1").lower(), value.decode("latin-1"))
+            for name, value in (self.default_headers + list(message.get("headers", [])))
+        ]
+        if message.get("subprotocol"):
+            headers.append(("Sec-WebSocket-Protocol", message["subprotocol"]))
+        del self.response.headers["Date"]
+        self.response.headers.update(headers)
+        if not self.transport.is_closing():
+            self.handshake_complete = True
+            self.conn.send_response(self.response)
+            self.transport.write(b"".join([*self.conn.data_to_send(), message[FRAMES_EXTENSION]]))
+            self.start_keepalive()
 
     def send_receive_event_to_app(self) -> None:
         data = self.frames[0] if len(self.frames) == 1 else b"".join(self.frames)
