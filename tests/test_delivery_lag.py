@@ -115,7 +115,8 @@ def test_recent_frames_keep_what_a_client_behind_needs_up_to_the_byte_cap() -> N
     that is behind needs them, never more than RECENT_MAX_BYTES of events beyond that."""
     run_id = new_run_id()
 
-    def feed(channel: RunChannel, first: int, last: int, size: int) -> None:
+    async def feed(channel: RunChannel, first: int, last: int, size: int) -> None:
+        """Messages of 100 events, each fanned out before the next arrives."""
         for start in range(first, last + 1, 100):
             channel.receive(
                 "\n".join(
@@ -123,46 +124,45 @@ def test_recent_frames_keep_what_a_client_behind_needs_up_to_the_byte_cap() -> N
                     for seq in range(start, min(start + 100, last + 1))
                 )
             )
+            await asyncio.sleep(0)
 
-    channel = RunChannel(run_id)
-    feed(channel, 1, 3000, 100)
-    assert channel.recent is not None and len(channel.recent) == RECENT_FRAMES  # nobody behind
+    async def main() -> None:
+        channel = RunChannel(run_id)
+        await feed(channel, 1, 3000, 100)
+        assert channel.recent is not None and len(channel.recent) == RECENT_FRAMES  # none behind
 
-    channel = RunChannel(run_id)
-    behind = Subscription(run_id, since=0, queue_size=16)
-    channel.add(behind)
-    feed(channel, 1, 3000, 100)  # its queue overflows on the second message: it is behind
-    assert behind.behind_since is not None
-    assert channel.recent is not None
-    assert [channel.recent[0].seq, channel.recent[-1].seq] == [1, 3000]
-    behind.last_seq = 2500  # it caught up that far: older frames are let go
-    feed(channel, 3001, 3100, 100)
-    assert channel.recent[0].seq == 3100 - RECENT_FRAMES + 1
-    assert channel.recent_bytes == sum(len(frame.data) for frame in channel.recent)
+        channel = RunChannel(run_id)
+        behind = Subscription(run_id, since=0, queue_size=16)
+        channel.add(behind)
+        await feed(channel, 1, 3000, 100)  # its queue overflows on the second message: behind
+        assert behind.behind_since is not None
+        assert channel.recent is not None
+        assert [channel.recent[0].seq, channel.recent[-1].seq] == [1, 3000]
+        behind.last_seq = 2500  # it caught up that far: older frames are let go
+        await feed(channel, 3001, 3100, 100)
+        assert channel.recent[0].seq == 3100 - RECENT_FRAMES + 1
+        assert channel.recent_bytes == sum(len(frame.data) for frame in channel.recent)
 
-    channel = RunChannel(run_id)
-    behind = Subscription(run_id, since=0, queue_size=16)
-    channel.add(behind)
-    feed(channel, 1, 6000, 2000)  # ~12 MB of events: more than the cap
-    assert channel.recent is not None
-    assert RECENT_FRAMES < len(channel.recent) < 6000
-    assert channel.recent_bytes <= RECENT_MAX_BYTES
-    assert channel.recent[-1].seq == 6000
+        channel = RunChannel(run_id)
+        behind = Subscription(run_id, since=0, queue_size=16)
+        channel.add(behind)
+        await feed(channel, 1, 6000, 2000)  # ~12 MB of events: more than the cap
+        assert channel.recent is not None
+        assert RECENT_FRAMES < len(channel.recent) < 6000
+        assert channel.recent_bytes <= RECENT_MAX_BYTES
+        assert channel.recent[-1].seq == 6000
+
+    asyncio.run(main())
 
 
-def test_level_clients_are_written_at_once_only_while_the_process_keeps_up() -> None:
-    """A live message that reaches the fan-out fresh is written to a level client at once; one
-    published longer ago than DIRECT_MAX_AGE (the process is behind) goes through the client's
-    queue, where its task takes everything queued meanwhile in one write."""
-    from datetime import UTC, datetime, timedelta
-
-    from prefect_ws.server.hub import DIRECT_MAX_AGE
-
+def test_level_clients_get_what_arrived_in_one_step_in_one_write() -> None:
+    """Live messages received in one step of the event loop reach a level client in one write
+    (a process behind finds several waiting at once); a message received later gets a write of
+    its own; run_complete goes through the client's queue, to the stream's task."""
     run_id = new_run_id()
 
-    def message(seq: int, age: float) -> str:
-        ts = (datetime.now(UTC) - timedelta(seconds=age)).isoformat().replace("+00:00", "Z")
-        return f'{{"v":1,"type":"step_log","seq":{seq},"ts":"{ts}","payload":{{}}}}'
+    def message(seq: int, kind: str = "step_log") -> str:
+        return f'{{"v":1,"type":"{kind}","seq":{seq},"ts":"2026-01-01T00:00:00Z","payload":{{}}}}'
 
     written: list[bytes] = []
 
@@ -177,13 +177,18 @@ def test_level_clients_are_written_at_once_only_while_the_process_keeps_up() -> 
         channel.add(subscription)
         waiting = asyncio.create_task(subscription.take())
         await asyncio.sleep(0)  # the client's task waits with nothing queued: level
-        channel.receive(message(1, age=0.0))
-        channel.receive(message(2, age=0.0))
-        channel.receive(message(3, age=DIRECT_MAX_AGE * 20))  # the process fell behind
+        channel.receive(message(1))
+        channel.receive(message(2))
+        assert written == [], "fanned out after the step, not during it"
+        await asyncio.sleep(0)
+        channel.receive(message(3))
+        await asyncio.sleep(0)
+        channel.receive(message(4, "run_complete"))
         taken = await asyncio.wait_for(waiting, 5)
         assert isinstance(taken, list)
         return [frame.seq for frame in taken]
 
     queued = asyncio.run(main())
-    assert len(written) == 2 and b'"seq":1,' in written[0] and b'"seq":2,' in written[1]
-    assert queued == [3]
+    assert len(written) == 2, written
+    assert b'"seq":1,' in written[0] and b'"seq":2,' in written[0] and b'"seq":3,' in written[1]
+    assert queued == [4]

@@ -20,7 +20,7 @@ from typing import Final
 
 from prefect_ws.backends import RESYNC, Transport
 from prefect_ws.protocol import closecodes
-from prefect_ws.protocol.events import Frame, event_age, frames_from_message
+from prefect_ws.protocol.events import Frame, frames_from_message
 from prefect_ws.protocol.frames import WRITE_SIZE
 from prefect_ws.server import metrics
 from prefect_ws.server.history import HistoryPages
@@ -33,8 +33,6 @@ RECENT_FRAMES: Final = 1024  # per active run: ~500 KB of ~250-byte events (text
 # much event text per run (about as much again in wire bytes): in a burst, clients that fell
 # behind catch up from memory, built once, instead of each reading the history from the backend.
 RECENT_MAX_BYTES: Final = 4 * 1024 * 1024
-# Live messages older than this when they reach the fan-out go through the clients' queues.
-DIRECT_MAX_AGE: Final = 0.005
 RECENT_PAGE: Final = 1024  # frames per catch-up batch from memory: one list per client at a time
 
 
@@ -268,16 +266,6 @@ def _following_gaps(frames: list[Frame], cursor: int, *, initial: bool) -> list[
     return page
 
 
-def _fresh(frames: list[Frame]) -> bool:
-    """The message reached the fan-out within :data:`DIRECT_MAX_AGE` of being published: the
-    process keeps up, so level clients can be written at once. A process that falls behind
-    (1,000 clients at 100 events/s: 1,000 writes per event) sends them through their queues
-    instead, where a client's task takes every event queued meanwhile in one write: writing
-    each event at once there took the paced p50 from 83 to 540 ms."""
-    age = event_age(frames[-1].data)
-    return age is not None and age <= DIRECT_MAX_AGE
-
-
 def _joined_wire(frames: list[Frame]) -> bytes | None:
     """The frames' wire bytes in one piece, built once for every client of the run, or None
     when they exceed one write (:data:`~.frames.WRITE_SIZE`): a burst goes through the
@@ -290,6 +278,20 @@ def _joined_wire(frames: list[Frame]) -> bytes | None:
         if size > WRITE_SIZE:
             return None
     return b"".join(frame.wire for frame in frames)
+
+
+def _joined(messages: list[list[Frame]]) -> list[list[Frame]]:
+    """Messages of consecutive frames joined where each follows the one before."""
+    if len(messages) == 1:
+        return messages
+    joined: list[list[Frame]] = []
+    for frames in messages:
+        last = joined[-1] if joined else None
+        if last is not None and frames[0].seq == last[-1].seq + 1 and not last[-1].is_final:
+            last.extend(frames)
+        else:
+            joined.append(list(frames))
+    return joined
 
 
 def _consecutive(frames: list[Frame]) -> list[list[Frame]]:
@@ -308,10 +310,14 @@ def _consecutive(frames: list[Frame]) -> list[list[Frame]]:
 class RunChannel:
     """The clients of one run in this process, and the run's newest live frames.
 
-    No task and no queue of its own: the hub's listener hands it each message of the run.
+    No task and no queue of its own: the hub's listener hands it each message of the run, and
+    the messages received in one step of the event loop go out together right after it
+    (:meth:`_fan_out`). A process that keeps up fans each message out on its own; one that
+    falls behind finds several waiting at once and writes them to each client in one write,
+    without a timer or a threshold deciding which it is.
     """
 
-    __slots__ = ("live", "recent", "recent_bytes", "run_id", "subscriptions")
+    __slots__ = ("_loop", "_pending", "live", "recent", "recent_bytes", "run_id", "subscriptions")
 
     def __init__(self, run_id: str) -> None:
         self.run_id = run_id
@@ -321,6 +327,9 @@ class RunChannel:
         self.recent: deque[Frame] | None = None  # made with the first live frame
         self.recent_bytes = 0  # event text held in ``recent``
         self.live = False
+        self._pending: list[list[Frame]] | None = None  # received, not yet fanned out
+        # Kept: asyncio.get_running_loop() makes a getpid system call.
+        self._loop: asyncio.AbstractEventLoop | None = None
 
     def add(self, subscription: Subscription) -> None:
         self.subscriptions.add(subscription)
@@ -356,18 +365,32 @@ class RunChannel:
             self.recent_bytes = 0
         recent.extend(frames)
         self.recent_bytes += sum(len(frame.data) for frame in frames)
-        # Decided once per message, not per client: run_complete and late messages are queued.
-        wire = None if frames[-1].is_final or not _fresh(frames) else _joined_wire(frames)
-        written = 0
-        for subscription in self.subscriptions:
-            if wire is not None and subscription.wrote_now(frames, wire):
-                written += 1
-            else:
-                subscription.offer(frames)
-        if written:
-            metrics.delivered_live(frames, clients=written)
-        if len(recent) > RECENT_FRAMES:
-            self._trim(recent)
+        if self._pending is not None:
+            self._pending.append(frames)
+        else:
+            self._pending = [frames]
+            if self._loop is None:
+                self._loop = asyncio.get_running_loop()
+            self._loop.call_soon(self._fan_out)
+
+    def _fan_out(self) -> None:
+        """The frames received since the last fan-out, to every client: written at once, in
+        one write, to each level client (:meth:`Subscription.wrote_now`), else queued.
+        ``run_complete`` is always queued: it ends the stream, so the stream's task sends it."""
+        messages, self._pending = self._pending or [], None
+        for frames in _joined(messages):
+            wire = None if frames[-1].is_final else _joined_wire(frames)
+            written = 0
+            for subscription in self.subscriptions:
+                if wire is not None and subscription.wrote_now(frames, wire):
+                    written += 1
+                else:
+                    subscription.offer(frames)
+            if written:
+                metrics.delivered_live(frames, clients=written)
+        # After the clients took them: who fell behind on them decides what is kept.
+        if self.recent is not None and len(self.recent) > RECENT_FRAMES:
+            self._trim(self.recent)
 
     def _trim(self, recent: deque[Frame]) -> None:
         """Keep the newest RECENT_FRAMES, and older frames while a client behind needs them
