@@ -32,6 +32,17 @@ class Recorder:
         return [2 * key for key in keys]
 
 
+async def _one_in_flight(
+    max_batch: int,
+) -> tuple[Recorder, Coalescer[int, int], asyncio.Task[int]]:
+    """A coalescer whose first request (key 1) is sent and not yet answered."""
+    send = Recorder()
+    coalescer: Coalescer[int, int] = Coalescer(send, max_batch=max_batch)
+    first = asyncio.create_task(coalescer(1))
+    await _until(lambda: send.batches, "the first request sent")
+    return send, coalescer, first
+
+
 async def _until(condition: Any, what: str) -> None:
     for _ in range(1000):
         if condition():
@@ -42,10 +53,7 @@ async def _until(condition: Any, what: str) -> None:
 
 def test_requests_made_while_one_is_in_flight_go_out_together() -> None:
     async def main() -> None:
-        send = Recorder()
-        coalescer: Coalescer[int, int] = Coalescer(send, max_batch=3)
-        first = asyncio.create_task(coalescer(1))
-        await _until(lambda: send.batches, "the first request sent")
+        send, coalescer, first = await _one_in_flight(max_batch=3)
         rest = [asyncio.create_task(coalescer(key)) for key in range(2, 7)]
         await asyncio.sleep(0)
         assert send.batches == [[1]], "a request alone goes out at once"
@@ -62,10 +70,7 @@ def test_requests_made_while_one_is_in_flight_go_out_together() -> None:
 
 def test_an_error_reaches_every_request_of_its_batch_and_no_other() -> None:
     async def main() -> None:
-        send = Recorder()
-        coalescer: Coalescer[int, int] = Coalescer(send, max_batch=10)
-        first = asyncio.create_task(coalescer(1))
-        await _until(lambda: send.batches, "the first request sent")
+        send, coalescer, first = await _one_in_flight(max_batch=10)
         second = [asyncio.create_task(coalescer(key)) for key in (2, 3)]
         await asyncio.sleep(0)
         send.fail_with = BackendUnavailable("redis: down")
@@ -81,10 +86,7 @@ def test_an_error_reaches_every_request_of_its_batch_and_no_other() -> None:
 
 def test_a_request_given_up_is_left_out_and_the_others_answered() -> None:
     async def main() -> None:
-        send = Recorder()
-        coalescer: Coalescer[int, int] = Coalescer(send, max_batch=10)
-        first = asyncio.create_task(coalescer(1))
-        await _until(lambda: send.batches, "the first request sent")
+        send, coalescer, first = await _one_in_flight(max_batch=10)
         waiting = {key: asyncio.create_task(coalescer(key)) for key in (2, 3, 4)}
         await asyncio.sleep(0)
         waiting[3].cancel()
