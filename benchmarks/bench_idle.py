@@ -27,6 +27,7 @@ from _common import (
     add_loop_option,
     cleanup_redis,
     cpu_seconds,
+    median,
     prefect_ws_server,
     print_table,
     raise_nofile,
@@ -150,6 +151,12 @@ def main() -> None:
         default=",".join(MODES),
         help=f"servers to compare, comma-separated from {','.join(MODES)} (prefect-ws always)",
     )
+    parser.add_argument(
+        "--repeats",
+        type=int,
+        default=1,
+        help="repetitions, the servers in rotating order; medians and per-repetition ratios",
+    )
     add_loop_option(parser)
     args = parser.parse_args()
     wanted = [m for m in MODES if m == "prefect-ws" or m in args.servers.split(",")]
@@ -161,30 +168,48 @@ def main() -> None:
     raise_nofile()
 
     results = []
-    for mode in modes:
-        results += measure_mode(mode, counts, args.settle, args.window, args.loop)
+    for repetition in range(args.repeats):
+        shift = repetition % len(modes)
+        for mode in modes[shift:] + modes[:shift]:
+            for result in measure_mode(mode, counts, args.settle, args.window, args.loop):
+                results.append({**result, "repetition": repetition})
+
+    def medians(mode: str, target: int, key: str) -> Any:
+        return median([r[key] for r in results if r["mode"] == mode and r["target"] == target])
+
+    def ratios(mode: str, target: int, key: str) -> Any:
+        """prefect-ws / ``mode``, the median of the repetitions' ratios."""
+        per_repetition = []
+        for repetition in range(args.repeats):
+            pair = {
+                r["mode"]: r[key]
+                for r in results
+                if r["repetition"] == repetition and r["target"] == target
+            }
+            if mode in pair and "prefect-ws" in pair:
+                per_repetition.append(ratio(pair["prefect-ws"], pair[mode]))
+        return median(per_repetition)
+
+    keys = ("held", "failed", "handshakes_per_s", "client_cpu_pct", "server_rss_mb")
     rows = []
     for target in counts:
-        ours = next(r for r in results if r["mode"] == "prefect-ws" and r["target"] == target)
-        for r in (r for r in results if r["target"] == target):
+        for mode in modes:
+            ours = mode == "prefect-ws"
             rows.append(
                 [
                     target,
-                    r["mode"],
-                    r["held"],
-                    r["failed"],
-                    r["handshakes_per_s"],
-                    r["client_cpu_pct"],
-                    r["server_rss_mb"],
-                    r["kb_per_conn"],
-                    r["idle_cpu_pct"],
-                    ratio(ours["kb_per_conn"], r["kb_per_conn"]) if r is not ours else "",
-                    ratio(ours["handshakes_per_s"], r["handshakes_per_s"]) if r is not ours else "",
+                    mode,
+                    *(medians(mode, target, key) for key in keys),
+                    medians(mode, target, "kb_per_conn"),
+                    medians(mode, target, "idle_cpu_pct"),
+                    "" if ours else ratios(mode, target, "kb_per_conn"),
+                    "" if ours else ratios(mode, target, "handshakes_per_s"),
                 ]
             )
     print_table(
         f"Idle connections, one server process, a run per connection (Redis backend, "
-        f"{args.loop} loop; ratios: prefect-ws / that server)",
+        f"{args.loop} loop; median of {args.repeats}; ratios: prefect-ws / that server, the "
+        "median of the repetitions' ratios)",
         [
             "target",
             "server",
@@ -204,7 +229,13 @@ def main() -> None:
     write_results(
         name,
         args.quick,
-        {"loop": args.loop, "servers": modes, "counts": counts, "results": results},
+        {
+            "loop": args.loop,
+            "servers": modes,
+            "counts": counts,
+            "repeats": args.repeats,
+            "results": results,
+        },
     )
 
 
