@@ -70,6 +70,8 @@ CLUSTER_PUBLISH_SCRIPT: Final = "KEYS[3] = false\n" + PUBLISH_SCRIPT.replace(
 )
 
 T = TypeVar("T")
+K = TypeVar("K")
+R = TypeVar("R")
 
 
 class ClusterUnreachable(BackendUnavailable):
@@ -157,6 +159,12 @@ async def check_cluster(url: str, timeout: float = 3.0) -> None:
         raise ClusterUnreachable("Redis Cluster node(s) unreachable: " + ", ".join(failures))
 
 
+async def _each_alone(read: Callable[[list[K]], Awaitable[list[R]]], items: list[K]) -> list[R]:
+    """``read(items)`` made as one call per item, all at once."""
+    replies = await asyncio.gather(*(read([item]) for item in items))
+    return [result for reply in replies for result in reply]
+
+
 class ClusterBackend(RedisBackend):
     """:class:`RedisBackend` on a Redis Cluster: see the module's docstring."""
 
@@ -193,14 +201,10 @@ class ClusterBackend(RedisBackend):
 
     # A script's keys must share one slot: one call per run, the calls at once.
     async def _read_infos(self, run_ids: list[str]) -> list[RunInfo]:
-        read = super()._read_infos
-        replies = await asyncio.gather(*(read([run_id]) for run_id in run_ids))
-        return [info for infos in replies for info in infos]
+        return await _each_alone(super()._read_infos, run_ids)
 
     async def _read_history(self, pages: list[tuple[str, int, int]]) -> list[list[str]]:
-        read = super()._read_history
-        replies = await asyncio.gather(*(read([page]) for page in pages))
-        return [texts for reply in replies for texts in reply]
+        return await _each_alone(super()._read_history, pages)
 
     async def connect(self) -> None:
         self._topology_changed = asyncio.Event()

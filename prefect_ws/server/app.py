@@ -175,13 +175,13 @@ class StreamEndpoint:
             try:
                 hello = await anext(stream)
                 assert isinstance(hello, str)
-                if prebuilt:
-                    await send({**accept, FRAMES_EXTENSION: text_frame(hello.encode())})
-                    outcome.accept()
-                else:
-                    await send(accept)
-                    outcome.accept()
-                    await send({"type": "websocket.send", "text": hello})
+                await send(
+                    {**accept, FRAMES_EXTENSION: text_frame(hello.encode())} if prebuilt else accept
+                )
+                outcome.accept()
+                if not prebuilt:
+                    with watchdog.sending(task):
+                        await send({"type": "websocket.send", "text": hello})
                 reader = await _watch_client(
                     receive, send, extensions, _ClientWatch(subscription, outcome, max_bytes)
                 )

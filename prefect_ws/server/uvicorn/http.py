@@ -55,9 +55,13 @@ class PrefectWsHttpProtocol(ReleasesTransport, stall.AbortsStalledWrites, H11Pro
         self._arm_deadline()
 
     def _arm_deadline(self) -> None:
+        self._disarm_deadline()
+        self.deadline = self.loop.call_later(self.header_deadline, self._deadline_expired)
+
+    def _disarm_deadline(self) -> None:
         if self.deadline is not None:
             self.deadline.cancel()
-        self.deadline = self.loop.call_later(self.header_deadline, self._deadline_expired)
+            self.deadline = None
 
     def _deadline_expired(self) -> None:
         self.deadline = None
@@ -91,9 +95,7 @@ class PrefectWsHttpProtocol(ReleasesTransport, stall.AbortsStalledWrites, H11Pro
 
     def handle_websocket_upgrade(self, event: Any) -> None:
         # The WebSocket protocol takes over: its timers are its own.
-        if self.deadline is not None:
-            self.deadline.cancel()
-            self.deadline = None
+        self._disarm_deadline()
         if event.http_version != b"1.1":
             metrics.refused("http_version")
             self.transport.write(
@@ -105,9 +107,7 @@ class PrefectWsHttpProtocol(ReleasesTransport, stall.AbortsStalledWrites, H11Pro
 
     def _hand_over(self, head: bytes) -> None:
         """What uvicorn's ``handle_websocket_upgrade`` does once h11 has parsed the head."""
-        if self.deadline is not None:
-            self.deadline.cancel()
-            self.deadline = None
+        self._disarm_deadline()
         self.connections.discard(self)
         protocol = self.ws_protocol_class(  # type: ignore[call-arg, misc]
             config=self.config, server_state=self.server_state, app_state=self.app_state
@@ -117,9 +117,7 @@ class PrefectWsHttpProtocol(ReleasesTransport, stall.AbortsStalledWrites, H11Pro
         self.transport.set_protocol(protocol)
 
     def connection_lost(self, exc: Exception | None) -> None:
-        if self.deadline is not None:
-            self.deadline.cancel()
-            self.deadline = None
+        self._disarm_deadline()
         super().connection_lost(exc)
 
 
