@@ -488,6 +488,38 @@ def test_unknown_run_and_wait(redis_url: str, redis_prefix: str) -> None:
 
 @pytest.mark.timeout(60)
 @pytest.mark.usefixtures("no_server_errors")
+def test_a_run_that_started_within_wait_streams_on_past_it(
+    redis_url: str, redis_prefix: str
+) -> None:
+    """``wait=`` bounds how long a run may take to start, not how long it may run: events
+    written straight to a level client count as the start, as those its task sends do."""
+    settings = settings_for(redis_url, redis_prefix)
+    wait = 1.0
+
+    async def main(base: str) -> None:
+        run_id = new_run_id()
+        seen = Received()
+        stream = asyncio.create_task(
+            receive(stream_url(base, run_id, f"wait={wait:g}"), received=seen, timeout=30)
+        )
+        await eventually(lambda: seen.hello is not None)
+        started = time.monotonic()
+        async with redis_backend(settings) as backend:
+            await publish_logs(backend, run_id, 3, complete=False)
+            await eventually(lambda: list(seen.seqs), lambda seqs: seqs == [1, 2, 3])
+            # Past the deadline, twice over: the stream must still be open.
+            await eventually(lambda: time.monotonic() - started, lambda age: age > 2 * wait)
+            assert not stream.done(), (seen.code, seen.reason)
+            await publish_logs(backend, run_id, 2, start=3)
+        (await stream).assert_exactly(1, 6)
+        assert (seen.code, seen.reason) == (1000, "run complete")
+
+    with serve_app(settings) as (base, _app):
+        asyncio.run(main(base))
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.usefixtures("no_server_errors")
 def test_sse_same_sequences_with_last_event_id_resume(redis_url: str, redis_prefix: str) -> None:
     settings = settings_for(redis_url, redis_prefix)
 

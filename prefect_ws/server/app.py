@@ -32,8 +32,8 @@ from prefect_ws.server.security.stack import protect
 from prefect_ws.server.sse import sse_body
 from prefect_ws.server.streams import (
     InvalidRequest,
+    Stream,
     StreamRequest,
-    open_stream,
     parse_seq,
     since_beyond_head,
 )
@@ -160,7 +160,7 @@ class StreamEndpoint:
         # Closes the stream with 4401 when the client's token expires.
         expiry = schedule_expiry(scope, subscription)
         close: tuple[int, str] | None = None
-        stream = open_stream(state.hub, request, subscription, state.reconciler)
+        stream = Stream(state.hub, request, subscription, state.reconciler)
         prebuilt = FRAMES_EXTENSION in extensions
         watchdog: SendWatchdog = state.watchdog
         task = asyncio.current_task()
@@ -173,20 +173,20 @@ class StreamEndpoint:
             # but reading client longer than that. (Written here, not in a function of its
             # own: one frame less per stream.)
             try:
-                hello = await anext(stream)
-                assert isinstance(hello, str)
-                await send(
-                    {**accept, FRAMES_EXTENSION: text_frame(hello.encode())} if prebuilt else accept
-                )
-                outcome.accept()
-                if not prebuilt:
+                hello = await stream.hello()
+                if prebuilt:
+                    await send({**accept, FRAMES_EXTENSION: text_frame(hello.encode())})
+                    outcome.accept()
+                else:
+                    await send(accept)
+                    outcome.accept()
                     with watchdog.sending(task):
                         await send({"type": "websocket.send", "text": hello})
+                del hello  # not kept for the stream's life
                 reader = await _watch_client(
                     receive, send, extensions, _ClientWatch(subscription, outcome, max_bytes)
                 )
-                async for batch in stream:
-                    assert not isinstance(batch, str)
+                while (batch := await stream.next()) is not None:
                     if prebuilt:
                         for data, count in coalesce(frame.wire for frame in batch):
                             with watchdog.sending(task):
@@ -205,7 +205,7 @@ class StreamEndpoint:
             except SendTimeout:
                 close = (closecodes.TRY_AGAIN_LATER, SLOW_CLIENT)
             finally:
-                await stream.aclose()  # type: ignore[attr-defined]
+                await stream.aclose()
         except BackendUnavailable as exc:  # backend down: expected, no stack trace
             logger.warning("stream for run %s: backend unavailable (%s)", request.run_id, exc)
             close = (closecodes.TRY_AGAIN_LATER, BACKEND_UNAVAILABLE)
@@ -327,7 +327,7 @@ async def sse_endpoint(request: Request) -> Response:
     outcome = outcome_of(request.scope)
     outcome.accept()
     body = sse_body(
-        open_stream(hub, stream_request, subscription, request.app.state.reconciler),
+        Stream(hub, stream_request, subscription, request.app.state.reconciler),
         keepalive=settings.ping_interval,
         outcome=outcome,
     )

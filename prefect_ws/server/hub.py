@@ -109,7 +109,7 @@ class Subscription:
         the caller counts it delivered. Otherwise nothing is done: :meth:`offer` it.
 
         Level: the client's task waits in :meth:`take` with nothing queued, so everything
-        before was written. Waking that task to pass one event down the stream's generators
+        before was written. Waking that task to pass one event through the stream
         and the ASGI send was most of the server's CPU per delivered event when events come
         one at a time. ``writer`` writes only while the connection takes data at once. The
         caller never passes ``run_complete``: it ends the stream, so it goes through the task.
@@ -556,15 +556,56 @@ class Hub:
                 f"{subscription.last_seq}); reconnect with since=0",
             )
 
-    async def batches(self, subscription: Subscription) -> AsyncIterator[list[Frame]]:
-        """Every frame of the run after ``since``, once each and in order, until ``run_complete``,
-        in batches of consecutive frames: as they came from the backend, or a backlog at once.
+    def batches(self, subscription: Subscription) -> Batches:
+        """Every frame of the run after ``since``, once each and in order: see :class:`Batches`."""
+        return Batches(self, subscription)
+
+
+class Batches:
+    """Every frame of a run after ``since``, once each and in order, until ``run_complete``, in
+    batches of consecutive frames: as they came from the backend, or a backlog at once.
+
+    An object whose :meth:`next` the stream awaits, rather than an async generator: a stream
+    waiting for its run's next event is then one coroutine waiting in :meth:`Subscription.take`,
+    with no generator frame, no ``asend`` object and no entry in the loop's set of generators,
+    which most of a server's connections do most of the time.
+    """
+
+    __slots__ = ("_handed", "_hub", "_initial", "_pages", "subscription")
+
+    def __init__(self, hub: Hub, subscription: Subscription) -> None:
+        self._hub = hub
+        self.subscription = subscription
+        self._initial = True  # the stream's first read of history
+        self._pages: AsyncIterator[list[Frame]] | None = None  # a catch-up under way
+        self._handed = False  # a batch went out; the next call means the client took it
+
+    async def next(self) -> list[Frame] | None:
+        """The next batch, or None after ``run_complete``.
 
         Raises :class:`ClientLagging` when the client cannot be brought level.
         """
-        initial = True
-        while not subscription.finished:
-            subscription.check_lag(self.max_lag_seconds)
+        subscription = self.subscription
+        max_lag = self._hub.max_lag_seconds
+        if self._handed:
+            self._handed = False
+            subscription.progressed()
+            if self._pages is not None and not subscription.finished:
+                subscription.check_lag(max_lag)
+        while True:
+            if self._pages is not None:
+                page = None if subscription.finished else await anext(self._pages, None)
+                if page is not None:
+                    subscription.advance(page)
+                    metrics.delivered_replay(len(page))
+                    self._handed = True
+                    return page
+                await self.aclose()
+                self._initial = False
+                subscription.caught_up()
+            if subscription.finished:
+                return None
+            subscription.check_lag(max_lag)
             item = await subscription.take()
             if isinstance(item, list):
                 first = item[0].seq
@@ -576,18 +617,14 @@ class Hub:
                 if first == subscription.last_seq + 1:
                     subscription.advance(item)
                     metrics.delivered_live(item)
-                    yield item
-                    subscription.progressed()
-                    continue
+                    self._handed = True
+                    return item
             # A resync marker, or a gap in live seq: history has everything up to the newest.
             metrics.replay_started()
-            async for page in self.catch_up(subscription, initial=initial):
-                subscription.advance(page)
-                metrics.delivered_replay(len(page))
-                yield page
-                subscription.progressed()
-                if subscription.finished:
-                    return
-                subscription.check_lag(self.max_lag_seconds)
-            initial = False
-            subscription.caught_up()
+            self._pages = self._hub.catch_up(subscription, initial=self._initial)
+
+    async def aclose(self) -> None:
+        """Stop a catch-up under way (its history read); nothing else is held."""
+        pages, self._pages = self._pages, None
+        if pages is not None:
+            await pages.aclose()  # type: ignore[attr-defined]

@@ -18,6 +18,7 @@ from prefect_ws.protocol import closecodes
 from prefect_ws.protocol.events import Frame
 from prefect_ws.server.hub import StreamClosed
 from prefect_ws.server.security.outcome import Outcome
+from prefect_ws.server.streams import Stream
 
 RETRY_MS = 2000
 _END = object()
@@ -34,9 +35,7 @@ def format_end(code: int, reason: str) -> str:
     return f"event: end\ndata: {json.dumps({'code': code, 'reason': reason})}\n\n"
 
 
-async def sse_body(
-    stream: AsyncIterator[str | list[Frame]], *, keepalive: float, outcome: Outcome
-) -> AsyncIterator[str]:
+async def sse_body(stream: Stream, *, keepalive: float, outcome: Outcome) -> AsyncIterator[str]:
     """The response body; a producer task feeds a one-slot queue so idle time can send pings.
 
     The events sent and the end of the stream are reported in ``outcome``."""
@@ -44,8 +43,9 @@ async def sse_body(
 
     async def produce() -> None:
         try:
-            async for item in stream:
-                await queue.put(item)
+            await queue.put(await stream.hello())
+            while (batch := await stream.next()) is not None:
+                await queue.put(batch)
             await queue.put(StreamClosed(closecodes.RUN_COMPLETE, "run complete"))
         except StreamClosed as closed:
             await queue.put(closed)
@@ -76,4 +76,4 @@ async def sse_body(
         with contextlib.suppress(BaseException):
             await producer
         with contextlib.suppress(BaseException):
-            await stream.aclose()  # type: ignore[attr-defined]
+            await stream.aclose()

@@ -11,14 +11,14 @@ from __future__ import annotations
 import asyncio
 import json
 import re
-from collections.abc import AsyncIterator, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Final
 
 from prefect_ws.backends import RunInfo
 from prefect_ws.protocol import closecodes
 from prefect_ws.protocol.events import EVENT_TYPES, Frame, canonical_run_id, frame_from_text
-from prefect_ws.server.hub import Hub, StreamClosed, Subscription
+from prefect_ws.server.hub import Batches, Hub, RunChannel, StreamClosed, Subscription
 
 if TYPE_CHECKING:
     from prefect_ws.server.reconcile import Reconciler
@@ -216,24 +216,41 @@ def history_reset(info: RunInfo, epoch: str | None) -> bool:
     return epoch is not None and epoch != info.epoch
 
 
-async def open_stream(
-    hub: Hub,
-    request: StreamRequest,
-    subscription: Subscription,
-    prefect: Reconciler | None = None,
-) -> AsyncIterator[str | list[Frame]]:
-    """The hello frame's text first, then the run's events in batches of frames that passed
-    the filters (never empty; consecutive ``seq`` unless filtered).
+class Stream:
+    """One client's stream of a run: :meth:`hello` first, then :meth:`next` until it returns
+    None; :meth:`aclose` always, whatever ended it.
 
     A run with no events yet is looked up in Prefect (``prefect``): one Prefect has not started
     is waited for as if the client had asked ``wait=``; one Prefect recorded as finished is
     ended from that record now; one Prefect does not know is unknown (4404).
 
-    Ends normally after ``run_complete``; raises :class:`StreamClosed` when the stream must end
-    otherwise (unknown run, lagging client, shutdown, or ``subscription.abort``).
+    :meth:`next` raises :class:`StreamClosed` when the stream must end otherwise than after
+    ``run_complete`` (unknown run, lagging client, shutdown, or ``subscription.abort``). An
+    object rather than an async generator, for the reason :class:`~.hub.Batches` gives.
     """
-    channel = hub.attach(subscription)
-    try:
+
+    __slots__ = ("_batches", "_channel", "_deadline", "hub", "prefect", "request", "subscription")
+
+    def __init__(
+        self,
+        hub: Hub,
+        request: StreamRequest,
+        subscription: Subscription,
+        prefect: Reconciler | None = None,
+    ) -> None:
+        self.hub = hub
+        self.request = request
+        self.subscription = subscription
+        self.prefect = prefect
+        self._channel: RunChannel | None = None
+        self._batches: Batches | None = None  # None once nothing more will come
+        self._deadline: asyncio.TimerHandle | None = None  # for a run that has not started
+
+    async def hello(self) -> str:
+        """Join the run: the text of the ``hello`` control frame that opens the stream."""
+        hub, request, prefect = self.hub, self.request, self.prefect
+        subscription = self.subscription
+        self._channel = hub.attach(subscription)
         backend = hub.transport.backend
         info = await backend.info(request.run_id)
         wait = request.wait
@@ -256,26 +273,40 @@ async def open_stream(
             # No client can have seen it; waiting would skip every event, run_complete too.
             raise since_beyond_head(info.head)
         subscription.epoch = info.epoch
-        yield hello(request, info, since, reset, waiting)
         finished = info.last is not None and frame_from_text(info.last).is_final
-        if finished and since >= info.head:
-            return  # a finished run, and the client has all of it
-        batches = hub.batches(subscription)
-        if not info.known:
-            assert wait is not None
-            try:
-                async with asyncio.timeout(wait):
-                    first = await anext(batches, None)
-            except TimeoutError:
-                raise StreamClosed(
-                    closecodes.UNKNOWN_RUN, f"run did not start within {wait:g} s"
-                ) from None
-            if first is None:
-                return
-            if first := request.filter.select(first):
-                yield first
-        async for batch in batches:
-            if batch := request.filter.select(batch):
-                yield batch
-    finally:
-        hub.detach(subscription, channel)
+        if not (finished and since >= info.head):  # else a finished run the client has whole
+            self._batches = hub.batches(subscription)
+            if not info.known:
+                assert wait is not None
+                self._deadline = asyncio.get_running_loop().call_later(
+                    wait, _not_started, subscription, wait
+                )
+        return hello(request, info, since, reset, waiting)
+
+    async def next(self) -> list[Frame] | None:
+        """The next batch of frames that passed the filters (never empty; consecutive ``seq``
+        unless filtered), or None once the stream is over."""
+        batches = self._batches
+        if batches is None:
+            return None
+        select = self.request.filter.select
+        while (batch := await batches.next()) is not None:
+            if batch := select(batch):
+                return batch
+        return None
+
+    async def aclose(self) -> None:
+        if self._deadline is not None:
+            self._deadline.cancel()
+        if self._batches is not None:
+            await self._batches.aclose()
+        if self._channel is not None:
+            self.hub.detach(self.subscription, self._channel)
+            self._channel = None
+
+
+def _not_started(subscription: Subscription, wait: float) -> None:
+    """A run waited for (``wait=``) that delivered nothing within ``wait`` seconds: 4404.
+    Events written straight to a level client count: the run started."""
+    if subscription.sent == 0:
+        subscription.abort(closecodes.UNKNOWN_RUN, f"run did not start within {wait:g} s")

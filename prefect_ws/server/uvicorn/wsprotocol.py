@@ -234,6 +234,9 @@ class PrefectWsProtocol(ReleasesTransport, stall.AbortsStalledWrites, WebSockets
         # uvicorn calls this right after writing the 101: the handshake's objects are done with.
         self.request = None  # type: ignore[assignment]
         self.response = None  # type: ignore[assignment]
+        # So is the scope: uvicorn reads it only to log the handshake, and the app read what
+        # it needed before accepting. Emptied in place, since the app's frames hold it too.
+        cast(dict[str, Any], self.scope).clear()
         conn = self.conn
         # ServerProtocol.parse() keeps the request as a local of its generator for the
         # connection's life: restart parsing at the frame level. A client waits for the 101
@@ -356,9 +359,10 @@ class PrefectWsProtocol(ReleasesTransport, stall.AbortsStalledWrites, WebSockets
         # frame holds the connection: a cycle only the collector would free (with the reader's
         # buffers). Closed, it holds nothing.
         self.conn.parser.close()
-        # The scope offers this protocol's write_now: another cycle (protocol -> scope -> it).
+        # The scope of a handshake that never completed offers this protocol's write_now:
+        # another cycle (protocol -> scope -> it). An accepted stream's scope is empty.
         scope = getattr(self, "scope", None)
-        if scope is not None:
+        if scope:
             scope["extensions"][FRAMES_EXTENSION] = {}
 
     def data_received(self, data: bytes) -> None:
