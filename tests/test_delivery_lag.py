@@ -175,8 +175,8 @@ def test_level_clients_get_what_arrived_in_one_step_in_one_write() -> None:
         subscription = Subscription(run_id, since=0, queue_size=16)
         subscription.writer = writer
         channel.add(subscription)
-        waiting = asyncio.create_task(subscription.take())
-        await asyncio.sleep(0)  # the client's task waits with nothing queued: level
+        waiting = subscription.waiter()
+        assert waiting is not None  # the client's task waits with nothing queued: level
         channel.receive(message(1))
         channel.receive(message(2))
         assert written == [], "fanned out after the step, not during it"
@@ -184,7 +184,8 @@ def test_level_clients_get_what_arrived_in_one_step_in_one_write() -> None:
         channel.receive(message(3))
         await asyncio.sleep(0)
         channel.receive(message(4, "run_complete"))
-        taken = await asyncio.wait_for(waiting, 5)
+        await asyncio.wait_for(waiting, 5)
+        taken = subscription.take()
         assert isinstance(taken, list)
         return [frame.seq for frame in taken]
 

@@ -467,9 +467,12 @@ def test_the_uvicorn_internals_the_protocols_build_on_are_there() -> None:
     from uvicorn.protocols.http.h11_impl import H11Protocol
     from uvicorn.protocols.websockets.websockets_sansio_impl import WebSocketsSansIOProtocol
 
+    from prefect_ws.server.uvicorn.wsprotocol import PrefectWsProtocol
+
     for name in ("on_response_complete", "handle_websocket_upgrade", "data_received"):
         assert callable(getattr(H11Protocol, name)), name
     for name in (
+        "connection_made",
         "handle_ping",
         "keepalive_timeout",
         "send_receive_event_to_app",
@@ -491,7 +494,20 @@ def test_the_uvicorn_internals_the_protocols_build_on_are_there() -> None:
             *("default_headers", "handshake_complete", "initial_response", "disconnected"),
         ):
             assert hasattr(protocol, attribute), attribute
+        # connection_made is replaced: what uvicorn's sets, from the transport's addresses.
+        assert isinstance(protocol, PrefectWsProtocol)
+        assert protocol.client == sock.getsockname() and protocol.server == sock.getpeername()
+        assert protocol.scheme == "ws" and protocol in server.server.server_state.connections
         sock.close()
+
+
+def test_addresses_come_from_the_transport_as_uvicorn_reports_them() -> None:
+    from prefect_ws.server.uvicorn.wsprotocol import _host_port
+
+    ipv4 = ("127.0.0.1", 8000)
+    assert _host_port(ipv4) is ipv4  # kept, not copied
+    assert _host_port(("::1", 8000, 0, 0)) == ("::1", 8000)
+    assert _host_port(None) is None and _host_port("/tmp/socket") is None
 
 
 @pytest.mark.parametrize("loop", ["asyncio", "uvloop"])

@@ -21,6 +21,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import sys
 from collections.abc import Awaitable, Callable, Collection
 from functools import partial
 from typing import Any, Final, TypeVar
@@ -536,7 +537,7 @@ class RedisBackend(StreamBackend):
 
     def _run_id_of(self, channel: bytes) -> str:
         name = channel.decode("utf-8", "replace")
-        return name[len(self._prefix) + 2 : -1]
+        return sys.intern(name[len(self._prefix) + 2 : -1])  # the hub's string for the run
 
     async def _listen(self) -> None:
         """Start the listener at the first subscribe: a flow's process only publishes."""

@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 import math
 import re
+import sys
 import time
 from dataclasses import dataclass
 from datetime import datetime
@@ -71,7 +72,8 @@ def canonical_run_id(raw: str) -> str | None:
     would slip past a proxy rule written for its path. Every entry point (stream, pages, checks,
     tokens, ``tail``) uses this one check.
     """
-    return raw.lower() if _RUN_ID.fullmatch(raw) else None
+    # Interned: one string per run, however many streams, channels and sets hold its id.
+    return sys.intern(raw.lower()) if _RUN_ID.fullmatch(raw) else None
 
 
 _second: tuple[int, str] = (0, "1970-01-01T00:00:00")  # the last whole second formatted

@@ -6,7 +6,7 @@ import asyncio
 import contextlib
 import json
 import logging
-from collections.abc import AsyncIterator, Awaitable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 from starlette.applications import Starlette
@@ -138,9 +138,8 @@ class StreamEndpoint:
             request = exc
         if (await receive())["type"] != "websocket.connect":
             return  # gone before the handshake completed
-        accept = {"type": "websocket.accept", "subprotocol": subprotocol}
         if isinstance(request, InvalidRequest):
-            await send(accept)
+            await send(_accept(subprotocol))
             outcome.accept()
             reason = _reason(str(request))
             outcome.end(closecodes.INVALID_REQUEST, reason)
@@ -150,18 +149,17 @@ class StreamEndpoint:
             return
         # Read by the checks and the handshake; an open stream never looks at them again.
         scope["headers"] = []
-        extensions = scope.get("extensions") or {}
+        prebuilt, listens, write_now = _offered(scope)
         settings: Settings = state.settings
         subscription = request.subscription(settings.client_queue_size)
         if request.filter.everything:  # live events written by the hub when the client is level
-            subscription.writer = extensions.get(FRAMES_EXTENSION, {}).get("write_now")
+            subscription.writer = write_now
         reader: asyncio.Task[bool] | _ClientWatch | None = None
         max_bytes = settings.max_inbound_bytes
         # Closes the stream with 4401 when the client's token expires.
         expiry = schedule_expiry(scope, subscription)
         close: tuple[int, str] | None = None
         stream = Stream(state.hub, request, subscription, state.reconciler)
-        prebuilt = FRAMES_EXTENSION in extensions
         watchdog: SendWatchdog = state.watchdog
         task = asyncio.current_task()
         try:
@@ -175,16 +173,16 @@ class StreamEndpoint:
             try:
                 hello = await stream.hello()
                 if prebuilt:
-                    await send({**accept, FRAMES_EXTENSION: text_frame(hello.encode())})
+                    await send(_accept(subprotocol, text_frame(hello.encode())))
                     outcome.accept()
                 else:
-                    await send(accept)
+                    await send(_accept(subprotocol))
                     outcome.accept()
                     with watchdog.sending(task):
                         await send({"type": "websocket.send", "text": hello})
                 del hello  # not kept for the stream's life
                 reader = await _watch_client(
-                    receive, send, extensions, _ClientWatch(subscription, outcome, max_bytes)
+                    receive, send, listens, _ClientWatch(subscription, outcome, max_bytes)
                 )
                 while (batch := await stream.next()) is not None:
                     if prebuilt:
@@ -225,18 +223,37 @@ class StreamEndpoint:
             if client_there:
                 with contextlib.suppress(Exception):
                     if not outcome.accepted:  # ended before its hello: a close needs the 101
-                        await send(accept)
+                        await send(_accept(subprotocol))
                     await send(
                         {"type": "websocket.close", "code": close[0], "reason": _reason(close[1])}
                     )
 
 
+def _accept(subprotocol: str | None, frames: bytes | None = None) -> Message:
+    """``websocket.accept``, with the first frames to write with the 101 where the server
+    takes pre-built frames (:mod:`~.frames`)."""
+    message: Message = {"type": "websocket.accept", "subprotocol": subprotocol}
+    if frames is not None:
+        message[FRAMES_EXTENSION] = frames
+    return message
+
+
+def _offered(scope: Scope) -> tuple[bool, bool, Callable[[bytes], bool] | None]:
+    """What the server offers a stream: whether it takes pre-built frames, whether it hands
+    the client's messages to a listener (:mod:`~.frames`), and its ``write_now``. Read once:
+    an open stream keeps none of the scope."""
+    extensions = scope.get("extensions") or {}
+    frames = extensions.get(FRAMES_EXTENSION)
+    write_now = frames.get("write_now") if frames is not None else None
+    return frames is not None, LISTEN_EXTENSION in extensions, write_now
+
+
 async def _watch_client(
-    receive: Receive, send: Send, extensions: dict[str, Any], watch: _ClientWatch
+    receive: Receive, send: Send, listens: bool, watch: _ClientWatch
 ) -> asyncio.Task[bool] | _ClientWatch:
     """``watch`` judges what the client sends as it arrives: as the server's listener where it
     hands messages to one (:data:`~.frames.LISTEN_EXTENSION`), else fed by a task reading them."""
-    if LISTEN_EXTENSION in extensions:
+    if listens:
         await send({"type": LISTEN_EXTENSION, "listener": watch.message})
         return watch
     return asyncio.create_task(_read_until_disconnect(receive, watch))

@@ -100,7 +100,7 @@ class Subscription:
         self._queue_size = queue_size
         self._queue: deque[list[Frame] | _Resync | StreamClosed] | None = None
         self._queued = 0  # frames in the queue
-        self._waiter: asyncio.Future[None] | None = None  # while take() waits: no Event kept
+        self._waiter: asyncio.Future[None] | None = None  # while the stream waits: no Event kept
         # Kept from the first wait: asyncio.get_running_loop() makes a getpid system call.
         self._loop: asyncio.AbstractEventLoop | None = None
 
@@ -108,7 +108,7 @@ class Subscription:
         """Write a live message (``wire``: its frames' bytes) at once if the client is level;
         the caller counts it delivered. Otherwise nothing is done: :meth:`offer` it.
 
-        Level: the client's task waits in :meth:`take` with nothing queued, so everything
+        Level: the client's task waits (:meth:`waiter`) with nothing queued, so everything
         before was written. Waking that task to pass one event through the stream
         and the ASGI send was most of the server's CPU per delivered event when events come
         one at a time. ``writer`` writes only while the connection takes data at once. The
@@ -157,8 +157,9 @@ class Subscription:
         self._wake()
 
     def _wake(self) -> None:
-        if self._waiter is not None and not self._waiter.done():
-            self._waiter.set_result(None)
+        waiter, self._waiter = self._waiter, None
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
 
     def _reset(self, item: _Resync | StreamClosed) -> None:
         if self._queue is not None:
@@ -191,18 +192,25 @@ class Subscription:
         if self.behind_since is not None and time.monotonic() - self.behind_since > max_lag_seconds:
             raise ClientLagging(f"client made no progress for over {max_lag_seconds:g} s")
 
-    async def take(self) -> list[Frame] | _Resync:
-        """Every queued live frame that follows on from the first queued message, or a marker."""
-        while not self._queue:
+    def waiter(self) -> asyncio.Future[None] | None:
+        """None when something is queued for :meth:`take`; else a future resolved when
+        something is. The stream's task awaits the future itself: a waiting stream holds no
+        coroutine of this object's."""
+        if self._queue:
+            return None
+        waiter = self._waiter
+        if waiter is None or waiter.done():
             loop = self._loop
             if loop is None:
                 loop = self._loop = asyncio.get_running_loop()
-            self._waiter = loop.create_future()
-            try:
-                await self._waiter
-            finally:
-                self._waiter = None
+            waiter = self._waiter = loop.create_future()
+        return waiter
+
+    def take(self) -> list[Frame] | _Resync:
+        """Every queued live frame that follows on from the first queued message, or a marker;
+        call when :meth:`waiter` says something is queued."""
         queue = self._queue
+        assert queue, "nothing queued: await waiter() first"
         item = queue.popleft()
         if not queue:
             self._queue = None
@@ -556,57 +564,72 @@ class Hub:
                 f"{subscription.last_seq}); reconnect with since=0",
             )
 
-    def batches(self, subscription: Subscription) -> Batches:
-        """Every frame of the run after ``since``, once each and in order: see :class:`Batches`."""
-        return Batches(self, subscription)
+    def batches(
+        self,
+        subscription: Subscription,
+        select: Callable[[list[Frame]], list[Frame]],
+    ) -> Batches:
+        """Every frame of the run after ``since`` that ``select`` keeps: see :class:`Batches`."""
+        return Batches(self, subscription, select)
 
 
 class Batches:
-    """Every frame of a run after ``since``, once each and in order, until ``run_complete``, in
-    batches of consecutive frames: as they came from the backend, or a backlog at once.
+    """Every frame of a run after ``since`` that passes the stream's filter (``select``), once
+    each and in order, until ``run_complete``, in batches of consecutive frames (unless
+    filtered): as they came from the backend, or a backlog at once.
 
     An object whose :meth:`next` the stream awaits, rather than an async generator: a stream
-    waiting for its run's next event is then one coroutine waiting in :meth:`Subscription.take`,
-    with no generator frame, no ``asend`` object and no entry in the loop's set of generators,
-    which most of a server's connections do most of the time.
+    waiting for its run's next event is then one coroutine waiting on a future, with no
+    generator frame, no ``asend`` object and no entry in the loop's set of generators, which
+    most of a server's connections do most of the time.
     """
 
-    __slots__ = ("_handed", "_hub", "_initial", "_pages", "subscription")
+    __slots__ = ("_handed", "_hub", "_initial", "_pages", "_select", "subscription")
 
-    def __init__(self, hub: Hub, subscription: Subscription) -> None:
+    def __init__(
+        self,
+        hub: Hub,
+        subscription: Subscription,
+        select: Callable[[list[Frame]], list[Frame]],
+    ) -> None:
         self._hub = hub
         self.subscription = subscription
+        self._select = select
         self._initial = True  # the stream's first read of history
         self._pages: AsyncIterator[list[Frame]] | None = None  # a catch-up under way
         self._handed = False  # a batch went out; the next call means the client took it
 
     async def next(self) -> list[Frame] | None:
-        """The next batch, or None after ``run_complete``.
+        """The next batch (never empty), or None after ``run_complete``.
 
         Raises :class:`ClientLagging` when the client cannot be brought level.
         """
         subscription = self.subscription
         max_lag = self._hub.max_lag_seconds
-        if self._handed:
-            self._handed = False
-            subscription.progressed()
-            if self._pages is not None and not subscription.finished:
-                subscription.check_lag(max_lag)
         while True:
+            if self._handed:  # the client took the last batch (or the filter left nothing)
+                self._handed = False
+                subscription.progressed()
+                if self._pages is not None and not subscription.finished:
+                    subscription.check_lag(max_lag)
             if self._pages is not None:
                 page = None if subscription.finished else await anext(self._pages, None)
                 if page is not None:
                     subscription.advance(page)
                     metrics.delivered_replay(len(page))
                     self._handed = True
-                    return page
+                    if batch := self._select(page):
+                        return batch
+                    continue
                 await self.aclose()
                 self._initial = False
                 subscription.caught_up()
             if subscription.finished:
                 return None
             subscription.check_lag(max_lag)
-            item = await subscription.take()
+            while (waiter := subscription.waiter()) is not None:
+                await waiter
+            item = subscription.take()
             if isinstance(item, list):
                 first = item[0].seq
                 if first <= subscription.last_seq:  # partly delivered from history already
@@ -618,7 +641,9 @@ class Batches:
                     subscription.advance(item)
                     metrics.delivered_live(item)
                     self._handed = True
-                    return item
+                    if batch := self._select(item):
+                        return batch
+                    continue
             # A resync marker, or a gap in live seq: history has everything up to the newest.
             metrics.replay_started()
             self._pages = self._hub.catch_up(subscription, initial=self._initial)

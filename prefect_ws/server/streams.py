@@ -9,11 +9,12 @@ client resumes with ``since=<last seq it saw>`` whatever it filtered.
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import json
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Coroutine, Mapping, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Final
+from typing import TYPE_CHECKING, Any, Final
 
 from prefect_ws.backends import RunInfo
 from prefect_ws.protocol import closecodes
@@ -243,7 +244,7 @@ class Stream:
         self.subscription = subscription
         self.prefect = prefect
         self._channel: RunChannel | None = None
-        self._batches: Batches | None = None  # None once nothing more will come
+        self._batches: Batches | None = None  # made by hello()
         self._deadline: asyncio.TimerHandle | None = None  # for a run that has not started
 
     async def hello(self) -> str:
@@ -273,27 +274,22 @@ class Stream:
             # No client can have seen it; waiting would skip every event, run_complete too.
             raise since_beyond_head(info.head)
         subscription.epoch = info.epoch
-        finished = info.last is not None and frame_from_text(info.last).is_final
-        if not (finished and since >= info.head):  # else a finished run the client has whole
-            self._batches = hub.batches(subscription)
-            if not info.known:
-                assert wait is not None
-                self._deadline = asyncio.get_running_loop().call_later(
-                    wait, _not_started, subscription, wait
-                )
+        if info.last is not None and since >= info.head and frame_from_text(info.last).is_final:
+            subscription.finished = True  # a finished run the client has whole: nothing to send
+        self._batches = hub.batches(subscription, request.filter.select)
+        if not info.known:
+            assert wait is not None
+            self._deadline = asyncio.get_running_loop().call_later(
+                wait, _not_started, subscription, wait, context=_NO_CONTEXT
+            )
         return hello(request, info, since, reset, waiting)
 
-    async def next(self) -> list[Frame] | None:
+    def next(self) -> Coroutine[Any, Any, list[Frame] | None]:
         """The next batch of frames that passed the filters (never empty; consecutive ``seq``
-        unless filtered), or None once the stream is over."""
-        batches = self._batches
-        if batches is None:
-            return None
-        select = self.request.filter.select
-        while (batch := await batches.next()) is not None:
-            if batch := select(batch):
-                return batch
-        return None
+        unless filtered), or None once the stream is over. (The batches' own coroutine: a
+        waiting stream keeps no frame of this object's.)"""
+        assert self._batches is not None, "hello() first"
+        return self._batches.next()
 
     async def aclose(self) -> None:
         if self._deadline is not None:
@@ -303,6 +299,9 @@ class Stream:
         if self._channel is not None:
             self.hub.detach(self.subscription, self._channel)
             self._channel = None
+
+
+_NO_CONTEXT: Final = contextvars.Context()  # what _not_started runs in: not a copy per stream
 
 
 def _not_started(subscription: Subscription, wait: float) -> None:

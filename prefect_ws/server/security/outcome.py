@@ -69,6 +69,9 @@ def describe(scope: Scope) -> Outcome:
     kind = scope["type"]
     match = RUN_PATH.match(path)
     raw_run = match.group("run")[:200] if match else None
+    run = canonical_run_id(raw_run) if raw_run is not None else None
+    if run is not None and run == raw_run:
+        raw_run = run  # one string, not two, for as long as the request lasts
     if kind == "websocket":
         transport = "ws"
     elif path.endswith(SSE_SUFFIX):
@@ -78,7 +81,7 @@ def describe(scope: Scope) -> Outcome:
     return Outcome(
         transport=transport,
         raw_run=raw_run,
-        run=canonical_run_id(raw_run) if raw_run is not None else None,
+        run=run,
         ip=scope["client"][0] if scope.get("client") else "-",
         guarded=kind == "websocket" or path.startswith("/api/") or path == "/metrics",
     )

@@ -47,6 +47,7 @@ from uvicorn.protocols.utils import (
     ClientDisconnected,
     get_client_addr,
     get_path_with_query_string,
+    is_ssl,
 )
 from uvicorn.protocols.websockets.websockets_sansio_impl import WebSocketsSansIOProtocol
 from uvicorn.server import ServerState
@@ -210,6 +211,17 @@ class PrefectWsProtocol(ReleasesTransport, stall.AbortsStalledWrites, WebSockets
             self.ping_timeout = config.ws_ping_timeout
         self.frames: list[bytes] = []
 
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        # uvicorn's (0.54), but for the addresses: the transport read both when it was made,
+        # so its tuples are kept rather than asking the socket again (two system calls, and two
+        # more tuples held for the connection's life).
+        self.connections.add(self)
+        self.transport = cast(asyncio.Transport, transport)
+        sockname = transport.get_extra_info("sockname")
+        self.server = (sockname, None) if isinstance(sockname, str) else _host_port(sockname)
+        self.client = _host_port(transport.get_extra_info("peername"))
+        self.scheme = "wss" if is_ssl(self.transport) else "ws"
+
     @property
     def inbox(self) -> Inbox:
         return cast(Inbox, self.queue)
@@ -372,6 +384,13 @@ class PrefectWsProtocol(ReleasesTransport, stall.AbortsStalledWrites, WebSockets
             cause = error.__cause__ or error
             self.transport.write(bad_request(str(cause) or type(cause).__name__))
             self.transport.close()
+
+
+def _host_port(address: object) -> tuple[str, int] | None:
+    """An IP socket's address as ``(host, port)``, the tuple itself for IPv4; None otherwise."""
+    if isinstance(address, tuple) and len(address) >= 2:
+        return address if len(address) == 2 else (address[0], address[1])
+    return None
 
 
 def websocket_protocol(
