@@ -52,8 +52,8 @@ EVENTS_PER_RUN_PER_S = 10.0
 # fallback when the row check is too small to time (--quick).
 FLOOD_EVENTS_PER_PROCESS = 153_564
 CPU_TARGET = 0.7  # of a core per worker: headroom for bursts, replays after a restart, TLS
-# docs/benchmarks.md §4: 24.9 KB per idle connection at 10k; PREFECT_WS_MAX_CONNECTIONS's default.
-KB_PER_CONNECTION = 24.9
+# docs/benchmarks.md §4: 11.6 KB per idle connection at 10k; PREFECT_WS_MAX_CONNECTIONS's default.
+KB_PER_CONNECTION = 11.6
 CONNECTIONS_PER_PROCESS = 10_000
 WORKERS_PER_HOST = 8  # an 8-core host, one worker per core (serve --workers auto)
 # A Redis shard's main thread, planned at half a core; memory per shard planned at 25 GB.
