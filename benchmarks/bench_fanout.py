@@ -41,7 +41,14 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from _anchors import ANCHORS, anchor_server, available_anchors, node_version
+from _anchors import (
+    ANCHORS,
+    LOAD_CLIENTS,
+    anchor_server,
+    available_anchors,
+    node_version,
+    stream_load_client,
+)
 from _common import (
     HERE,
     PYTHON,
@@ -114,12 +121,15 @@ def run_case(
     env: dict[str, str],
     profile: Path | None = None,
     runs: int = 1,
+    load_client: list[str] | None = None,
 ) -> dict[str, Any]:
     """One case: ``clients`` clients on each of ``runs`` runs, ``n`` events per run.
 
     ``rate`` is the publisher's total rate over all runs (0: flood). With ``runs > 1`` one
     publisher process emits to every run in round-robin order, and the clients (1 or 2
-    processes, split by run) watch run ids ``uuid.UUID(int=base + i)``.
+    processes, split by run) watch run ids ``uuid.UUID(int=base + i)``. ``load_client``: the
+    command of another stream load client (:func:`~_anchors.stream_load_client`) for a flood of
+    one run; it records no latencies.
     """
     total = clients * runs
     if runs == 1:
@@ -151,6 +161,11 @@ def run_case(
         for uuid_base, count in shares:
             lat_file = Path(tempfile.mkstemp(prefix="fanout-lat-")[1])
             lat_files.append(lat_file)
+            if load_client is not None and runs == 1 and not rate:
+                command = [*load_client, "--mode", "stream", "--url", url, "--count", str(count)]
+                command += ["--deadline", str(deadline)]
+                workers.append(subprocess.Popen(command, stdout=subprocess.PIPE, text=True))
+                continue
             workers.append(
                 subprocess.Popen(
                     [
@@ -327,6 +342,14 @@ def main() -> None:
     )
     parser.add_argument("--tag", default="", help="suffix for the result file")
     parser.add_argument(
+        "--flood-client",
+        choices=LOAD_CLIENTS,
+        default="python",
+        help="load client of the one-run floods: python (_wsload.py, ~6 us CPU per event, "
+        "which sets the flood figures on 2 cores) or node (anchors/node/load.js, ~1.3 us; "
+        "no latencies). Paced and many-run cases always use the Python one.",
+    )
+    parser.add_argument(
         "--profile",
         nargs="?",
         const="flood",
@@ -336,7 +359,11 @@ def main() -> None:
     add_loop_option(parser)
     args = parser.parse_args()
     raise_nofile()
+    flood_client = None
     suffix = f"-{args.tag}" if args.tag else ""
+    if args.flood_client == "node":
+        flood_client = stream_load_client("node")[1]
+        suffix += "-node-client"
     if args.loop != "asyncio":
         suffix += f"-{args.loop}"
     single = args.clients.strip().lower() not in ("", "none")
@@ -410,6 +437,7 @@ def main() -> None:
                                 publisher_env(prefix),
                                 profile,
                                 runs=runs,
+                                load_client=flood_client,
                             )
                             if profile is not None and profile.exists():
                                 result["profile_top"] = top_frames(profile)
@@ -554,6 +582,7 @@ def main() -> None:
             "loop": args.loop,
             "servers": modes,
             "workers": {"prefect-ws": 1, **workers},
+            "flood_client": args.flood_client,
             "node": node_version() if "node-ws" in modes else None,
             "plan": [
                 {
