@@ -100,6 +100,28 @@ def test_fanout_quick_workers(redis_url: str, results: Path) -> None:
     assert row["prefect-ws x2"]["ratio_vs_one_process"] is not None
 
 
+def test_fanout_node_flood_client_quick(redis_url: str, results: Path) -> None:
+    """``--flood-client node``: the one-run floods read by the Node load client."""
+    if not (shutil.which("node") and shutil.which("npm")):
+        pytest.skip("Node is not installed: the Node load client cannot run")
+    _run(
+        "bench_fanout.py",
+        results,
+        "--multi-run",
+        "none",
+        "--servers",
+        "node-ws",
+        "--flood-client",
+        "node",
+    )
+    data = _result(results, "fanout-node-client")
+    assert data["flood_client"] == "node"
+    (row,) = data["summary"]
+    for mode in ("prefect-ws", "node-ws"):
+        assert row[mode]["all_delivered"] and row[mode]["flood_events_per_s"], row
+    assert row["ratios"]["node-ws"]["flood events/s"] is not None
+
+
 def test_fanout_uvloop_quick(redis_url: str, results: Path) -> None:
     """``--loop uvloop`` for both servers; ``--clients none``: only the many-runs case."""
     pytest.importorskip("uvloop")
