@@ -172,12 +172,9 @@ class StreamEndpoint:
             # own: one frame less per stream.)
             try:
                 hello = await stream.hello()
-                if prebuilt:
-                    await send(_accept(subprotocol, text_frame(hello.encode())))
-                    outcome.accept()
-                else:
-                    await send(_accept(subprotocol))
-                    outcome.accept()
+                await send(_accept(subprotocol, text_frame(hello.encode()) if prebuilt else None))
+                outcome.accept()
+                if not prebuilt:
                     with watchdog.sending(task):
                         await send({"type": "websocket.send", "text": hello})
                 del hello  # not kept for the stream's life

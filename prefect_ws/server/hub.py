@@ -564,14 +564,6 @@ class Hub:
                 f"{subscription.last_seq}); reconnect with since=0",
             )
 
-    def batches(
-        self,
-        subscription: Subscription,
-        select: Callable[[list[Frame]], list[Frame]],
-    ) -> Batches:
-        """Every frame of the run after ``since`` that ``select`` keeps: see :class:`Batches`."""
-        return Batches(self, subscription, select)
-
 
 class Batches:
     """Every frame of a run after ``since`` that passes the stream's filter (``select``), once

@@ -276,7 +276,7 @@ class Stream:
         subscription.epoch = info.epoch
         if info.last is not None and since >= info.head and frame_from_text(info.last).is_final:
             subscription.finished = True  # a finished run the client has whole: nothing to send
-        self._batches = hub.batches(subscription, request.filter.select)
+        self._batches = Batches(hub, subscription, request.filter.select)
         if not info.known:
             assert wait is not None
             self._deadline = asyncio.get_running_loop().call_later(
