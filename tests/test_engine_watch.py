@@ -8,6 +8,8 @@ its end.
 from __future__ import annotations
 
 import inspect
+import subprocess
+import sys
 
 import prefect
 import pytest
@@ -39,6 +41,27 @@ def test_prefect_engines_still_call_what_we_wrap() -> None:
     assert (
         'f"{task.name}-{dynamic_key[:3]}"' in creation
     )  # the default name the step id rule strips
+
+
+def test_importing_prefect_ws_patches_nothing() -> None:
+    """Prefect's engines are wrapped when a flow or task is decorated with prefect-ws, not when
+    the package (or its workflow runner) is imported: a process that imports ``prefect_ws`` for
+    a setting or ``create_app`` runs its plain Prefect flows untouched."""
+    probe = (
+        "import prefect_ws, prefect_ws.workflow\n"
+        "from prefect import flow_engine, task_engine\n"
+        "from prefect_ws.publish import engine_watch\n"
+        "print(engine_watch.installed(),"
+        " hasattr(task_engine.emit_task_run_state_change_event, '__prefect_ws_wraps__'),"
+        " hasattr(flow_engine.FlowRunEngine.call_hooks, '__prefect_ws_wraps__'))\n"
+        "from prefect_ws.workflow import workflow_flow\n"
+        "print(engine_watch.installed())\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", probe], capture_output=True, text=True, timeout=120, check=False
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split("\n")[:2] == ["False False False", "True"], done.stdout
 
 
 def test_install_wraps_once_and_keeps_the_originals() -> None:

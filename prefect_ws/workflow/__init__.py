@@ -3,6 +3,8 @@
 See docs/workflows.md. Import cost: Prefect (the runner builds Prefect flows and tasks).
 """
 
+from typing import TYPE_CHECKING, Any
+
 from prefect_ws.workflow.loader import load_workflow, parse_param_assignments
 from prefect_ws.workflow.model import Problem, Step, Workflow, WorkflowError
 from prefect_ws.workflow.runner import (
@@ -10,8 +12,19 @@ from prefect_ws.workflow.runner import (
     WorkflowRun,
     make_flow,
     run_workflow,
-    workflow_flow,
+    runner_flow,
 )
+
+if TYPE_CHECKING:
+    from prefect_ws.workflow.runner import workflow_flow
+
+
+def __getattr__(name: str) -> Any:
+    # Built on first use, not at import (see runner.runner_flow).
+    if name == "workflow_flow":
+        return runner_flow()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
 
 __all__ = [
     "Problem",
@@ -24,5 +37,6 @@ __all__ = [
     "make_flow",
     "parse_param_assignments",
     "run_workflow",
+    "runner_flow",
     "workflow_flow",
 ]

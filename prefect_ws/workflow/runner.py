@@ -22,7 +22,7 @@ import sys
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Final
+from typing import TYPE_CHECKING, Any, Final
 
 from prefect import Flow, Task
 from prefect.cache_policies import NO_CACHE
@@ -310,7 +310,25 @@ def make_flow(name: str = FLOW_NAME) -> Flow[..., Any]:
     return flow
 
 
-workflow_flow: Flow[..., Any] = make_flow()
+@functools.cache
+def runner_flow() -> Flow[..., Any]:
+    """The one runner flow of this process, built on first use.
+
+    Building it installs the engine watch (its hooks do), which patches Prefect's engines for
+    every run in the process: a bare ``import prefect_ws`` must not do that.
+    """
+    return make_flow()
+
+
+if TYPE_CHECKING:
+    workflow_flow: Flow[..., Any]
+
+
+def __getattr__(name: str) -> Any:
+    # ``workflow_flow`` (the deployable runner, ``flows/workflow.py``) is built on first use.
+    if name == "workflow_flow":
+        return runner_flow()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 # -- the Python entry point ------------------------------------------------------------------------
