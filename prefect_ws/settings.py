@@ -170,9 +170,11 @@ class Settings(BaseSettings):
     def _known_scheme(cls, value: str) -> str:
         scheme = value.split("://", 1)[0].lower() if "://" in value else ""
         if scheme not in {"memory", "redis", "rediss", "unix", "redis+cluster", "rediss+cluster"}:
+            from prefect_ws.backends.base import safe_url
+
             raise ValueError(
-                f"unsupported broadcast URL {value!r}: use memory://, redis://host:port/db or "
-                "redis+cluster://host:port,host:port"
+                f"unsupported broadcast URL {safe_url(value)!r}: use memory://, "
+                "redis://host:port/db or redis+cluster://host:port,host:port"
             )
         if scheme.endswith("+cluster"):
             from prefect_ws.backends.cluster import ClusterUrl

@@ -11,6 +11,10 @@ from conftest import free_port
 from helpers import redis_history
 from sample_flows import four_steps
 
+from prefect_ws.backends import LoopSink, RedisSink, create_sink
+from prefect_ws.backends.base import Batch
+from prefect_ws.backends.memory import memory_store
+from prefect_ws.protocol.events import encode
 from prefect_ws.publish.publisher import Publisher, reset_publisher
 from prefect_ws.settings import Settings
 
@@ -115,3 +119,61 @@ def test_flow_result_is_unchanged_when_redis_is_unreachable(
     assert elapsed < 10  # the run's end does not wait out the flush timeout during an outage
     warnings = [r.getMessage() for r in caplog.records if r.name == "prefect_ws.publisher"]
     assert sum("cannot publish" in w for w in warnings) == 1
+
+
+def test_a_flow_process_publishes_through_a_blocking_sink_whose_retries_store_once(
+    redis_url: str, redis_prefix: str
+) -> None:
+    """The publisher thread's Redis sink runs the same script as the server's backend: a batch
+    sent again after a lost reply is a no-op, and the events read back as the server reads."""
+    sink = create_sink(Settings(broadcast_url=redis_url, redis_prefix=redis_prefix))
+    assert isinstance(sink, RedisSink)
+    try:
+        first = Batch([encode(RUN, "step_log", {"message": m}) for m in ("a", "b")])
+        first.key = ("flow-process", 1)
+        sink.publish(RUN, first)
+        sink.publish(RUN, first)  # the retry
+        second = Batch([encode(RUN, "run_complete", {"status": "completed"})])
+        second.key = ("flow-process", 2)
+        sink.publish(RUN, second)
+    finally:
+        sink.close()
+    events = redis_history(redis_url, redis_prefix, RUN)
+    assert [(e["seq"], e["type"]) for e in events] == [
+        (1, "step_log"),
+        (2, "step_log"),
+        (3, "run_complete"),
+    ]
+
+
+def test_memory_and_cluster_urls_publish_through_their_backend_on_a_private_loop() -> None:
+    url = "memory://sink-test"
+    sink = create_sink(Settings(broadcast_url=url))
+    assert isinstance(sink, LoopSink)
+    try:
+        sink.publish(RUN, Batch([encode(RUN, "step_log", {"message": "in memory"})]))
+    finally:
+        sink.close()
+    store = memory_store(url, history_maxlen=10, max_runs=10)
+    assert store.info(RUN).head == 1
+    cluster = create_sink(Settings(broadcast_url="redis+cluster://127.0.0.1:7000"))
+    assert isinstance(cluster, LoopSink)  # not connected until it publishes
+    cluster.close()
+
+
+def test_publisher_warnings_never_show_the_backend_password(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    dead = f"redis://flows:hunter2-secret@127.0.0.1:{free_port()}/0"
+    publisher = Publisher(Settings(broadcast_url=dead))
+    with caplog.at_level(logging.WARNING, logger="prefect_ws.publisher"):
+        publisher.emit(RUN, "run_complete", {"status": "completed"})
+        deadline = time.monotonic() + 10
+        while not publisher.outage and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert publisher.outage
+        publisher.close(timeout=0)
+    lines = [r.getMessage() for r in caplog.records if r.name == "prefect_ws.publisher"]
+    assert any("cannot publish to redis://[redacted]@127.0.0.1" in line for line in lines), lines
+    assert any("not published" in line for line in lines), lines
+    assert not any("hunter2" in line for line in lines), lines

@@ -158,3 +158,16 @@ def test_bad_settings_are_refused_with_a_clear_message(env: dict[str, str], mess
     assert result.returncode == 2
     assert message in result.stderr
     assert "Traceback" not in result.stderr
+
+
+def test_a_refused_broadcast_url_is_named_without_its_password() -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "prefect_ws.cli.main", "serve"],
+        env={**os.environ, "PREFECT_WS_BROADCAST_URL": "kafka://flows:pw-secret-1@broker:9092"},
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode == 2
+    assert "unsupported broadcast URL 'kafka://[redacted]@broker:9092'" in result.stderr
+    assert "pw-secret-1" not in result.stderr + result.stdout

@@ -10,25 +10,31 @@ from broadcaster import Broadcast
 from prefect_ws.backends.base import (
     RESYNC,
     BackendUnavailable,
+    BatchSink,
+    LoopSink,
     PublishResult,
     RunInfo,
     StreamBackend,
 )
 from prefect_ws.backends.cluster import ClusterBackend, is_cluster_url
 from prefect_ws.backends.memory import MemoryBackend
-from prefect_ws.backends.redis import RedisBackend
+from prefect_ws.backends.redis import RedisBackend, RedisSink
 from prefect_ws.settings import Settings
 
 __all__ = [
     "RESYNC",
     "BackendUnavailable",
+    "BatchSink",
     "ClusterBackend",
+    "LoopSink",
     "MemoryBackend",
     "PublishResult",
     "RedisBackend",
+    "RedisSink",
     "RunInfo",
     "StreamBackend",
     "Transport",
+    "create_sink",
     "create_transport",
 ]
 
@@ -63,3 +69,16 @@ def create_backend(settings: Settings) -> StreamBackend:
 def create_transport(settings: Settings) -> Transport:
     backend = create_backend(settings)
     return Transport(broadcast=Broadcast(backend=backend), backend=backend)
+
+
+def create_sink(settings: Settings) -> BatchSink:
+    """What a flow process's publisher thread writes through.
+
+    A single Redis gets its blocking client; ``memory://`` and a Redis Cluster run their
+    backend's own ``publish`` on a private loop (the cluster's asyncio client is the one that
+    follows its slot moves and failovers, tested as such).
+    """
+    backend = create_backend(settings)
+    if isinstance(backend, RedisBackend) and backend.name == "redis":
+        return RedisSink(backend)
+    return LoopSink(backend)

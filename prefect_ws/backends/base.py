@@ -18,6 +18,7 @@ number of server replicas that end a run Prefect reports finished never give it 
 
 from __future__ import annotations
 
+import asyncio
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from typing import Any, Final
@@ -122,6 +123,44 @@ class Batch(list[Draft]):
     the reply (the script ran, the connection died). Plain lists are published as they come."""
 
     key: tuple[str, int] | None = None
+
+
+class BatchSink(ABC):
+    """A backend's publishing half, for a flow process's publisher thread: blocking calls.
+
+    That thread sends one run's batch at a time, in order, and waits for each to be stored, so
+    a sink is called from one thread only. ``publish`` raises on any failure; the caller keeps
+    the batch and sends it again (its ``key`` makes the retry a no-op where the first try was
+    stored).
+    """
+
+    @abstractmethod
+    def publish(self, run_id: str, batch: Batch) -> None: ...
+
+    @abstractmethod
+    def close(self) -> None: ...
+
+
+class LoopSink(BatchSink):
+    """Any :class:`StreamBackend` driven from a private event loop, connected on first use."""
+
+    def __init__(self, backend: StreamBackend) -> None:
+        self._backend = backend
+        self._runner = asyncio.Runner()
+        self._connected = False
+
+    def publish(self, run_id: str, batch: Batch) -> None:
+        if not self._connected:
+            self._runner.run(self._backend.connect())
+            self._connected = True
+        self._runner.run(self._backend.publish(run_id, batch))
+
+    def close(self) -> None:
+        try:
+            if self._connected:
+                self._runner.run(self._backend.disconnect())
+        finally:
+            self._runner.close()
 
 
 @dataclass(frozen=True, slots=True)

@@ -1,18 +1,17 @@
 """The publishing side's engine room: hand events to a background thread, never block the flow.
 
 Hooks and the log handler call :meth:`Publisher.emit`, which appends a tuple to a deque and
-returns (a few microseconds). One daemon thread per process runs its own event loop, encodes
-events, batches them per run and publishes each batch through broadcaster, in the order they
-were emitted. When the backend is unreachable the flow carries on: the thread retries with
-backoff, the buffer of log events is bounded, and what had to be dropped is reported once the
-backend is back and at exit.
+returns (a few microseconds). One daemon thread per process encodes events, batches them per
+run and publishes each batch through the backend's blocking sink (:func:`create_sink`), in the
+order they were emitted: it has one thing to wait for at a time, so it needs no event loop.
+When the backend is unreachable the flow carries on: the thread retries with backoff, the
+buffer of log events is bounded, and what had to be dropped is reported once the backend is
+back and at exit.
 """
 
 from __future__ import annotations
 
-import asyncio
 import atexit
-import contextlib
 import itertools
 import logging
 import os
@@ -22,8 +21,8 @@ import uuid
 from collections import OrderedDict, deque
 from typing import Any
 
-from prefect_ws.backends import Transport, create_transport
-from prefect_ws.backends.base import Batch
+from prefect_ws.backends import BatchSink, create_sink
+from prefect_ws.backends.base import Batch, safe_url
 from prefect_ws.protocol.events import Draft, encode
 from prefect_ws.settings import Settings, get_settings
 
@@ -53,8 +52,7 @@ class Publisher:
         self._pending: deque[_Item | _FlushMarker] = deque()
         self._thread: threading.Thread | None = None
         self._thread_lock = threading.Lock()
-        self._loop: asyncio.AbstractEventLoop | None = None
-        self._wake: asyncio.Event | None = None
+        self._wake = threading.Event()  # set to end the thread's wait: new events, flush, stop
         self._idle = False
         self._stopping = False
         self._finished: OrderedDict[str, None] = OrderedDict()
@@ -112,7 +110,7 @@ class Publisher:
                 unsent + self.dropped,
                 unsent,
                 self.dropped,
-                self.settings.broadcast_url,
+                safe_url(self.settings.broadcast_url),
             )
         self._thread = None
 
@@ -127,75 +125,69 @@ class Publisher:
 
     def _wakeup(self) -> None:
         self._idle = False
-        loop, wake = self._loop, self._wake
-        if loop is not None and wake is not None:
-            with contextlib.suppress(RuntimeError):  # the loop already closed
-                loop.call_soon_threadsafe(wake.set)
+        self._wake.set()
 
     def _forget_after_fork(self) -> None:
         self._id = uuid.uuid4().hex  # a child must not reuse its parent's batch keys
         self._batches = itertools.count(1)
         self._thread = None
-        self._loop = None
-        self._wake = None
+        self._wake = threading.Event()
         self._idle = False
         self._pending.clear()
 
     # -- publisher thread -----------------------------------------------------------------
     def _run(self) -> None:
         try:
-            asyncio.run(self._main())
+            sink = create_sink(self.settings)
+        except Exception:  # pragma: no cover - a bug here must not reach the flow
+            logger.exception("prefect-ws publisher could not start")
+            return
+        try:
+            self._publish_until_stopped(sink)
         except Exception:  # pragma: no cover - a bug here must not reach the flow
             logger.exception("prefect-ws publisher thread failed")
-
-    async def _main(self) -> None:
-        self._wake = asyncio.Event()
-        self._loop = asyncio.get_running_loop()
-        transport = create_transport(self.settings)
-        await transport.broadcast.connect()
-        busy, last_drain = False, time.monotonic()
-        try:
-            while True:
-                if busy:
-                    await self._coalesce()
-                batch = self._drain()
-                if batch:
-                    now = time.monotonic()
-                    busy = (
-                        1 < len(batch) < self.settings.publisher_batch_size
-                        and len(batch) > (now - last_drain) * _BUSY_EVENTS_PER_SECOND
-                    )
-                    last_drain = now
-                    await self._send(transport, batch)
-                    continue
-                busy = False
-                if self._stopping:
-                    return
-                self._idle = True
-                if not self._pending and not self._stopping:
-                    await self._wake.wait()
-                self._wake.clear()
-                self._idle = False
         finally:
-            await transport.broadcast.disconnect()
+            sink.close()
 
-    async def _coalesce(self) -> None:
+    def _publish_until_stopped(self, sink: BatchSink) -> None:
+        wake = self._wake
+        busy, last_drain = False, time.monotonic()
+        while True:
+            if busy:
+                self._coalesce()
+            batch = self._drain()
+            if batch:
+                now = time.monotonic()
+                busy = (
+                    1 < len(batch) < self.settings.publisher_batch_size
+                    and len(batch) > (now - last_drain) * _BUSY_EVENTS_PER_SECOND
+                )
+                last_drain = now
+                self._send(sink, batch)
+                continue
+            busy = False
+            if self._stopping:
+                return
+            self._idle = True
+            if not self._pending and not self._stopping:
+                wake.wait()
+            wake.clear()
+            self._idle = False
+
+    def _coalesce(self) -> None:
         """Let events gather for ``_COALESCE_SECONDS`` before the next round trip.
 
-        A round trip costs the flow's process about 0.35 ms of CPU, most of it holding the GIL
-        (redis-py, the script call), whatever its size. A 20-wide DAG that logs makes events
-        come faster than round trips, and without this pays one round trip per 3-4 events:
-        0.24 s of a 3 s run (docs/benchmarks.md section 2). Only while events come faster than
+        A round trip costs the flow's process tens of microseconds of CPU, most of it holding
+        the GIL (redis-py, the script call), whatever its size. A 20-wide DAG that logs makes
+        events come faster than round trips, and without this pays one round trip per 3-4
+        events (docs/benchmarks.md section 2). Only while events come faster than
         ``_BUSY_EVENTS_PER_SECOND``: at 100 lines/s each line still goes at once. A flush or a
         stop ends the wait (both set the wake event; emits do not while we are not idle).
         """
-        wake = self._wake
-        assert wake is not None
-        wake.clear()
+        self._wake.clear()
         if self._stopping or (self._pending and isinstance(self._pending[-1], _FlushMarker)):
             return
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(wake.wait(), _COALESCE_SECONDS)
+        self._wake.wait(_COALESCE_SECONDS)
 
     def _drain(self) -> list[_Item | _FlushMarker]:
         pending, size = self._pending, self.settings.publisher_batch_size
@@ -204,11 +196,11 @@ class Publisher:
             batch.append(pending.popleft())
         return batch
 
-    async def _send(self, transport: Transport, batch: list[_Item | _FlushMarker]) -> None:
+    def _send(self, sink: BatchSink, batch: list[_Item | _FlushMarker]) -> None:
         groups: OrderedDict[str, list[Draft]] = OrderedDict()
         for item in batch:
             if isinstance(item, _FlushMarker):
-                await self._publish_groups(transport, groups)
+                self._publish_groups(sink, groups)
                 groups.clear()
                 item.done.set()
                 continue
@@ -223,35 +215,33 @@ class Publisher:
                 self._finished[run_id] = None
                 if len(self._finished) > _FINISHED_RUNS_KEPT:
                     self._finished.popitem(last=False)
-        await self._publish_groups(transport, groups)
+        self._publish_groups(sink, groups)
 
-    async def _publish_groups(self, transport: Transport, groups: dict[str, list[Draft]]) -> None:
+    def _publish_groups(self, sink: BatchSink, groups: dict[str, list[Draft]]) -> None:
         for run_id, drafts in groups.items():
-            await self._publish_with_retry(transport, run_id, drafts)
+            self._publish_with_retry(sink, run_id, drafts)
 
-    async def _publish_with_retry(
-        self, transport: Transport, run_id: str, drafts: list[Draft]
-    ) -> None:
+    def _publish_with_retry(self, sink: BatchSink, run_id: str, drafts: list[Draft]) -> None:
         delay = 0.05
         batch = Batch(drafts)
         batch.key = (self._id, next(self._batches))  # the same key on every retry
         while True:
             try:
-                await transport.broadcast.publish(run_id, batch)
+                sink.publish(run_id, batch)
             except Exception as exc:
                 if not self.outage:
                     self.outage = True
                     logger.warning(
                         "prefect-ws: cannot publish to %s (%s); flows keep running, events are "
                         "buffered (up to %d log events) and retried",
-                        self.settings.broadcast_url,
+                        safe_url(self.settings.broadcast_url),
                         exc,
                         self.settings.publisher_buffer_size,
                     )
                 if self._stopping:
                     self.abandoned += len(drafts)
                     return
-                await asyncio.sleep(delay)
+                time.sleep(delay)
                 delay = min(delay * 2, 2.0)
                 continue
             self.published += len(drafts)
@@ -259,7 +249,7 @@ class Publisher:
                 self.outage = False
                 logger.warning(
                     "prefect-ws: publishing to %s again; %d log event(s) were dropped meanwhile",
-                    self.settings.broadcast_url,
+                    safe_url(self.settings.broadcast_url),
                     self.dropped,
                 )
             return
