@@ -146,6 +146,9 @@ class Settings(BaseSettings):
     handshake_rate: str = Field(
         default="120/minute",
         description="Handshakes per client address, a `limits` expression, e.g. `10/second` (429).",
+        # Checking a rate imports `limits` (~20-50 ms of CPU), which a flow process never uses:
+        # only a value someone set is checked (the default's check is a test).
+        validate_default=False,
     )
     max_runs: int = Field(
         default=1000, ge=1, description="Runs streamed at once per process (503)."

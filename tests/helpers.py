@@ -288,3 +288,17 @@ def parent_run(run_id: str, child: str) -> list[Any]:
             },
         ),
     ]
+
+
+def artifacts_of(run_id: str) -> list[str]:
+    """The data of every artifact Prefect's API holds for a flow run."""
+    from uuid import UUID
+
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId
+
+    with get_client(sync_client=True) as client:
+        artifacts = client.read_artifacts(
+            artifact_filter=ArtifactFilter(flow_run_id=ArtifactFilterFlowRunId(any_=[UUID(run_id)]))
+        )
+    return [str(a.data) for a in artifacts]

@@ -171,3 +171,24 @@ def test_a_refused_broadcast_url_is_named_without_its_password() -> None:
     assert result.returncode == 2
     assert "unsupported broadcast URL 'kafka://[redacted]@broker:9092'" in result.stderr
     assert "pw-secret-1" not in result.stderr + result.stdout
+
+
+def test_a_flow_process_reads_its_settings_without_the_servers_rate_limiter() -> None:
+    """Settings are read in every flow process; checking the default handshake rate would
+    import `limits` there. The default is checked here instead."""
+    from limits import parse_many
+
+    from prefect_ws.settings import Settings
+
+    assert parse_many(Settings.model_fields["handshake_rate"].default)
+    probe = (
+        "import sys\n"
+        "from prefect_ws.publish.publisher import get_publisher\n"
+        "get_publisher()\n"
+        "print('limits' in sys.modules)\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", probe], capture_output=True, text=True, timeout=120, check=False
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "False"

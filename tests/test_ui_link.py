@@ -9,6 +9,8 @@ import time
 from collections.abc import Iterator
 
 import pytest
+from helpers import artifacts_of
+from sample_flows import four_steps
 
 from prefect_ws.publish import ui_link
 from prefect_ws.settings import Settings
@@ -84,3 +86,29 @@ def test_no_api_no_link() -> None:
 
     with temporary_settings(updates={PREFECT_API_URL: ""}):
         assert ui_link.start_link("0b6c3e4e-1a2b-4c5d-8e9f-0a1b2c3d4e5f") is None
+
+
+def test_a_sync_flow_links_through_its_engines_own_client(
+    prefect_api: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The link thread reuses the running flow engine's API client: building a new one costs
+    ~20 ms of CPU (its TLS context), most of what the link costs a run."""
+    from prefect.client import orchestration
+
+    made_by_link: list[object] = []
+    original = orchestration.get_client
+
+    def watched(*args: object, **kwargs: object) -> object:
+        if threading.current_thread().name == "prefect-ws-ui-link":
+            made_by_link.append(kwargs)
+        return original(*args, **kwargs)  # type: ignore[call-overload]
+
+    monkeypatch.setattr(orchestration, "get_client", watched)
+    state = four_steps(return_state=True)
+    run_id = str(state.state_details.flow_run_id)
+    deadline = time.monotonic() + 20
+    while not (links := artifacts_of(run_id)):
+        assert time.monotonic() < deadline, "no link artifact"
+        time.sleep(0.1)
+    assert links == [ui_link.link_artifact_markdown(ui_link.live_page_url(run_id))]
+    assert made_by_link == []

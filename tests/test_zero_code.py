@@ -18,6 +18,7 @@ import sample_flows
 import yaml
 from helpers import (
     StreamRecorder,
+    artifacts_of,
     assert_run_sequence,
     create_flow_run,
     run_flow_in_subprocess,
@@ -124,23 +125,10 @@ def test_plain_flow_streams_every_step_with_readable_ids(
     assert events[0]["payload"]["attempt"] == 1
 
     # Prefect's UI shows the run's artifacts: one is the link to the live page.
-    links = _artifacts_of(events[0]["runId"])
+    links = artifacts_of(events[0]["runId"])
     assert links == [
         f"[Open the live stream](https://streams.example.test/runs/{events[0]['runId']})"
     ]
-
-
-def _artifacts_of(run_id: str) -> list[str]:
-    from uuid import UUID
-
-    from prefect.client.orchestration import get_client
-    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId
-
-    with get_client(sync_client=True) as client:
-        artifacts = client.read_artifacts(
-            artifact_filter=ArtifactFilter(flow_run_id=ArtifactFilterFlowRunId(any_=[UUID(run_id)]))
-        )
-    return [str(a.data) for a in artifacts]
 
 
 def test_flow_retry_is_one_stream_with_each_attempt_announced(

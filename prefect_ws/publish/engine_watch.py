@@ -189,9 +189,22 @@ def _report_flow_state(engine: Any, state: Any) -> None:
             state,
             layers=ours.layers if ours is not None else None,
             parent_run_id=str(parent) if parent and parent != flow_run.id else None,
+            client=_blocking_client(engine),
         )
     except Exception:  # pragma: no cover - streaming must never break a flow
         logger.exception("prefect-ws: could not stream a flow run state")
+
+
+def _blocking_client(engine: Any) -> Any:
+    """The sync flow engine's Prefect client (``FlowRunEngine.client``, set while it runs); None
+    for the async engine, whose client belongs to its event loop."""
+    from prefect.client.orchestration import SyncPrefectClient
+
+    try:
+        client = engine.client
+    except Exception:  # not started, or no such property any more: the link makes its own
+        return None
+    return client if isinstance(client, SyncPrefectClient) else None
 
 
 def _wrap_flow_engines() -> None:

@@ -219,11 +219,13 @@ def flow_state(
     state: Any,
     layers: Callable[[Any], list[list[str]] | None] | None = None,
     parent_run_id: str | None = None,
+    client: Any = None,
 ) -> None:
-    """A flow run entered ``state``; ``parent_run_id`` names the flow run a subflow runs in."""
+    """A flow run entered ``state``; ``parent_run_id`` names the flow run a subflow runs in,
+    ``client`` is the flow engine's blocking Prefect client, when known (see ui_link)."""
     kind = state.type.value
     if kind == "RUNNING":
-        _run_running(flow, flow_run, layers, parent_run_id)
+        _run_running(flow, flow_run, layers, parent_run_id, client)
     elif kind in _RUN_STATUS:
         _run_done(flow_run, _RUN_STATUS[kind], state)
     elif kind == "SCHEDULED":  # AwaitingRetry: the next Running is a new attempt
@@ -240,6 +242,7 @@ def _run_running(
     flow_run: Any,
     layers: Callable[[Any], list[list[str]] | None] | None,
     parent_run_id: str | None,
+    client: Any,
 ) -> None:
     run_id = str(flow_run.id)
     publisher = get_publisher()
@@ -275,7 +278,7 @@ def _run_running(
         if run.parent is not None:
             payload["parentRunId"] = run.parent[0]
         publisher.emit(run_id, "run_start", payload)
-        run.link = ui_link.start_link(run_id)
+        run.link = ui_link.start_link(run_id, client)
         if run.parent is not None:
             parent = _run(run.parent[0])
             step = _Step(_unique(parent, flow.name), run.parent[1], attempt=1)

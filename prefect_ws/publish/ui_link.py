@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import logging
 import threading
+from contextlib import nullcontext
 from typing import Any, Final
 from uuid import UUID
 
@@ -38,11 +39,14 @@ def link_artifact_markdown(url: str) -> str:
     return f"[Open the live stream]({url})"
 
 
-def start_link(run_id: str) -> threading.Thread | None:
+def start_link(run_id: str, client: Any = None) -> threading.Thread | None:
     """Create the run's link artifact in the background; the thread, or None if there is no API.
 
     The thread uses the caller's Prefect settings (a flow may run under temporary settings or a
-    profile; a new thread would otherwise see only the process's defaults).
+    profile; a new thread would otherwise see only the process's defaults) and ``client``, the
+    flow engine's own blocking API client, when given: a new client builds a TLS context even
+    for an http:// API, ~20 ms of CPU, most of what the link costs a run. httpx's blocking
+    client may be shared between threads.
     """
     try:
         from prefect.context import SettingsContext
@@ -55,7 +59,7 @@ def start_link(run_id: str) -> threading.Thread | None:
         return None
     thread = threading.Thread(
         target=_create_with,
-        args=(current.profile, current.settings, run_id, url),
+        args=(current.profile, current.settings, run_id, url, client),
         name="prefect-ws-ui-link",
         daemon=True,
     )
@@ -63,20 +67,20 @@ def start_link(run_id: str) -> threading.Thread | None:
     return thread
 
 
-def _create_with(profile: Any, settings: Any, run_id: str, url: str) -> None:
+def _create_with(profile: Any, settings: Any, run_id: str, url: str, client: Any) -> None:
     from prefect.context import SettingsContext
 
     with SettingsContext(profile=profile, settings=settings):
-        _create(run_id, url)
+        _create(run_id, url, client)
 
 
-def _create(run_id: str, url: str) -> None:
+def _create(run_id: str, url: str, client: Any = None) -> None:
     try:
         from prefect.client.orchestration import get_client
         from prefect.client.schemas.actions import ArtifactCreate
 
-        with get_client(sync_client=True) as client:
-            client.create_artifact(
+        with nullcontext(client) if client is not None else get_client(sync_client=True) as api:
+            api.create_artifact(
                 ArtifactCreate(
                     type="markdown",
                     data=link_artifact_markdown(url),
