@@ -13,7 +13,10 @@
    ``on_memory`` (prefect-ws on, ``memory://`` backend: everything but the Redis round trips)
    and ``noop_hooks`` (Prefect's decorators with hooks that do nothing: Prefect's own price for
    running any state hook). Each run also reports its process CPU time and, with prefect-ws on,
-   how many round trips (batches) carried its events.
+   how many round trips (batches) carried its events. ``attributed`` runs the "on" side with
+   prefect-ws' entry points timed on their threads (``_run_flow.py``, ``BENCH_ATTRIBUTE``): its
+   share of the process's CPU is what prefect-ws' own code costs, without the spread of a
+   difference between two processes.
 3. ``hooks``: CPU us per task run of Prefect's ``call_hooks`` (on_running + on_completion) with
    no hooks, prefect-ws' hooks and no-op hooks, on the task thread (``_flows.hook_cost``).
 """
@@ -68,7 +71,7 @@ def main() -> None:
     parser.add_argument("--parts", default="calls,dag,hooks", help="which parts to run")
     parser.add_argument(
         "--modes",
-        default="on,off,noop_hooks,on_memory",
+        default="on,off,attributed,noop_hooks,on_memory",
         help="DAG sides to run (on and off always run): more repeats in the same time",
     )
     parser.add_argument("--tag", default="", help="suffix for the result file")
@@ -100,6 +103,7 @@ def main() -> None:
             off = {**common, "BENCH_STREAMING": "off"}
             noop = {**common, "BENCH_STREAMING": "noop-hooks"}
             on_memory = {**on, "PREFECT_WS_BROADCAST_URL": "memory://"}
+            attributed = {**on, "BENCH_ATTRIBUTE": "1"}
             for repeat in range(args.repeats):
                 if "calls" in args.parts:
                     result = run_flow("log_call_flow", calls, on, 300)["result"]
@@ -112,7 +116,13 @@ def main() -> None:
                 if "dag" not in args.parts:
                     continue
                 params = {"steps": args.steps, "lines": args.lines}
-                sides = {"on": on, "off": off, "noop_hooks": noop, "on_memory": on_memory}
+                sides = {
+                    "on": on,
+                    "off": off,
+                    "attributed": attributed,
+                    "noop_hooks": noop,
+                    "on_memory": on_memory,
+                }
                 wanted = {"on", "off", *args.modes.split(",")}
                 modes = [(label, env) for label, env in sides.items() if label in wanted]
                 if args.other:
@@ -126,6 +136,11 @@ def main() -> None:
                     if "batches" in report:
                         pair[f"{label}_batches"] = report["batches"]
                         pair[f"{label}_publisher_cpu"] = report.get("publisher_cpu_seconds")
+                    if "entry_cpu_seconds" in report:
+                        ours = report["entry_cpu_seconds"] + report["publisher_cpu_seconds"]
+                        pair["attributed_pct"] = round(ours / report["cpu_seconds"] * 100, 2)
+                        pair["attributed_entry_cpu"] = report["entry_cpu_seconds"]
+                        pair["attributed_by_entry"] = report["entry_cpu_by_name"]
                 pair["ratio"] = ratio(pair["on"], pair["off"])
                 pair["noop_ratio"] = ratio(pair.get("noop_hooks"), pair["off"])
                 pair["noop_cpu_ratio"] = ratio(pair.get("noop_hooks_cpu"), pair["off_cpu"])
@@ -163,6 +178,9 @@ def main() -> None:
         "dag_other_cpu_ratio": median([p.get("other_cpu_ratio") for p in dag]),
         "dag_other_batches": median([p.get("on_other_batches") for p in dag]),
         "dag_other_publisher_cpu_s": median([p.get("on_other_publisher_cpu") for p in dag]),
+        "dag_attributed_pct": median([p.get("attributed_pct") for p in dag]),
+        "dag_attributed_entry_cpu_s": median([p.get("attributed_entry_cpu") for p in dag]),
+        "dag_attributed_publisher_cpu_s": median([p.get("attributed_publisher_cpu") for p in dag]),
         "hooks_none_us": median([h["none_us"] for h in hooks]),
         "hooks_ours_us": median([h["ours_us"] for h in hooks]),
         "hooks_noop_us": median([h["noop_us"] for h in hooks]),
@@ -229,6 +247,23 @@ def main() -> None:
                 summary["dag_on_batches"],
                 summary["dag_on_publisher_cpu_s"],
                 overhead_pct,
+                2,
+            ]
+        ],
+    )
+    print_table(
+        f"Same DAG, CPU inside prefect-ws' own code, all threads (median of {args.repeats})",
+        [
+            "hooks, handler, lifecycle, UI link s",
+            "publisher thread s",
+            "share of process CPU %",
+            "target %",
+        ],
+        [
+            [
+                summary["dag_attributed_entry_cpu_s"],
+                summary["dag_attributed_publisher_cpu_s"],
+                summary["dag_attributed_pct"],
                 2,
             ]
         ],
