@@ -5,6 +5,7 @@ from __future__ import annotations
 import time
 
 from prefect import get_run_logger
+from prefect.task_runners import ProcessPoolTaskRunner
 
 import prefect_ws
 
@@ -60,3 +61,15 @@ FOUR_STEPS_LOGS = {
     "right": ["right print 0", "right print 1", "right print 2"],
     "finish": ["finish warning: 33"],
 }
+
+
+@prefect_ws.task(task_run_name="pooled-{i}")
+def pooled(i: int) -> int:
+    get_run_logger().info("pooled step %d says hello", i)
+    return i * 2
+
+
+@prefect_ws.flow(name="spine-process-pool", task_runner=ProcessPoolTaskRunner(max_workers=2))
+def process_pool_steps() -> int:
+    """Three steps run in worker processes, which import this module but run no flow."""
+    return sum(future.result() for future in pooled.map(range(3)))

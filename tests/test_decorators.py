@@ -53,8 +53,30 @@ def test_every_decorator_form_returns_prefect_objects_with_our_hooks() -> None:
 
     assert isinstance(step, prefect.Task)
     assert step.retries == 3
+    # The engine watch reports every task state; our hook rides along in on_failure alone.
+    assert step.on_failure_hooks == [user_hook, *prefect_ws.task_hooks()["on_failure"]]
+    assert step.on_running_hooks == [] and step.on_completion_hooks == []
+
+
+def test_where_the_engine_watch_cannot_be_installed_tasks_carry_our_hooks(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from prefect_ws.publish import engine_watch
+
+    monkeypatch.setattr(engine_watch, "install", lambda: False)
+
+    def user_hook(task: object, task_run: object, state: object) -> None: ...
+
+    @prefect_ws.task(on_failure=[user_hook])
+    def step() -> None: ...
+
     assert step.on_failure_hooks == [user_hook, *prefect_ws.task_hooks()["on_failure"]]
     assert step.on_running_hooks == prefect_ws.task_hooks()["on_running"]
+
+    @prefect.task
+    def plain_task() -> None: ...
+
+    assert prefect_ws.stream(plain_task).on_running_hooks == prefect_ws.task_hooks()["on_running"]
 
 
 def test_decorated_flows_and_tasks_survive_pickle_and_cloudpickle() -> None:
@@ -108,7 +130,9 @@ def test_stream_adds_hooks_to_existing_objects_without_duplicates() -> None:
     @prefect.task
     def plain_task() -> None: ...
 
-    assert prefect_ws.stream(plain_task).on_running_hooks == prefect_ws.task_hooks()["on_running"]
+    streamed_task = prefect_ws.stream(plain_task)
+    assert streamed_task.on_running_hooks == []  # the engine watch reports its states
+    assert streamed_task.on_failure_hooks == prefect_ws.task_hooks()["on_failure"]
     with pytest.raises(TypeError, match="Prefect Flow or Task"):
         prefect_ws.stream(print)
 

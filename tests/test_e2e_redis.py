@@ -10,10 +10,11 @@ from helpers import (
     assert_run_sequence,
     create_flow_run,
     publisher_env,
+    redis_history,
     run_flow_in_subprocess,
     stream_path,
 )
-from sample_flows import FOUR_STEPS_LOGS, four_steps
+from sample_flows import FOUR_STEPS_LOGS, four_steps, process_pool_steps
 
 from prefect_ws.server.uvicorn.config import serve_in_thread
 from prefect_ws.settings import Settings
@@ -130,3 +131,31 @@ def test_a_failing_step_fails_the_run(prefect_api: str, redis_settings: Settings
         "cancelled": 0,
         "crashed": 0,
     }
+
+
+def test_tasks_in_a_process_pool_stream_their_states_and_logs(
+    prefect_api: str, redis_url: str, redis_prefix: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A pool's workers receive each task pickled by value, import none of the modules that
+    decorated it and run no flow: the task's hook installs the engine watch on arrival, the
+    watch reports the states and installs the log handler."""
+    from prefect_ws.publish.publisher import reset_publisher
+
+    monkeypatch.setenv("PREFECT_WS_BROADCAST_URL", redis_url)
+    monkeypatch.setenv("PREFECT_WS_REDIS_PREFIX", redis_prefix)
+    reset_publisher()
+    state = process_pool_steps(return_state=True)
+    assert state.is_completed()
+    run_id = str(state.state_details.flow_run_id)
+    events = redis_history(redis_url, redis_prefix, run_id)
+    assert [e["seq"] for e in events] == list(range(1, len(events) + 1))
+    assert events[0]["type"] == "run_start" and events[-1]["type"] == "run_complete"
+    by_step: dict[str, list[str]] = {}
+    for event in events[1:-1]:
+        step = event["payload"]["stepId"]
+        by_step.setdefault(step, []).append(
+            event["payload"].get("message") or event["payload"].get("status") or event["type"]
+        )
+    assert by_step == {
+        f"pooled-{i}": ["step_start", f"pooled step {i} says hello", "completed"] for i in range(3)
+    }, events

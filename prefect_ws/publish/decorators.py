@@ -3,6 +3,13 @@
 They accept every Prefect argument and every decorator form (``@flow``, ``@flow()``,
 ``@flow(name=...)``, ``flow(fn, ...)``). Hooks the user passes run first; ours are appended,
 never replacing them.
+
+Both install the engine watch, which reports every task state on its own. A task therefore
+carries our hook in ``on_failure`` alone (a pickled copy installs the watch in the process it
+lands in; see :class:`~.hooks.StepHooks`), and in every list only where the watch cannot be
+installed: in ``on_running`` and ``on_completion`` it would add nothing but Prefect's price for
+running a hook, two log lines built and filtered per call, ~50 us per step in a 20-wide DAG
+(docs/benchmarks.md, section 2).
 """
 
 from __future__ import annotations
@@ -41,7 +48,16 @@ flow = _decorator(prefect.flow, flow_hooks)
 flow.__doc__ = (
     "``prefect.flow`` that streams the run: ``run_start``, ``run_complete`` and its logs."
 )
-task = _decorator(prefect.task, task_hooks)
+
+
+def _task_hooks_unless_watched() -> dict[str, list[Any]]:
+    from prefect_ws.publish import engine_watch
+
+    hooks = task_hooks()
+    return {"on_failure": hooks["on_failure"]} if engine_watch.install() else hooks
+
+
+task = _decorator(prefect.task, _task_hooks_unless_watched)
 task.__doc__ = (
     "``prefect.task`` that streams the step: ``step_start``, ``step_complete`` and its logs."
 )
@@ -66,5 +82,6 @@ def stream(obj: T) -> T:
             "on_completion": obj.on_completion_hooks,
             "on_failure": obj.on_failure_hooks,
         }
-        return obj.with_options(**_with_hooks(task_current, task_hooks()))  # type: ignore[return-value]
+        ours = _task_hooks_unless_watched()
+        return obj.with_options(**_with_hooks(task_current, ours))  # type: ignore[return-value]
     raise TypeError(f"stream() takes a Prefect Flow or Task, not {type(obj).__name__}")

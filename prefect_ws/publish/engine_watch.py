@@ -28,6 +28,7 @@ import threading
 from typing import Any, Final
 
 from prefect_ws.publish import lifecycle
+from prefect_ws.publish.log_handler import install_log_handler
 
 logger = logging.getLogger("prefect_ws.engine_watch")
 
@@ -155,7 +156,14 @@ def _wrap_task_events() -> None:
         task_run: Any, initial_state: Any, validated_state: Any, follows: Any = None
     ) -> Any:
         try:
-            lifecycle.task_state(task_run, validated_state, _task_layer())
+            layer = None
+            if validated_state.type.value == "RUNNING":
+                # A task's first state in a process that imported no decorated flow (a
+                # process pool's worker, a plain flow with decorated tasks): its log lines
+                # need the handler here. Idempotent, and Running is once per attempt.
+                install_log_handler()
+                layer = _task_layer()  # only step_start carries it
+            lifecycle.task_state(task_run, validated_state, layer)
         except Exception:  # pragma: no cover - streaming must never break a task
             logger.exception("prefect-ws: could not stream a task run state")
         return original(

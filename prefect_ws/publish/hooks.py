@@ -40,7 +40,12 @@ class RunHooks:
 
 
 class StepHooks:
-    """One hook for every task state list (``on_running``, ``on_completion``, ``on_failure``)."""
+    """One hook for every task state list (``on_running``, ``on_completion``, ``on_failure``).
+
+    A task sent to another process by value (a process pool's worker receives it pickled, and
+    imports none of the modules that decorated it) carries its hooks along: unpickled there, a
+    hook installs the engine watch, before the task's first state.
+    """
 
     def __init__(self, layer: int | None = None) -> None:
         self.layer = layer
@@ -49,6 +54,12 @@ class StepHooks:
     def __call__(self, task: Any, task_run: Any, state: Any) -> None:
         install_log_handler()
         lifecycle.task_state(task_run, state, self.layer)
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        from prefect_ws.publish import engine_watch
+
+        self.__dict__.update(state)
+        engine_watch.install()
 
     def __eq__(self, other: object) -> bool:
         return isinstance(other, StepHooks) and other.layer == self.layer
