@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import logging
 import sys
 from collections.abc import Awaitable, Callable, Collection
@@ -29,10 +30,9 @@ from typing import Any, Final, TypeVar
 import redis
 import redis.asyncio as aioredis
 from broadcaster import Event
-from redis.backoff import NoBackoff
-from redis.exceptions import AskError, MaxConnectionsError, RedisError
+from redis.exceptions import AskError, MaxConnectionsError, NoScriptError, RedisError
 from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.retry import Retry
+from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from prefect_ws.backends.base import (
     RESYNC,
@@ -567,28 +567,48 @@ class RedisSink(BatchSink):
     """A single Redis's publishing half: the publish script over one blocking connection.
 
     A flow process's publisher thread sends one batch at a time and waits for its reply, so it
-    needs no event loop: a round trip through redis-py's blocking client costs ~30 us of CPU
-    against ~70 us through its asyncio client, before the loop's own wake-ups
-    (docs/benchmarks.md, section 2). Keys and arguments come from the backend, so both halves
-    write the same layout.
+    needs no event loop and no pool: it holds one redis-py connection and runs ``EVALSHA`` on
+    it. A round trip costs ~30 us of CPU that way, ~50 us through a client's command pipeline
+    (pool checkout, liveness poll, metrics) and ~70 us through redis-py's asyncio client, and
+    three times that while the flow's threads contend for the GIL (docs/benchmarks.md,
+    section 2). Keys and arguments come from the backend, so both halves write the same layout.
     """
 
     def __init__(self, backend: RedisBackend) -> None:
         self._backend = backend
-        # One immediate retry: after a Redis restart the pooled connection is dead. Longer
-        # outages are the publisher's to ride out (it backs off and keeps the events).
-        self._client = redis.Redis.from_url(
-            backend._url,
-            socket_connect_timeout=2.0,
-            socket_timeout=5.0,
-            health_check_interval=10,
-            retry=Retry(NoBackoff(), 1),
+        self._text = backend.publish_script
+        self._sha = hashlib.sha1(self._text.encode()).hexdigest()
+        self._pool = redis.ConnectionPool.from_url(
+            backend._url, socket_connect_timeout=2.0, socket_timeout=5.0
         )
-        self._script = self._client.register_script(backend.publish_script)
+        self._connection: Any = None
 
     def publish(self, run_id: str, batch: Batch) -> None:
         keys, args = self._backend.script_call(run_id, batch, key=batch.key, head=None)
-        self._script(keys=keys, args=args)
+        command = ("EVALSHA", self._sha, len(keys), *keys, *args)
+        try:
+            self._call(command)
+        except (RedisConnectionError, RedisTimeoutError):
+            # After a Redis restart the held connection is dead: once more on a new one.
+            # Longer outages are the publisher's to ride out (it backs off, keeps the events).
+            self._call(command)
+
+    def _call(self, command: tuple[Any, ...]) -> Any:
+        if self._connection is None:
+            self._connection = self._pool.get_connection()
+        connection = self._connection
+        try:
+            connection.send_command(*command)
+            try:
+                return connection.read_response()
+            except NoScriptError:  # a Redis restarted or flushed since the script was loaded
+                connection.send_command("SCRIPT", "LOAD", self._text)
+                connection.read_response()
+                connection.send_command(*command)
+                return connection.read_response()
+        except BaseException:
+            connection.disconnect()  # never leave half a reply on the socket; reconnects on use
+            raise
 
     def close(self) -> None:
-        self._client.close()
+        self._pool.disconnect()

@@ -33,8 +33,8 @@ _NEVER_DROPPED = frozenset({"run_start", "step_start", "step_complete", "run_com
 _FINISHED_RUNS_KEPT = 10_000
 # Events arriving faster than this (per second) make the publisher coalesce: it lets the next
 # batch gather for _COALESCE_SECONDS instead of making a round trip per handful of events.
-_BUSY_EVENTS_PER_SECOND = 1000
-_COALESCE_SECONDS = 0.01
+_BUSY_EVENTS_PER_SECOND = 250
+_COALESCE_SECONDS = 0.025
 
 
 class _FlushMarker:
@@ -177,12 +177,16 @@ class Publisher:
     def _coalesce(self) -> None:
         """Let events gather for ``_COALESCE_SECONDS`` before the next round trip.
 
-        A round trip costs the flow's process tens of microseconds of CPU, most of it holding
-        the GIL (redis-py, the script call), whatever its size. A 20-wide DAG that logs makes
-        events come faster than round trips, and without this pays one round trip per 3-4
-        events (docs/benchmarks.md section 2). Only while events come faster than
-        ``_BUSY_EVENTS_PER_SECOND``: at 100 lines/s each line still goes at once. A flush or a
-        stop ends the wait (both set the wake event; emits do not while we are not idle).
+        A round trip costs the flow's process ~100 us of CPU alone and ~300 us while the flow's
+        threads contend for the GIL, whatever its size. A 20-wide DAG that logs makes events
+        come faster than round trips, and without this pays one round trip per 3-4 events; with
+        10 ms windows the round trips were two thirds of what streaming cost such a flow, with
+        25 ms about half as many (docs/benchmarks.md section 2). Only while events come faster
+        than ``_BUSY_EVENTS_PER_SECOND`` (a 20-wide DAG's 600-900 events/s kept flipping in and
+        out of a 1,000/s threshold): at 100 lines/s each line still goes at once, so only a
+        flow that logs faster than anyone reads line by line waits up to 25 ms. A
+        flush or a stop ends the wait (both set the wake event; emits do not while we are not
+        idle).
         """
         self._wake.clear()
         if self._stopping or (self._pending and isinstance(self._pending[-1], _FlushMarker)):
