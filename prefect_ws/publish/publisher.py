@@ -34,7 +34,7 @@ _FINISHED_RUNS_KEPT = 10_000
 # Events arriving faster than this (per second) make the publisher coalesce: it lets the next
 # batch gather for _COALESCE_SECONDS instead of making a round trip per handful of events.
 _BUSY_EVENTS_PER_SECOND = 250
-_COALESCE_SECONDS = 0.025
+_COALESCE_SECONDS = 0.05
 
 
 class _FlushMarker:
@@ -177,16 +177,16 @@ class Publisher:
     def _coalesce(self) -> None:
         """Let events gather for ``_COALESCE_SECONDS`` before the next round trip.
 
-        A round trip costs the flow's process ~100 us of CPU alone and ~300 us while the flow's
-        threads contend for the GIL, whatever its size. A 20-wide DAG that logs makes events
-        come faster than round trips, and without this pays one round trip per 3-4 events; with
-        10 ms windows the round trips were two thirds of what streaming cost such a flow, with
-        25 ms about half as many (docs/benchmarks.md section 2). Only while events come faster
-        than ``_BUSY_EVENTS_PER_SECOND`` (a 20-wide DAG's 600-900 events/s kept flipping in and
-        out of a 1,000/s threshold): at 100 lines/s each line still goes at once, so only a
-        flow that logs faster than anyone reads line by line waits up to 25 ms. A
-        flush or a stop ends the wait (both set the wake event; emits do not while we are not
-        idle).
+        A round trip costs the flow's process ~100 us of CPU alone and 350-450 us while the
+        flow's threads contend for the GIL, whatever its size. A 20-wide DAG that logs makes
+        events come faster than round trips: without this it paid one round trip per 3-4
+        events, with 10 ms windows ~180 round trips per 200 steps (two thirds of what
+        streaming cost it), with 50 ms ~60 (docs/benchmarks.md, section 2). Only while events
+        come faster than ``_BUSY_EVENTS_PER_SECOND`` (the DAG's 600-900 events/s kept flipping
+        around a 1,000/s threshold): at 100 lines/s each line still goes at once, and only a
+        flow logging faster than anyone reads line by line sees its lines up to 50 ms later.
+        A flush or a stop ends the wait (both set the wake event; emits do not while we are
+        not idle).
         """
         self._wake.clear()
         if self._stopping or (self._pending and isinstance(self._pending[-1], _FlushMarker)):
