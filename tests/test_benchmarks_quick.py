@@ -161,6 +161,7 @@ def test_overhead_quick(redis_url: str, bench_prefect_api: str, results: Path) -
     _run("bench_overhead.py", results, "--prefect-api-url", bench_prefect_api)
     summary = _result(results, "overhead")["summary"]
     assert summary["handler_us"] is not None and summary["dag_on_s"] > 0
+    assert summary["dag_attributed_pct"] > 0  # prefect-ws' own share of the flow's CPU
 
 
 def test_encode_quick(results: Path) -> None:
