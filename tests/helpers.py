@@ -6,6 +6,7 @@ import asyncio
 import inspect
 import json
 import os
+import subprocess
 import sys
 import time
 from collections.abc import Callable
@@ -302,3 +303,13 @@ def artifacts_of(run_id: str) -> list[str]:
             artifact_filter=ArtifactFilter(flow_run_id=ArtifactFilterFlowRunId(any_=[UUID(run_id)]))
         )
     return [str(a.data) for a in artifacts]
+
+
+def python_output(code: str) -> str:
+    """What ``code`` prints, run in a fresh interpreter: for what one process does to itself
+    (patching, imports, tuning) that the test process must not see or has already done."""
+    done = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=False
+    )
+    assert done.returncode == 0, done.stderr
+    return done.stdout

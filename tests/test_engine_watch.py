@@ -8,11 +8,10 @@ its end.
 from __future__ import annotations
 
 import inspect
-import subprocess
-import sys
 
 import prefect
 import pytest
+from helpers import python_output
 from prefect import flow, task
 
 from prefect_ws.publish import engine_watch, lifecycle
@@ -57,11 +56,8 @@ def test_importing_prefect_ws_patches_nothing() -> None:
         "from prefect_ws.workflow import workflow_flow\n"
         "print(engine_watch.installed())\n"
     )
-    done = subprocess.run(
-        [sys.executable, "-c", probe], capture_output=True, text=True, timeout=120, check=False
-    )
-    assert done.returncode == 0, done.stderr
-    assert done.stdout.split("\n")[:2] == ["False False False", "True"], done.stdout
+    printed = python_output(probe)
+    assert printed.split("\n")[:2] == ["False False False", "True"], printed
 
 
 def test_install_wraps_once_and_keeps_the_originals() -> None:

@@ -2,8 +2,7 @@
 
 from __future__ import annotations
 
-import subprocess
-import sys
+from helpers import python_output
 
 from prefect_ws.server.gctuning import THRESHOLDS
 
@@ -16,7 +15,4 @@ def test_tune_for_serving_raises_the_young_generation_threshold() -> None:
         "tune_for_serving()\n"
         "print(gc.get_threshold())\n"
     )
-    out = subprocess.run(
-        [sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=True
-    )
-    assert out.stdout.strip() == str(THRESHOLDS)
+    assert python_output(code).strip() == str(THRESHOLDS)

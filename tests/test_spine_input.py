@@ -15,7 +15,7 @@ import httpx
 import pytest
 import redis as redis_sync
 from conftest import free_port
-from helpers import stream_path
+from helpers import python_output, stream_path
 from websockets.asyncio.client import connect
 from websockets.exceptions import ConnectionClosed, InvalidStatus
 
@@ -187,8 +187,4 @@ def test_a_flow_process_reads_its_settings_without_the_servers_rate_limiter() ->
         "get_publisher()\n"
         "print('limits' in sys.modules)\n"
     )
-    done = subprocess.run(
-        [sys.executable, "-c", probe], capture_output=True, text=True, timeout=120, check=False
-    )
-    assert done.returncode == 0, done.stderr
-    assert done.stdout.strip() == "False"
+    assert python_output(probe).strip() == "False"
