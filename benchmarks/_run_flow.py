@@ -5,12 +5,12 @@ the same span (all threads; start-up and imports excluded), and with prefect-ws 
 it published, in how many round trips (batches) and the publisher thread's CPU time. The
 flow-run heartbeat is off: Prefect's heartbeat thread adds about 1 s to every sync run.
 
-``BENCH_ATTRIBUTE=1`` also reports ``attributed_cpu_seconds``: the CPU time of every thread
-spent inside prefect-ws' entry points (the engine watch's calls into the lifecycle, the hooks
-and Prefect's ``call_hooks`` that runs them, the log handler, the UI link thread), plus the
-publisher thread's. It is what prefect-ws' own code costs the run, free of the run-to-run
-spread that an on/off difference of two processes carries; what it cannot see is the cost to
-Prefect's own threads of sharing the GIL. Its clock reads add ~1 us per entry.
+``BENCH_ATTRIBUTE=1`` also reports ``entry_cpu_seconds`` (and ``entry_cpu_by_name``): the CPU
+time every thread spent inside prefect-ws' entry points (the engine watch's calls into the
+lifecycle, the hooks and Prefect's ``call_hooks`` that runs them, the log handler, the UI link
+thread). With the publisher thread's it is what prefect-ws' own code costs the run, free of the
+run-to-run spread that an on/off difference of two processes carries; what it cannot see is the
+cost to Prefect's own threads of sharing the GIL. Its clock reads add ~1 us per entry.
 """
 
 from __future__ import annotations
