@@ -16,8 +16,9 @@ import prefect_ws
 from prefect_ws.backends import MemoryBackend
 from prefect_ws.publish.hooks import RunHooks, StepHooks
 from prefect_ws.publish.publisher import reset_publisher
+from prefect_ws.workflow import workflow_flow
 from prefect_ws.workflow.model import Step
-from prefect_ws.workflow.runner import step_task, workflow_flow
+from prefect_ws.workflow.runner import step_task
 
 
 def test_every_decorator_form_returns_prefect_objects_with_our_hooks() -> None:

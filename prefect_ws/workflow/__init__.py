@@ -16,11 +16,13 @@ from prefect_ws.workflow.runner import (
 )
 
 if TYPE_CHECKING:
-    from prefect_ws.workflow.runner import workflow_flow
+    from prefect import Flow
+
+    workflow_flow: Flow[..., Any]
 
 
 def __getattr__(name: str) -> Any:
-    # Built on first use, not at import (see runner.runner_flow).
+    # The deployable runner (``flows/workflow.py``), built on first use: see runner_flow.
     if name == "workflow_flow":
         return runner_flow()
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

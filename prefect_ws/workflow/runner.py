@@ -22,7 +22,7 @@ import sys
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Final
+from typing import Any, Final
 
 from prefect import Flow, Task
 from prefect.cache_policies import NO_CACHE
@@ -318,17 +318,6 @@ def runner_flow() -> Flow[..., Any]:
     every run in the process: a bare ``import prefect_ws`` must not do that.
     """
     return make_flow()
-
-
-if TYPE_CHECKING:
-    workflow_flow: Flow[..., Any]
-
-
-def __getattr__(name: str) -> Any:
-    # ``workflow_flow`` (the deployable runner, ``flows/workflow.py``) is built on first use.
-    if name == "workflow_flow":
-        return runner_flow()
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 # -- the Python entry point ------------------------------------------------------------------------
